@@ -13,8 +13,8 @@ GGUF weights are dequantized once and cached as a plain Hugging Face directory (
 and renamed into place, so an interrupted or failed conversion never leaves a half-written entry.
 
 The returned bridge is in TransformerLens compatibility mode: hook names and shapes are those of
-../shared/method.md §1, LayerNorm scales are folded into the following weights and the unembedding is
-centred (log-probabilities are unchanged; raw logits move by a per-position constant).
+../shared/method.md §1 and LayerNorm scales are folded into the following weights. The unembedding is
+left uncentred, so the bridge's logits are the model's own logits, not shifted by a constant.
 """
 
 from __future__ import annotations
@@ -345,7 +345,9 @@ def load_model(
         bridge = TransformerBridge.boot_transformers(
             str(location), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
         )
-        bridge.enable_compatibility_mode(disable_warnings=True)
+        # center_unembed=False keeps the logits equal to the model's own (not shifted by a
+        # per-position constant), so metrics read from raw logits match transformers exactly.
+        bridge.enable_compatibility_mode(disable_warnings=True, center_unembed=False)
     bridge.eval()
     bridge.mechscope_name = spec if kind in ("registry", "hub") else str(Path(spec).resolve())
     bridge.mechscope_n_params = n_params

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny random models (fast) and the packaged real models (marked slow)."""
+
+from __future__ import annotations
+
+import pytest
+import tiny
+
+PROMPTS = [
+    "When Mary and John went to the store, John gave a drink to",
+    "The war lasted from the year 1732 to the year 17",
+    "The designer was good friends with the analyst because she liked everyone. The pronoun she refers to the",
+    "Alice and Bob",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return tiny.build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, tiny_tokenizer):
+    """{'gpt2': dir, 'llama': dir}: saved Hugging Face directories of tiny random models."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {
+        arch: tiny.save_model_dir(root / arch, arch, tiny_tokenizer, seed=i)
+        for i, arch in enumerate(["gpt2", "llama"])
+    }
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import mechscope
+
+    return mechscope.load_model("smollm2-135m", device="cpu")
