@@ -33,3 +33,10 @@ def smollm2():
     import mechscope
 
     return mechscope.load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from mechscope.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")

@@ -323,6 +323,17 @@ def load_hf(location: Path | str, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+def load_tokenizer(spec: str = DEFAULT_MODEL):
+    """The tokenizer of `spec` alone (no weights are loaded; a GGUF is still converted once)."""
+    from transformers import AutoTokenizer
+
+    _, location = resolve_spec(spec)
+    try:
+        return AutoTokenizer.from_pretrained(str(location))
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of '{spec}': {exc}") from exc
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     device: str | torch.device | None = None,

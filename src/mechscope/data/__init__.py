@@ -1,0 +1,26 @@
+"""Datasets of clean / counterfactual prompt pairs with a schema of named spans."""
+
+from .dataset import (
+    BOS_SPAN,
+    Batch,
+    DatasetError,
+    PromptPair,
+    PromptPairDataset,
+    Schema,
+    tokenizer_fingerprint,
+)
+from .spans import make_pair, schema_for, single_token, tokenize_segments
+
+__all__ = [
+    "BOS_SPAN",
+    "Batch",
+    "DatasetError",
+    "PromptPair",
+    "PromptPairDataset",
+    "Schema",
+    "make_pair",
+    "schema_for",
+    "single_token",
+    "tokenize_segments",
+    "tokenizer_fingerprint",
+]
