@@ -1,0 +1,89 @@
+"""Edge attribution patching: EAP and EAP-IG (../shared/method.md §3).
+
+    score(u -> v) = sum over positions t of (ref_u[t] - z_u[t]) . dM/d(in_v)[t],  averaged over examples
+
+EAP takes the gradient on the clean run. EAP-IG ("inputs" variant, Hanna et al. 2024) averages the
+gradient over `steps` runs whose input embedding is moved along the straight line from the reference
+input to the clean input: alpha = k/steps for k = 1..steps (the last point is the clean run).
+
+The contraction over (example, position, d_model) is one matrix product per position group; with a
+position-to-span assignment it is kept per span, which is how position-aware scores (PEAP) reuse it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.dataset import Batch
+from ..graph import Graph
+from ..metrics import compute_metric, final_logits
+from .references import MeanReference, reference_outputs
+from .runner import downstream_grads, graph_hooks
+
+METHODS = ("eap", "eap-ig")
+
+
+def contract(delta: torch.Tensor, grad: torch.Tensor, span_of: torch.Tensor | None = None, n_spans: int = 1):
+    """Sum over (batch, pos, d) of delta[b,t,u,:] . grad[b,t,v,:], per span.
+
+    delta: [batch, pos, n_up, d]; grad: [batch, pos, n_down, d]; span_of: [batch, pos] span index of
+    each token (-1 for padding) or None for a single span over every token. Returns [n_spans, n_up, n_down].
+    """
+    b, t, n_up, d = delta.shape
+    n_down = grad.shape[2]
+    flat_delta = delta.reshape(b * t, n_up, d)
+    flat_grad = grad.reshape(b * t, n_down, d)
+    out = torch.zeros(n_spans, n_up, n_down, dtype=delta.dtype, device=delta.device)
+    if span_of is None:
+        out[0] = torch.einsum("nud,nvd->uv", flat_delta, flat_grad)
+        return out
+    flat_span = span_of.reshape(b * t).to(delta.device)
+    for s in range(n_spans):
+        rows = (flat_span == s).nonzero(as_tuple=True)[0]
+        if rows.numel():
+            out[s] = torch.einsum("nud,nvd->uv", flat_delta[rows], flat_grad[rows])
+    return out
+
+
+def _metric_on_run(model, batch: Batch, metric: str, clean_final: torch.Tensor | None) -> torch.Tensor:
+    logits = model(batch.clean, attention_mask=batch.attention_mask)
+    return compute_metric(metric, final_logits(logits, batch.last), batch, clean_logits=clean_final)
+
+
+def batch_gradients_and_deltas(
+    model,
+    graph: Graph,
+    batch: Batch,
+    metric: str,
+    method: str = "eap",
+    steps: int = 5,
+    ablation: str = "counterfactual",
+    mean: MeanReference | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(delta [b, t, n_up, d], grad [b, t, n_down, d]) for one batch; their contraction is the score."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+    with torch.enable_grad():
+        with graph_hooks(model, graph, record_up=True, record_down=(method == "eap")) as clean_run:
+            clean_logits = model(batch.clean, attention_mask=batch.attention_mask)
+            clean_final = final_logits(clean_logits, batch.last)
+            if method == "eap":
+                m = compute_metric(metric, clean_final, batch, clean_logits=clean_final.detach())
+                grad = downstream_grads(clean_run, m.sum())
+        clean_up = clean_run.up
+        reference = reference_outputs(model, graph, batch, ablation, clean_up, mean)
+        delta = reference - clean_up
+        if method == "eap-ig":
+            grad = torch.zeros(
+                *clean_up.shape[:2], graph.n_downstream, clean_up.shape[-1], dtype=clean_up.dtype, device=clean_up.device
+            )
+            clean_in, ref_in = clean_up[:, :, 0], reference[:, :, 0]
+            target = clean_final.detach()
+            for k in range(1, steps + 1):
+                alpha = k / steps
+                point = ref_in + alpha * (clean_in - ref_in)
+                with graph_hooks(model, graph, record_down=True, input_override=lambda _x, p=point: p) as run:
+                    m = _metric_on_run(model, batch, metric, target)
+                    grad += downstream_grads(run, m.sum())
+            grad /= steps
+    return delta, grad.detach()

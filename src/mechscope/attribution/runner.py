@@ -1,0 +1,177 @@
+"""Run a TransformerBridge as a computational graph (../shared/method.md §2).
+
+One forward pass with hooks that can
+  * record every upstream node's output: `up[b, t, u, :]`, shape [batch, pos, n_upstream, d_model];
+  * record every downstream node's input, to take gradients of the metric with respect to them;
+  * ablate edges: the input of downstream node v becomes
+        in_v + sum_u (1 - keep[u, v]) * (ref_u - z_u)
+    where z_u is u's output in this very run and ref_u its reference value (counterfactual, mean or
+    zero). With `keep` all ones nothing changes; with `keep` all zeros and counterfactual references
+    every downstream input equals its value on the counterfactual prompt, because the residual stream
+    is the plain sum of upstream outputs (and constant biases).
+  * replace the input embedding (EAP-IG interpolates it between counterfactual and clean).
+
+`keep` is either [n_up, n_down] (the same at every position) or [batch, pos, n_up, n_down] (a
+positional circuit projected onto each example).
+
+Hook points used (TransformerLens names): `blocks.0.hook_resid_pre` (input node), `blocks.{l}.attn.
+hook_result` (heads), `blocks.{l}.hook_mlp_out` (MLPs), `blocks.{l}.hook_{q,k,v}_input` (per-head and
+per-key-value-head inputs), `blocks.{l}.hook_mlp_in`, and `ln_final.hook_in` (the logits' input).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..graph import Graph
+
+
+def prepare_model(model) -> None:
+    """Switch on the per-head hooks the graph needs (idempotent)."""
+    if not getattr(model, "_mechscope_graph_hooks", False):
+        model.set_use_split_qkv_input(True)
+        model.set_use_attn_result(True)
+        model.set_use_hook_mlp_in(True)
+        model._mechscope_graph_hooks = True
+
+
+@dataclass
+class Ablation:
+    keep: torch.Tensor  # [n_up, n_down] or [batch, pos, n_up, n_down]; 1 keeps an edge, 0 ablates it
+    reference: torch.Tensor  # [batch, pos, n_up, d_model] reference outputs of the upstream nodes
+
+
+class GraphRun:
+    """State of one hooked forward pass; use through `graph_forward`."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        record_up: bool,
+        record_down: bool,
+        ablation: Ablation | None,
+        input_override: Callable[[torch.Tensor], torch.Tensor] | None,
+    ):
+        self.graph = graph
+        self.record_up = record_up or ablation is not None
+        self.record_down = record_down
+        self.ablation = ablation
+        self.input_override = input_override
+        self.up: torch.Tensor | None = None  # [batch, pos, n_up, d_model], detached values
+        self.down: dict[int, torch.Tensor] = {}  # first downstream index -> live input tensor
+        if ablation is not None:
+            keep = ablation.keep.to(ablation.reference.dtype)
+            self.drop = 1.0 - keep  # weight of each edge's correction
+
+    # --------------------------------------------------------------------------------------------
+
+    def _store_up(self, index: int | slice, value: torch.Tensor) -> None:
+        if not self.record_up:
+            return
+        if self.up is None:
+            b, t, d = value.shape[0], value.shape[1], value.shape[-1]
+            self.up = torch.zeros(b, t, self.graph.n_upstream, d, dtype=value.dtype, device=value.device)
+        self.up[:, :, index] = value.detach()
+
+    def _correct(self, first: int, count: int, read_step: int, value: torch.Tensor) -> torch.Tensor:
+        """Apply edge ablation to the inputs of downstream nodes first..first+count-1."""
+        if self.ablation is None:
+            return value
+        n_before = self.graph.n_upstream_before(read_step)
+        delta = self.ablation.reference[:, :, :n_before] - self.up[:, :, :n_before]  # [b, t, u, d]
+        drop = self.drop[..., :n_before, first : first + count]
+        if drop.dim() == 2:
+            fix = torch.einsum("btud,uv->btvd", delta, drop)
+        else:
+            fix = torch.einsum("btud,btuv->btvd", delta, drop)
+        if value.dim() == 3:  # MLP input or final residual: one downstream node
+            return value + fix[:, :, 0]
+        return value + fix
+
+    def _downstream(self, first: int, count: int, read_step: int):
+        def hook(value, hook=None):
+            value = self._correct(first, count, read_step, value)
+            if self.record_down:
+                if value.dim() == 3:
+                    # The MLP-input hook hands over the residual tensor itself, which the skip
+                    # connection also uses; a copy makes its gradient the MLP branch's alone.
+                    value = value.clone()
+                self.down[first] = value
+            return value
+
+        return hook
+
+    def hooks(self) -> list[tuple[str, Callable]]:
+        g = self.graph
+        hooks: list[tuple[str, Callable]] = []
+
+        def input_hook(value, hook=None):
+            if self.input_override is not None:
+                value = self.input_override(value)
+            if self.record_down and torch.is_grad_enabled() and not value.requires_grad:
+                # Make every downstream input part of the autograd graph even when the weights do
+                # not require gradients (or the input was replaced).
+                value = value.detach().requires_grad_(True)
+            self._store_up(0, value)
+            return value
+
+        hooks.append(("blocks.0.hook_resid_pre", input_hook))
+        for l in range(g.n_layers):
+            attn_read = 2 * l
+            mlp_read = 2 * l if g.parallel_attn_mlp else 2 * l + 1
+            hooks.append((f"blocks.{l}.hook_q_input", self._downstream(g.q_slice(l).start, g.n_heads, attn_read)))
+            hooks.append((f"blocks.{l}.hook_k_input", self._downstream(g.k_slice(l).start, g.n_kv_heads, attn_read)))
+            hooks.append((f"blocks.{l}.hook_v_input", self._downstream(g.v_slice(l).start, g.n_kv_heads, attn_read)))
+            hooks.append((f"blocks.{l}.attn.hook_result", self._upstream_hook(g.upstream_slice(l))))
+            hooks.append((f"blocks.{l}.hook_mlp_in", self._downstream(g.mlp_in_index(l), 1, mlp_read)))
+            hooks.append((f"blocks.{l}.hook_mlp_out", self._upstream_hook(g.mlp_index(l))))
+        hooks.append(("ln_final.hook_in", self._downstream(g.logits_index, 1, 2 * g.n_layers)))
+        return hooks
+
+    def _upstream_hook(self, index):
+        def hook(value, hook=None):
+            self._store_up(index, value)
+            return value
+
+        return hook
+
+    def downstream_inputs(self) -> list[tuple[int, torch.Tensor]]:
+        """(first downstream index, live input tensor) in graph order."""
+        return sorted(self.down.items())
+
+
+@contextmanager
+def graph_hooks(
+    model,
+    graph: Graph,
+    record_up: bool = False,
+    record_down: bool = False,
+    ablation: Ablation | None = None,
+    input_override: Callable[[torch.Tensor], torch.Tensor] | None = None,
+):
+    """Context manager: inside it, `model(...)` runs with the graph hooks; yields the `GraphRun`."""
+    prepare_model(model)
+    run = GraphRun(graph, record_up, record_down, ablation, input_override)
+    with model.hooks(fwd_hooks=run.hooks()):
+        yield run
+
+
+def downstream_grads(run: GraphRun, metric_sum: torch.Tensor) -> torch.Tensor:
+    """Gradients of `metric_sum` w.r.t. every downstream input: [batch, pos, n_down, d_model]."""
+    items = run.downstream_inputs()
+    tensors = [t for _, t in items]
+    grads = torch.autograd.grad(metric_sum, tensors, allow_unused=True)
+    b, t, d = tensors[0].shape[0], tensors[0].shape[1], tensors[0].shape[-1]
+    out = torch.zeros(b, t, run.graph.n_downstream, d, dtype=tensors[0].dtype, device=tensors[0].device)
+    for (first, tensor), grad in zip(items, grads):
+        if grad is None:
+            continue
+        if grad.dim() == 3:
+            out[:, :, first] = grad
+        else:
+            out[:, :, first : first + grad.shape[2]] = grad
+    return out

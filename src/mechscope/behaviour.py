@@ -1,0 +1,81 @@
+"""How a model behaves on a dataset: per-example metric on clean and counterfactual prompts, accuracy,
+a summary, and the filter that keeps the examples the model gets right.
+
+Reported before any circuit work so a reader can see whether there is behaviour to explain
+(../shared/method.md §6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .data.dataset import DatasetError, PromptPairDataset, tokenizer_fingerprint
+from .metrics import accuracy, compute_metric, final_logits, top1_accuracy
+
+
+def check_compatible(model, dataset: PromptPairDataset, source: str = "dataset") -> None:
+    """Raise DatasetError unless `dataset` was tokenized for `model` and fits its context."""
+    if len(dataset) == 0:
+        raise DatasetError(f"{source}: the dataset has no examples")
+    if dataset.tokenizer and dataset.tokenizer != tokenizer_fingerprint(model.tokenizer):
+        raise DatasetError(
+            f"{source}: tokenized for another tokenizer (made for model '{dataset.model or '?'}'); "
+            "regenerate or convert it with this model"
+        )
+    dataset.validate(n_ctx=model.cfg.n_ctx, source=source)
+    vocab = model.cfg.d_vocab
+    for i, ex in enumerate(dataset.examples):
+        for name in ("clean", "counterfactual", "correct", "wrong"):
+            ids = getattr(ex, name)
+            if ids and max(ids) >= vocab:
+                raise DatasetError(f"{source}: example {i}, field '{name}': token id {max(ids)} >= vocab size {vocab}")
+
+
+@dataclass
+class Behaviour:
+    """Per-example results, each a tensor of shape [n_examples]."""
+
+    metric_clean: torch.Tensor
+    metric_counterfactual: torch.Tensor
+    correct: torch.Tensor  # accuracy on the clean prompt (best correct answer beats every wrong one)
+    top1: torch.Tensor  # argmax of the clean run is a correct answer
+
+    def summary(self, metric: str) -> dict:
+        return {
+            "n_examples": int(self.correct.numel()),
+            "metric": metric,
+            "model_accuracy": float(self.correct.float().mean()),
+            "top1_accuracy": float(self.top1.float().mean()),
+            "metric_clean": float(self.metric_clean.mean()),
+            "metric_counterfactual": float(self.metric_counterfactual.mean()),
+        }
+
+
+@torch.no_grad()
+def measure_behaviour(model, dataset: PromptPairDataset, batch_size: int = 16, progress=None) -> Behaviour:
+    """Run clean and counterfactual prompts through `model` and score them with the dataset's metric.
+
+    For the `kl` metric the clean value is 0 by definition and the counterfactual one is KL from clean.
+    """
+    check_compatible(model, dataset)
+    device = model.cfg.device
+    cols = {k: [] for k in ("clean", "cf", "correct", "top1")}
+    for _, batch in dataset.batches(batch_size):
+        batch = batch.to(device)
+        clean = final_logits(model(batch.clean, attention_mask=batch.attention_mask), batch.last).float()
+        cf = final_logits(model(batch.counterfactual, attention_mask=batch.attention_mask), batch.last).float()
+        cols["clean"].append(compute_metric(dataset.metric, clean, batch, clean_logits=clean))
+        cols["cf"].append(compute_metric(dataset.metric, cf, batch, clean_logits=clean))
+        cols["correct"].append(accuracy(clean, batch))
+        cols["top1"].append(top1_accuracy(clean, batch))
+        if progress is not None:
+            progress(len(batch.last))
+    cat = {k: torch.cat(v).cpu() for k, v in cols.items()}
+    return Behaviour(cat["clean"], cat["cf"], cat["correct"], cat["top1"])
+
+
+def keep_correct(dataset: PromptPairDataset, behaviour: Behaviour) -> PromptPairDataset:
+    """The examples whose clean prompt the model gets right."""
+    return dataset.subset([i for i, ok in enumerate(behaviour.correct.tolist()) if ok])

@@ -1,0 +1,214 @@
+"""Circuits: sets of edges chosen from scores (../shared/method.md §5), saved as JSON.
+
+* `top_n` / `threshold`: the edges of largest |score|, or |score| above a value;
+* `greedy` (as in PEAP): grow from the logits, each time adding the highest-|score| edge whose child
+  is already in the circuit (its parent joins the circuit);
+* `prune`: keep only edges on a path from the input to the logits.
+
+A node is "in" the circuit through the inputs it owns: a head through its query input and its
+group's key/value inputs, an MLP through its input.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import MechscopeError
+from .graph import Graph
+
+
+class CircuitError(MechscopeError, ValueError):
+    """A circuit file that cannot be read or does not fit the model."""
+
+
+@dataclass
+class Circuit:
+    graph: Graph
+    edges: torch.Tensor  # bool [n_edges]
+    model: str = ""
+    method: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.edges.sum())
+
+    def keep_matrix(self, dtype=torch.float32) -> torch.Tensor:
+        """Dense [n_up, n_down]: 1 for circuit edges, 0 for ablated ones."""
+        return self.graph.dense(self.edges.to(dtype))
+
+    def nodes(self) -> list[str]:
+        """Upstream nodes with at least one circuit edge, by name."""
+        used = torch.zeros(self.graph.n_upstream, dtype=torch.bool)
+        used[self.graph.edge_up[self.edges]] = True
+        return [self.graph.upstream_names[i] for i in used.nonzero().flatten().tolist()]
+
+    def edge_names(self) -> list[str]:
+        return [self.graph.edge_name(e) for e in self.edges.nonzero().flatten().tolist()]
+
+    @classmethod
+    def full(cls, graph: Graph, **kw) -> "Circuit":
+        return cls(graph, torch.ones(graph.n_edges, dtype=torch.bool), **kw)
+
+    @classmethod
+    def empty(cls, graph: Graph, **kw) -> "Circuit":
+        return cls(graph, torch.zeros(graph.n_edges, dtype=torch.bool), **kw)
+
+    # ---------------------------------------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        g = self.graph
+        return {
+            "format": "mechscope-circuit/1",
+            "model": self.model,
+            "method": self.method,
+            "graph": {
+                "n_layers": g.n_layers,
+                "n_heads": g.n_heads,
+                "n_kv_heads": g.n_kv_heads,
+                "parallel_attn_mlp": g.parallel_attn_mlp,
+            },
+            "n_edges": self.n_edges,
+            "edges": self.edge_names(),
+            "info": self.info,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_json(), f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Circuit":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            graph = Graph(**data["graph"])
+            names = data["edges"]
+        except FileNotFoundError:
+            raise CircuitError(f"{path}: no such circuit file") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CircuitError(f"{path}: not a mechscope circuit file ({type(exc).__name__}: {exc})") from None
+        index = {graph.edge_name(e): e for e in range(graph.n_edges)}
+        edges = torch.zeros(graph.n_edges, dtype=torch.bool)
+        for name in names:
+            if name not in index:
+                raise CircuitError(f"{path}: edge '{name}' is not in a graph of this shape")
+            edges[index[name]] = True
+        return cls(graph, edges, model=data.get("model", ""), method=data.get("method", ""), info=data.get("info", {}))
+
+    def check_model(self, model, source: str = "circuit") -> None:
+        """Raise CircuitError unless the circuit was built for a graph of `model`'s shape."""
+        other = Graph.from_model(model)
+        if not self.graph.same_shape(other):
+            raise CircuitError(
+                f"{source} was built for a model with {self.graph.n_layers} layers x {self.graph.n_heads} heads "
+                f"('{self.model or '?'}'), not for this model ({other.n_layers} x {other.n_heads})"
+            )
+
+
+# ------------------------------------------------------------------------------------------------
+# Selection
+# ------------------------------------------------------------------------------------------------
+
+
+def _abs_scores(scores) -> torch.Tensor:
+    return scores.edge_scores().abs().nan_to_num(nan=-1.0)
+
+
+def top_n(scores, n: int, prune: bool = True) -> Circuit:
+    s = _abs_scores(scores)
+    n = max(0, min(int(n), s.numel()))
+    edges = torch.zeros(s.numel(), dtype=torch.bool)
+    edges[s.argsort(descending=True, stable=True)[:n]] = True
+    c = Circuit(scores.graph, edges, model=scores.model, method=scores.method, info={"selection": "top_n", "n": n})
+    return prune_circuit(c) if prune else c
+
+
+def threshold(scores, value: float, prune: bool = True) -> Circuit:
+    edges = _abs_scores(scores) >= value
+    c = Circuit(scores.graph, edges, model=scores.model, method=scores.method,
+                info={"selection": "threshold", "threshold": value})
+    return prune_circuit(c) if prune else c
+
+
+def greedy(scores, n: int) -> Circuit:
+    """Grow from the logits: repeatedly add the best edge whose child is in the circuit, then prune."""
+    g = scores.graph
+    s = _abs_scores(scores).tolist()
+    owners = g.downstream_owner()
+    # Edges grouped by the upstream node that owns their child (the logits own themselves: key -1).
+    by_owner: dict[int, list[int]] = {}
+    edge_down = g.edge_down.tolist()
+    for e, v in enumerate(edge_down):
+        for o in owners[v] or [-1]:
+            by_owner.setdefault(o, []).append(e)
+    chosen = torch.zeros(g.n_edges, dtype=torch.bool)
+    in_circuit: set[int] = set()
+    heap: list[tuple[float, int]] = []
+
+    def open_node(o: int) -> None:
+        for e in by_owner.get(o, []):
+            heapq.heappush(heap, (-s[e], e))
+
+    open_node(-1)
+    edge_up = g.edge_up.tolist()
+    count = 0
+    while heap and count < n:
+        _, e = heapq.heappop(heap)
+        if chosen[e]:
+            continue
+        chosen[e] = True
+        count += 1
+        u = edge_up[e]
+        if u != 0 and u not in in_circuit:
+            in_circuit.add(u)
+            open_node(u)
+    c = Circuit(g, chosen, model=scores.model, method=scores.method, info={"selection": "greedy", "n": int(n)})
+    return prune_circuit(c)
+
+
+def prune_circuit(circuit: Circuit) -> Circuit:
+    """Drop edges that are not on a path from the input to the logits."""
+    g = circuit.graph
+    keep = circuit.keep_matrix(torch.bool)  # [n_up, n_down]
+    owners = g.downstream_owner()
+    inputs_of: list[list[int]] = [[] for _ in range(g.n_upstream)]
+    for v, os_ in enumerate(owners):
+        for o in os_:
+            inputs_of[o].append(v)
+    # Forward: which upstream nodes receive, through circuit edges, something from the input.
+    alive = torch.zeros(g.n_upstream, dtype=torch.bool)
+    alive[0] = True
+    for u in range(1, g.n_upstream):
+        vs = inputs_of[u]
+        alive[u] = bool((keep[:, vs] & alive[:, None]).any())
+    # Backward: which upstream nodes feed, through circuit edges, the logits.
+    reaches = torch.zeros(g.n_upstream, dtype=torch.bool)
+    down_reaches = torch.zeros(g.n_downstream, dtype=torch.bool)
+    down_reaches[g.logits_index] = True
+    for u in range(g.n_upstream - 1, -1, -1):
+        reaches[u] = bool((keep[u] & down_reaches).any())
+        if reaches[u]:
+            for v in inputs_of[u]:
+                down_reaches[v] = True
+    edges = circuit.edges & alive[g.edge_up] & down_reaches[g.edge_down]
+    info = dict(circuit.info, pruned=True)
+    return Circuit(g, edges, model=circuit.model, method=circuit.method, info=info)

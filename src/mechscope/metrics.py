@@ -1,0 +1,92 @@
+"""Task metrics on final-position logits (../shared/method.md §1).
+
+Every metric takes `logits` of shape [batch, vocab] (the logits at each example's last token) and the
+answer tensors of a `Batch` (padded with masks, so examples may have different numbers of correct and
+wrong answers) and returns one value per example, shape [batch]. All are differentiable, so they serve
+as the M whose gradient attribution methods use.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .data.dataset import Batch
+
+
+def final_logits(logits: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """[batch, pos, vocab] logits -> [batch, vocab] at each example's last real token."""
+    return logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)]
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    count = mask.sum(-1)
+    return (values * mask).sum(-1) / count.clamp(min=1)
+
+
+def _gather(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return x.gather(-1, ids.to(x.device))
+
+
+def logit_diff(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean logit of the correct answers minus mean logit of the wrong ones (0 when there are none).
+
+    With one correct and no wrong answer (induction) this is the correct token's logit.
+    """
+    correct = _masked_mean(_gather(logits, batch.correct), batch.correct_mask.to(logits.device))
+    wrong = _masked_mean(_gather(logits, batch.wrong), batch.wrong_mask.to(logits.device))
+    return correct - wrong
+
+
+def prob_diff(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Summed probability of the correct answers minus that of the wrong ones (Greater-Than)."""
+    probs = logits.float().softmax(-1)
+    correct = (_gather(probs, batch.correct) * batch.correct_mask.to(probs.device)).sum(-1)
+    wrong = (_gather(probs, batch.wrong) * batch.wrong_mask.to(probs.device)).sum(-1)
+    return correct - wrong
+
+
+def kl(logits: torch.Tensor, clean_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_clean || p): how far this run's next-token distribution is from the clean run's."""
+    logp = logits.float().log_softmax(-1)
+    logq = clean_logits.float().log_softmax(-1)
+    return (logq.exp() * (logq - logp)).sum(-1)
+
+
+def accuracy(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """1.0 where the best correct answer out-scores every wrong answer, else 0.0.
+
+    Without wrong answers, whether the top token of the whole vocabulary is a correct answer.
+    """
+    neg_inf = torch.finfo(logits.dtype).min
+    cmask = batch.correct_mask.to(logits.device)
+    wmask = batch.wrong_mask.to(logits.device)
+    best_correct = _gather(logits, batch.correct).masked_fill(~cmask, neg_inf).max(-1).values
+    best_wrong = _gather(logits, batch.wrong).masked_fill(~wmask, neg_inf).max(-1).values
+    has_wrong = wmask.any(-1)
+    top1 = top1_accuracy(logits, batch).bool()
+    return torch.where(has_wrong, best_correct > best_wrong, top1).to(logits.dtype)
+
+
+def top1_accuracy(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """1.0 where the argmax over the whole vocabulary is one of the correct answers."""
+    top = logits.argmax(-1, keepdim=True)
+    hit = (batch.correct.to(logits.device) == top) & batch.correct_mask.to(logits.device)
+    return hit.any(-1).to(logits.dtype)
+
+
+def compute_metric(
+    name: str, logits: torch.Tensor, batch: Batch, clean_logits: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Dispatch by metric name; `kl` needs the clean run's final logits."""
+    if name == "logit_diff":
+        return logit_diff(logits, batch)
+    if name == "prob_diff":
+        return prob_diff(logits, batch)
+    if name == "accuracy":
+        return accuracy(logits, batch)
+    if name == "kl":
+        if clean_logits is None:
+            raise ValueError("the kl metric needs the clean run's logits")
+        return kl(logits, clean_logits)
+    raise ValueError(f"unknown metric '{name}'")

@@ -1,0 +1,188 @@
+"""Edge attribution (EAP, EAP-IG, exact), circuits and faithfulness on tiny models (method.md §3-§6)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import tiny
+from scipy.stats import spearmanr
+
+import mechscope
+from mechscope.attribution import attribute
+from mechscope.attribution.references import upstream_outputs
+from mechscope.attribution.runner import Ablation, graph_hooks
+from mechscope.attribution.scores import EdgeScores, ScoresError
+from mechscope.circuits import Circuit, CircuitError, prune_circuit
+from mechscope.data import DatasetError, PromptPairDataset, make_pair, schema_for, single_token, tokenizer_fingerprint
+from mechscope.evaluation import evaluate, faithfulness_curve
+from mechscope.graph import Graph
+from mechscope.metrics import compute_metric, final_logits
+
+
+def ioi_like(tokenizer, n: int, seed: int = 0) -> PromptPairDataset:
+    """IOI-shaped pairs (ABC counterfactual) over names that are single tokens for `tokenizer`."""
+    names = [x for x in tiny.NAMES if single_token(tokenizer, " " + x) is not None]
+    rng = random.Random(seed)
+
+    def segs(io, s1, s2, place):
+        return [("intro", "When"), ("io", " " + io), ("and", " and"), ("s1", " " + s1),
+                ("rest", f" went to the {place},"), ("s2", " " + s2), ("end", " gave a drink to")]
+
+    examples = []
+    while len(examples) < n:
+        a, b, c, d, e = rng.sample(names, 5)
+        place = rng.choice(tiny.PLACES)
+        examples.append(make_pair(tokenizer, segs(a, b, b, place), segs(c, d, e, place), [" " + a], [" " + b]))
+    return PromptPairDataset(examples, schema_for(segs("a", "b", "c", "x")), task="ioi", metric="logit_diff",
+                             tokenizer=tokenizer_fingerprint(tokenizer), pad_token_id=tokenizer.pad_token_id)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def tiny_model(request, tiny_model_dirs):
+    return mechscope.load_model(str(tiny_model_dirs[request.param]), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_tokenizer):
+    return ioi_like(tiny_tokenizer, 12)
+
+
+def test_graph_counts_for_grouped_query_attention():
+    g = Graph(n_layers=2, n_heads=4, n_kv_heads=2)
+    assert g.n_upstream == 1 + 2 * (4 + 1)
+    assert g.n_downstream == 2 * (4 + 2 + 2 + 1) + 1
+    # A head reads nothing from its own layer's heads; the MLP of the same layer does.
+    assert not g.edge_mask[g.head_index(0, 1), g.q_slice(0).start]
+    assert g.edge_mask[g.head_index(0, 1), g.mlp_in_index(0)]
+    assert g.edge_mask[g.mlp_index(0), g.k_slice(1).start]
+    assert g.edge_mask[:, g.logits_index].all()
+
+
+def test_full_circuit_reproduces_model_and_empty_circuit_the_ablated_run(tiny_model, tiny_data):
+    graph = Graph.from_model(tiny_model)
+    b = tiny_data.batch()
+    with torch.no_grad():
+        clean = tiny_model(b.clean, attention_mask=b.attention_mask)
+        cf = tiny_model(b.counterfactual, attention_mask=b.attention_mask)
+        ref = upstream_outputs(tiny_model, graph, b.counterfactual, b.attention_mask)
+        full = Circuit.full(graph).keep_matrix()
+        with graph_hooks(tiny_model, graph, ablation=Ablation(full, ref)):
+            full_logits = tiny_model(b.clean, attention_mask=b.attention_mask)
+        with graph_hooks(tiny_model, graph, ablation=Ablation(torch.zeros_like(full), ref)):
+            empty_logits = tiny_model(b.clean, attention_mask=b.attention_mask)
+    real = b.attention_mask
+    assert (full_logits - clean)[real].abs().max() <= 1e-4
+    # Every edge ablated to the counterfactual = the model run on the counterfactual prompt.
+    assert (empty_logits - cf)[real].abs().max() <= 1e-4
+    assert (clean - cf)[real].abs().max() > 0.1  # the check above is not vacuous
+
+
+def test_eap_equals_first_order_change_from_jvp(tiny_model, tiny_data):
+    data = tiny_data[:4]
+    scores = attribute(tiny_model, data, "eap", progress=False)
+    graph, b = scores.graph, data.batch()
+    ref = upstream_outputs(tiny_model, graph, b.counterfactual, b.attention_mask)
+    rng = random.Random(1)
+    for e in rng.sample(range(graph.n_edges), 6):
+        onehot = torch.zeros(graph.n_upstream, graph.n_downstream)
+        onehot[graph.edge_up[e], graph.edge_down[e]] = 1.0
+
+        def metric_with_edge_scaled(eps):
+            # keep = 1 - eps on this edge: its input moves by eps * (ref_u - z_u).
+            with graph_hooks(tiny_model, graph, ablation=Ablation(1 - eps * onehot, ref)):
+                logits = final_logits(tiny_model(b.clean, attention_mask=b.attention_mask), b.last)
+            return compute_metric("logit_diff", logits, b).mean()
+
+        _, derivative = torch.func.jvp(metric_with_edge_scaled, (torch.tensor(0.0),), (torch.tensor(1.0),))
+        expected, got = float(derivative), float(scores.values[e])
+        assert abs(got - expected) <= 1e-5 * max(abs(expected), 1e-3), graph.edge_name(e)
+
+
+def test_estimators_rank_edges_like_exact_patching(tiny_model, tiny_data):
+    exact = attribute(tiny_model, tiny_data, "exact", progress=False)
+    eap = attribute(tiny_model, tiny_data, "eap", progress=False)
+    ig = attribute(tiny_model, tiny_data, "eap-ig", steps=5, progress=False)
+    rho_eap = spearmanr(eap.values, exact.values).correlation
+    rho_ig = spearmanr(ig.values, exact.values).correlation
+    print(f"spearman vs exact: eap={rho_eap:.3f} eap-ig={rho_ig:.3f}")
+    assert rho_eap > 0.6 and rho_ig > 0.6
+
+
+def test_node_score_is_sum_of_outgoing_edges(tiny_model, tiny_data):
+    scores = attribute(tiny_model, tiny_data[:4], "eap", progress=False)
+    dense = scores.graph.dense(scores.values)
+    assert torch.allclose(scores.node_scores(), dense.sum(1), atol=1e-6)
+
+
+def test_scores_and_circuits_round_trip(tmp_path, tiny_model, tiny_data):
+    scores = attribute(tiny_model, tiny_data[:4], "eap-ig", steps=3, progress=False)
+    scores.save(tmp_path / "s.safetensors")
+    again = EdgeScores.load(tmp_path / "s.safetensors")
+    assert torch.equal(again.values, scores.values) and again.method == "eap-ig" and again.info == {"steps": 3}
+    circuit = scores.top_n(20)
+    circuit.save(tmp_path / "c.json")
+    loaded = Circuit.load(tmp_path / "c.json")
+    assert torch.equal(loaded.edges, circuit.edges)
+    a = evaluate(tiny_model, circuit, tiny_data, progress=False)
+    b = evaluate(tiny_model, loaded, tiny_data, progress=False)
+    assert a == b
+
+
+def test_selection_sizes_and_pruning(tiny_model, tiny_data):
+    scores = attribute(tiny_model, tiny_data[:4], "eap", progress=False)
+    g = scores.graph
+    for n in (1, 5, 30):
+        top = scores.top_n(n, prune=False)
+        assert top.n_edges == n
+        pruned = prune_circuit(top)
+        assert pruned.n_edges <= n and (pruned.edges <= top.edges).all()
+        greedy = scores.greedy(n)
+        assert greedy.n_edges <= n
+    # After pruning, every upstream node with an edge is reachable from the input and every circuit
+    # edge's child feeds the logits: re-pruning changes nothing.
+    c = scores.greedy(30)
+    assert torch.equal(prune_circuit(c).edges, c.edges)
+    assert Circuit.full(g).n_edges == g.n_edges and prune_circuit(Circuit.full(g)).n_edges == g.n_edges
+
+
+def test_faithfulness_curve_end_points(tiny_model, tiny_data):
+    scores = attribute(tiny_model, tiny_data, "eap", progress=False)
+    curve = faithfulness_curve(tiny_model, scores, tiny_data, fractions=(0.01, 0.1, 0.5, 1.0), progress=False)
+    last = curve.points[-1]
+    assert last.n_edges == scores.graph.n_edges
+    assert abs(last.normalized - 1) < 1e-4 and abs(last.soft - 1) < 1e-4 and last.hard == 1.0
+    empty = evaluate(tiny_model, Circuit.empty(scores.graph), tiny_data, progress=False)
+    assert abs(empty.normalized) < 1e-4
+    assert 0 <= curve.cmd() and curve.cpr() == pytest.approx(
+        sum((b.fraction - a.fraction) * (a.normalized + b.normalized) / 2 for a, b in zip(curve.points, curve.points[1:]))
+    )
+
+
+@pytest.mark.parametrize("ablation", ["mean", "zero"])
+def test_other_ablations_keep_identities(tiny_model, tiny_data, ablation):
+    scores = attribute(tiny_model, tiny_data[:6], "eap", ablation=ablation, progress=False)
+    assert torch.isfinite(scores.values).all() and scores.values.abs().sum() > 0
+    full = evaluate(tiny_model, Circuit.full(scores.graph), tiny_data[:6], ablation=ablation, progress=False)
+    assert full.normalized == pytest.approx(1.0, abs=1e-4)
+
+
+def test_bad_inputs(tmp_path, tiny_model, tiny_data, tiny_model_dirs, tiny_tokenizer):
+    with pytest.raises(DatasetError, match="no examples"):
+        attribute(tiny_model, tiny_data[:0], "eap", progress=False)
+    other_tok = tiny.build_tokenizer(vocab_size=400)
+    foreign = ioi_like(other_tok, 2)
+    with pytest.raises(DatasetError, match="another tokenizer"):
+        attribute(tiny_model, foreign, "eap", progress=False)
+    with pytest.raises(ValueError, match="unknown method"):
+        attribute(tiny_model, tiny_data, "acdc", progress=False)
+    wrong_shape = Circuit.full(Graph(n_layers=3, n_heads=4, n_kv_heads=4))
+    with pytest.raises(CircuitError, match="built for a model with 3 layers"):
+        evaluate(tiny_model, wrong_shape, tiny_data, progress=False)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(CircuitError, match="not a mechscope circuit file"):
+        Circuit.load(tmp_path / "bad.json")
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ScoresError, match="not a mechscope scores file"):
+        EdgeScores.load(tmp_path / "bad.safetensors")
