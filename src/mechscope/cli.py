@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -91,6 +92,113 @@ def demo(
     for rank, (p, idx) in enumerate(zip(top.values.tolist(), top.indices.tolist()), start=1):
         pred.add_row(str(rank), repr(bridge.tokenizer.decode([idx])), f"{p:.3f}")
     console.print(pred)
+
+
+def _print_summary(title: str, summary: dict) -> None:
+    table = Table(title=title, show_header=False)
+    for key, value in summary.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+@app.command()
+@_user_errors
+def data(
+    task: Optional[str] = typer.Argument(None, help="Built-in task: ioi, greater-than, winobias, induction."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model whose tokenizer and behaviour to use."),
+    n: int = typer.Option(200, "--n", help="Number of examples to generate."),
+    seed: int = typer.Option(0, help="Random seed of the generator."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output JSONL file."),
+    from_csv: Optional[Path] = typer.Option(None, "--from-csv", help="Clean prompts in the PEAP CSV format."),
+    counterfactual: Optional[Path] = typer.Option(None, "--counterfactual", help="Counterfactual PEAP CSV."),
+    only_correct: bool = typer.Option(False, "--only-correct", help="Keep only examples the model gets right."),
+    batch_size: int = typer.Option(16, help="Examples per forward pass."),
+) -> None:
+    """Build a prompt-pair dataset (a built-in task or peer CSVs), report the model's behaviour, save it."""
+    from .behaviour import keep_correct, measure_behaviour
+    from .data.dataset import DatasetError
+    from .models import load_model
+
+    if (task is None) == (from_csv is None):
+        raise DatasetError("give either a TASK or --from-csv (with --counterfactual), not both or neither")
+    if from_csv is not None and counterfactual is None:
+        raise DatasetError("--from-csv needs --counterfactual FILE (the row-aligned counterfactual prompts)")
+    with err_console.status(f"loading {model}"):
+        bridge = load_model(model)
+    if task is not None:
+        from .tasks import make_task
+
+        dataset = make_task(task, bridge.tokenizer, n, seed=seed)
+    else:
+        from .data.peap_csv import load_peap_csv
+
+        dataset, report = load_peap_csv(from_csv, counterfactual, bridge.tokenizer, n_ctx=bridge.cfg.n_ctx)
+        console.print(
+            f"read {report.rows_read} rows from {from_csv}, kept {report.rows_kept} (span indices: {report.mode})"
+        )
+        for row, reason in report.excluded[:5]:
+            console.print(f"  excluded row {row}: {reason}")
+    dataset.model = model
+    with err_console.status("running the model on the dataset"):
+        behaviour = measure_behaviour(bridge, dataset, batch_size)
+    _print_summary(f"{dataset.task} on {model}", {"task": dataset.task, **behaviour.summary(dataset.metric)})
+    if only_correct:
+        dataset = keep_correct(dataset, behaviour)
+        console.print(f"kept {len(dataset)} examples the model gets right")
+    dataset.save(out)
+    console.print(f"wrote {len(dataset)} examples to {out}")
+
+
+@app.command()
+@_user_errors
+def curves(
+    task: Optional[str] = typer.Option(None, "--task", help="Built-in task to generate."),
+    data_file: Optional[Path] = typer.Option(None, "--data", help="A dataset JSONL instead of --task."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m"),
+    methods: str = typer.Option("eap,eap-ig", help="Comma-separated attribution methods."),
+    n: int = typer.Option(200, "--n", help="Examples to generate (with --task)."),
+    seed: int = typer.Option(0),
+    ablation: str = typer.Option("counterfactual", help="counterfactual | mean | zero"),
+    steps: int = typer.Option(5, help="Interpolation steps of eap-ig."),
+    batch_size: int = typer.Option(16),
+    out: Path = typer.Option(..., "--out", "-o", help="Output JSON file with the curves."),
+) -> None:
+    """Score edges on a discovery half, evaluate faithfulness curves (CPR, CMD) on the held-out half."""
+    import json
+
+    from .data.dataset import DatasetError, PromptPairDataset
+    from .discovery import compare_methods
+    from .models import load_model
+
+    if (task is None) == (data_file is None):
+        raise DatasetError("give either --task or --data")
+    with err_console.status(f"loading {model}"):
+        bridge = load_model(model)
+    if task is not None:
+        from .tasks import make_task
+
+        dataset = make_task(task, bridge.tokenizer, n, seed=seed)
+        dataset.model = model
+    else:
+        dataset = PromptPairDataset.load(data_file)
+    summary, _ = compare_methods(bridge, dataset, [m.strip() for m in methods.split(",") if m.strip()],
+                                 seed=seed, ablation=ablation, steps=steps, batch_size=batch_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(out)
+    _print_summary("behaviour", summary["behaviour"])
+    table = Table(title=f"normalized faithfulness on {summary['n_evaluation']} held-out examples")
+    table.add_column("method")
+    first = next(iter(summary["methods"].values()))
+    for p in first["points"]:
+        table.add_column(f"{100 * p['fraction']:g}%")
+    table.add_column("CPR")
+    table.add_column("CMD")
+    for name, c in summary["methods"].items():
+        table.add_row(name, *[f"{p['normalized']:.2f}" for p in c["points"]], f"{c['cpr']:.3f}", f"{c['cmd']:.3f}")
+    console.print(table)
+    console.print(f"wrote {out}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
