@@ -111,6 +111,9 @@ def data(
     out: Path = typer.Option(..., "--out", "-o", help="Output JSONL file."),
     from_csv: Optional[Path] = typer.Option(None, "--from-csv", help="Clean prompts in the PEAP CSV format."),
     counterfactual: Optional[Path] = typer.Option(None, "--counterfactual", help="Counterfactual PEAP CSV."),
+    swap_pronouns: bool = typer.Option(
+        False, "--swap-pronouns", help="With --from-csv and no --counterfactual: swap he/she to make one."
+    ),
     only_correct: bool = typer.Option(False, "--only-correct", help="Keep only examples the model gets right."),
     batch_size: int = typer.Option(16, help="Examples per forward pass."),
 ) -> None:
@@ -121,8 +124,8 @@ def data(
 
     if (task is None) == (from_csv is None):
         raise DatasetError("give either a TASK or --from-csv (with --counterfactual), not both or neither")
-    if from_csv is not None and counterfactual is None:
-        raise DatasetError("--from-csv needs --counterfactual FILE (the row-aligned counterfactual prompts)")
+    if from_csv is not None and (counterfactual is None) == (not swap_pronouns):
+        raise DatasetError("--from-csv needs one of --counterfactual FILE (row-aligned) or --swap-pronouns")
     with err_console.status(f"loading {model}"):
         bridge = load_model(model)
     if task is not None:
@@ -132,7 +135,10 @@ def data(
     else:
         from .data.peap_csv import load_peap_csv
 
-        dataset, report = load_peap_csv(from_csv, counterfactual, bridge.tokenizer, n_ctx=bridge.cfg.n_ctx)
+        dataset, report = load_peap_csv(
+            from_csv, counterfactual, bridge.tokenizer, n_ctx=bridge.cfg.n_ctx,
+            counterfactual_rule="swap-pronouns" if swap_pronouns else None,
+        )
         console.print(
             f"read {report.rows_read} rows from {from_csv}, kept {report.rows_kept} (span indices: {report.mode})"
         )

@@ -9,15 +9,18 @@ from .dataset import (
     Schema,
     tokenizer_fingerprint,
 )
+from .peap_csv import CsvReport, load_peap_csv
 from .spans import make_pair, schema_for, single_token, tokenize_segments
 
 __all__ = [
     "BOS_SPAN",
     "Batch",
+    "CsvReport",
     "DatasetError",
     "PromptPair",
     "PromptPairDataset",
     "Schema",
+    "load_peap_csv",
     "make_pair",
     "schema_for",
     "single_token",
