@@ -64,12 +64,12 @@ def batch_gradients_and_deltas(
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
     with torch.enable_grad():
-        with graph_hooks(model, graph, record_up=True, record_down=(method == "eap")) as clean_run:
+        with graph_hooks(model, graph, record_up=True, record_down=(method == "eap"), split_inputs=False) as clean_run:
             clean_logits = model(batch.clean, attention_mask=batch.attention_mask)
             clean_final = final_logits(clean_logits, batch.last)
             if method == "eap":
                 m = compute_metric(metric, clean_final, batch, clean_logits=clean_final.detach())
-                grad = downstream_grads(clean_run, m.sum())
+                grad = downstream_grads(clean_run, m.sum(), model)
         clean_up = clean_run.up
         reference = reference_outputs(model, graph, batch, ablation, clean_up, mean)
         delta = reference - clean_up
@@ -82,8 +82,9 @@ def batch_gradients_and_deltas(
             for k in range(1, steps + 1):
                 alpha = k / steps
                 point = ref_in + alpha * (clean_in - ref_in)
-                with graph_hooks(model, graph, record_down=True, input_override=lambda _x, p=point: p) as run:
+                with graph_hooks(model, graph, record_down=True, input_override=lambda _x, p=point: p,
+                                 split_inputs=False) as run:
                     m = _metric_on_run(model, batch, metric, target)
-                    grad += downstream_grads(run, m.sum())
+                    grad += downstream_grads(run, m.sum(), model)
             grad /= steps
     return delta, grad.detach()

@@ -28,7 +28,7 @@ def check_ablation(name: str) -> str:
 @torch.no_grad()
 def upstream_outputs(model, graph: Graph, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Upstream node outputs [batch, pos, n_up, d_model] on `tokens` (no gradient)."""
-    with graph_hooks(model, graph, record_up=True) as run:
+    with graph_hooks(model, graph, record_up=True, split_inputs=False) as run:
         model(tokens, attention_mask=attention_mask)
     return run.up
 

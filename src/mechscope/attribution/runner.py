@@ -30,13 +30,16 @@ import torch
 from ..graph import Graph
 
 
-def prepare_model(model) -> None:
-    """Switch on the per-head hooks the graph needs (idempotent)."""
+def prepare_model(model, split_inputs: bool = True) -> None:
+    """Switch on the hooks the graph needs. `split_inputs` gives every head its own copy of the
+    residual stream (needed to patch one head's input); gradients alone do without it."""
     if not getattr(model, "_mechscope_graph_hooks", False):
-        model.set_use_split_qkv_input(True)
         model.set_use_attn_result(True)
         model.set_use_hook_mlp_in(True)
         model._mechscope_graph_hooks = True
+    if getattr(model, "_mechscope_split_inputs", None) != split_inputs:
+        model.set_use_split_qkv_input(split_inputs)
+        model._mechscope_split_inputs = split_inputs
 
 
 @dataclass
@@ -55,8 +58,16 @@ class GraphRun:
         record_down: bool,
         ablation: Ablation | None,
         input_override: Callable[[torch.Tensor], torch.Tensor] | None,
+        split_inputs: bool = True,
     ):
+        if ablation is not None and not split_inputs:
+            raise ValueError("edge ablation needs split per-head inputs")
         self.graph = graph
+        self.split_inputs = split_inputs
+        # Without split inputs, q/k/v gradients are taken at the projections and mapped back to the
+        # (shared) pre-norm input of each head; these hold the projections and the norm inputs.
+        self.projected: dict[int, tuple[int, str, torch.Tensor]] = {}
+        self.norm_inputs: dict[int, torch.Tensor] = {}
         self.record_up = record_up or ablation is not None
         self.record_down = record_down
         self.ablation = ablation
@@ -74,7 +85,8 @@ class GraphRun:
             return
         if self.up is None:
             b, t, d = value.shape[0], value.shape[1], value.shape[-1]
-            self.up = torch.zeros(b, t, self.graph.n_upstream, d, dtype=value.dtype, device=value.device)
+            # Every upstream node writes its slot during the pass, so no zero-fill is needed.
+            self.up = torch.empty(b, t, self.graph.n_upstream, d, dtype=value.dtype, device=value.device)
         self.up[:, :, index] = value.detach()
 
     def _correct(self, first: int, count: int, read_step: int, value: torch.Tensor) -> torch.Tensor:
@@ -123,14 +135,33 @@ class GraphRun:
         for l in range(g.n_layers):
             attn_read = 2 * l
             mlp_read = 2 * l if g.parallel_attn_mlp else 2 * l + 1
-            hooks.append((f"blocks.{l}.hook_q_input", self._downstream(g.q_slice(l).start, g.n_heads, attn_read)))
-            hooks.append((f"blocks.{l}.hook_k_input", self._downstream(g.k_slice(l).start, g.n_kv_heads, attn_read)))
-            hooks.append((f"blocks.{l}.hook_v_input", self._downstream(g.v_slice(l).start, g.n_kv_heads, attn_read)))
+            if self.split_inputs:
+                hooks.append((f"blocks.{l}.hook_q_input", self._downstream(g.q_slice(l).start, g.n_heads, attn_read)))
+                hooks.append((f"blocks.{l}.hook_k_input", self._downstream(g.k_slice(l).start, g.n_kv_heads, attn_read)))
+                hooks.append((f"blocks.{l}.hook_v_input", self._downstream(g.v_slice(l).start, g.n_kv_heads, attn_read)))
+            elif self.record_down:
+                hooks.append((f"blocks.{l}.hook_resid_pre", self._norm_input_hook(l)))
+                for kind, sl in (("q", g.q_slice(l)), ("k", g.k_slice(l)), ("v", g.v_slice(l))):
+                    hooks.append((f"blocks.{l}.attn.hook_{kind}", self._projection_hook(l, kind, sl.start)))
             hooks.append((f"blocks.{l}.attn.hook_result", self._upstream_hook(g.upstream_slice(l))))
             hooks.append((f"blocks.{l}.hook_mlp_in", self._downstream(g.mlp_in_index(l), 1, mlp_read)))
             hooks.append((f"blocks.{l}.hook_mlp_out", self._upstream_hook(g.mlp_index(l))))
         hooks.append(("ln_final.hook_in", self._downstream(g.logits_index, 1, 2 * g.n_layers)))
         return hooks
+
+    def _norm_input_hook(self, layer: int):
+        def hook(value, hook=None):
+            self.norm_inputs[layer] = value.detach()
+            return value
+
+        return hook
+
+    def _projection_hook(self, layer: int, kind: str, first: int):
+        def hook(value, hook=None):
+            self.projected[first] = (layer, kind, value)
+            return value
+
+        return hook
 
     def _upstream_hook(self, index):
         def hook(value, hook=None):
@@ -152,26 +183,68 @@ def graph_hooks(
     record_down: bool = False,
     ablation: Ablation | None = None,
     input_override: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    split_inputs: bool = True,
 ):
     """Context manager: inside it, `model(...)` runs with the graph hooks; yields the `GraphRun`."""
-    prepare_model(model)
-    run = GraphRun(graph, record_up, record_down, ablation, input_override)
+    prepare_model(model, split_inputs)
+    run = GraphRun(graph, record_up, record_down, ablation, input_override, split_inputs)
     with model.hooks(fwd_hooks=run.hooks()):
         yield run
 
 
-def downstream_grads(run: GraphRun, metric_sum: torch.Tensor) -> torch.Tensor:
-    """Gradients of `metric_sum` w.r.t. every downstream input: [batch, pos, n_down, d_model]."""
+def downstream_grads(run: GraphRun, metric_sum: torch.Tensor, model=None) -> torch.Tensor:
+    """Gradients of `metric_sum` w.r.t. every downstream input: [batch, pos, n_down, d_model].
+
+    Without split inputs (`model` is then needed for its weights), the gradient at a head's query
+    input is the gradient at its query projection mapped back through W_Q and the pre-attention norm
+    (chain rule; the norm's Jacobian is applied analytically), and likewise for keys and values.
+    """
     items = run.downstream_inputs()
-    tensors = [t for _, t in items]
+    projected = sorted(run.projected.items())
+    tensors = [t for _, t in items] + [t for _, (_, _, t) in projected]
     grads = torch.autograd.grad(metric_sum, tensors, allow_unused=True)
-    b, t, d = tensors[0].shape[0], tensors[0].shape[1], tensors[0].shape[-1]
-    out = torch.zeros(b, t, run.graph.n_downstream, d, dtype=tensors[0].dtype, device=tensors[0].device)
-    for (first, tensor), grad in zip(items, grads):
+    ref = items[0][1]
+    b, t, d = ref.shape[0], ref.shape[1], ref.shape[-1]
+    out = torch.empty(b, t, run.graph.n_downstream, d, dtype=ref.dtype, device=ref.device)
+    filled = torch.zeros(run.graph.n_downstream, dtype=torch.bool)
+    for (first, tensor), grad in zip(items, grads[: len(items)]):
+        width = 1 if tensor.dim() == 3 else tensor.shape[2]
         if grad is None:
             continue
-        if grad.dim() == 3:
-            out[:, :, first] = grad
-        else:
-            out[:, :, first : first + grad.shape[2]] = grad
+        out[:, :, first : first + width] = grad if grad.dim() == 4 else grad[:, :, None]
+        filled[first : first + width] = True
+    # The bridge assembles W_Q etc. for all layers on each access, so read each once.
+    weights = {"q": model.W_Q, "k": model.W_K, "v": model.W_V} if projected else {}  # [layer, head, d, d_head]
+    for (first, (layer, kind, _)), grad in zip(projected, grads[len(items):]):
+        if grad is None:
+            continue
+        weight = weights[kind][layer]
+        normed = torch.einsum("bthe,hde->bthd", grad, weight.to(grad.dtype))
+        out[:, :, first : first + grad.shape[2]] = norm_backward(model, run.norm_inputs[layer], normed)
+        filled[first : first + grad.shape[2]] = True
+    if not filled.all():
+        out[:, :, ~filled] = 0.0
     return out
+
+
+def norm_backward(model, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """Vector-Jacobian product of the pre-attention norm at x [b, t, d] for grad_out [b, t, n, d].
+
+    In compatibility mode the norm's scale is folded into the next weights, so the norm is plain
+    LayerNorm (centre, then divide by the standard deviation) or RMSNorm (divide by the root mean
+    square), each with the model's eps.
+    """
+    kind = (model.cfg.normalization_type or "").upper()
+    eps = float(model.cfg.eps)
+    x = x[:, :, None, :].to(grad_out.dtype)
+    if kind.startswith("LN"):
+        xc = x - x.mean(-1, keepdim=True)
+        scale = (xc.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        y = xc / scale
+        g = grad_out - grad_out.mean(-1, keepdim=True)
+        return (g - y * (grad_out * y).mean(-1, keepdim=True)) / scale
+    if kind.startswith("RMS"):
+        scale = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        y = x / scale
+        return (grad_out - y * (grad_out * y).mean(-1, keepdim=True)) / scale
+    raise NotImplementedError(f"normalization '{model.cfg.normalization_type}' has no analytic backward here")
