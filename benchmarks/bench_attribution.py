@@ -67,7 +67,7 @@ def main() -> None:
 
     def eap():
         delta, grad = batch_gradients_and_deltas(model, graph, batch, dataset.metric, "eap")
-        contract(delta, grad)
+        contract(graph, delta, grad)
 
     rss_before = peak_rss_gib()
     t_base = timed(baseline, args.repeats)

@@ -55,7 +55,7 @@ def attribute(
         for _, batch in dataset.batches(batch_size):
             batch = batch.to(device)
             delta, grad = batch_gradients_and_deltas(model, graph, batch, dataset.metric, method, steps, ablation, mean)
-            total += contract(delta, grad).double().cpu()
+            total += contract(graph, delta, grad).double().cpu()
             bar.update(len(batch.last))
         bar.close()
         values = (total[0, graph.edge_up, graph.edge_down] / len(dataset)).float()

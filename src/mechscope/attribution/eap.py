@@ -23,26 +23,44 @@ from .runner import downstream_grads, graph_hooks
 METHODS = ("eap", "eap-ig")
 
 
-def contract(delta: torch.Tensor, grad: torch.Tensor, span_of: torch.Tensor | None = None, n_spans: int = 1):
-    """Sum over (batch, pos, d) of delta[b,t,u,:] . grad[b,t,v,:], per span.
+def contract(
+    graph: Graph,
+    delta: torch.Tensor,
+    grad: torch.Tensor,
+    span_of: torch.Tensor | None = None,
+    n_spans: int = 1,
+    n_blocks: int = 4,
+) -> torch.Tensor:
+    """Sum over (batch, pos, d) of delta[u, b, t, :] . grad[v, b, t, :], per span.
 
-    delta: [batch, pos, n_up, d]; grad: [batch, pos, n_down, d]; span_of: [batch, pos] span index of
-    each token (-1 for padding) or None for a single span over every token. Returns [n_spans, n_up, n_down].
+    delta: [n_up, batch, pos, d]; grad: [n_down, batch, pos, d]; span_of: [batch, pos] span index of
+    each token (-1 for padding) or None for one span over every token. Returns [n_spans, n_up, n_down],
+    zero where u -> v is not an edge.
+
+    Downstream nodes are cut into `n_blocks` consecutive blocks, each multiplied only with the upstream
+    nodes written before its last reader: close to the triangular half of the full product while
+    staying a few large matrix products (many thin ones would re-read delta each time).
     """
-    b, t, n_up, d = delta.shape
-    n_down = grad.shape[2]
-    flat_delta = delta.reshape(b * t, n_up, d)
-    flat_grad = grad.reshape(b * t, n_down, d)
+    n_up, n_down = delta.shape[0], grad.shape[0]
     out = torch.zeros(n_spans, n_up, n_down, dtype=delta.dtype, device=delta.device)
     if span_of is None:
-        out[0] = torch.einsum("nud,nvd->uv", flat_delta, flat_grad)
-        return out
-    flat_span = span_of.reshape(b * t).to(delta.device)
-    for s in range(n_spans):
-        rows = (flat_span == s).nonzero(as_tuple=True)[0]
-        if rows.numel():
-            out[s] = torch.einsum("nud,nvd->uv", flat_delta[rows], flat_grad[rows])
-    return out
+        parts = [(0, delta.flatten(1), grad.flatten(1))]
+    else:
+        flat_span = span_of.reshape(-1).to(delta.device)
+        parts = []
+        for s in range(n_spans):
+            tokens = (flat_span == s).nonzero(as_tuple=True)[0]
+            if tokens.numel():
+                parts.append((s, delta.flatten(1, 2)[:, tokens].flatten(1), grad.flatten(1, 2)[:, tokens].flatten(1)))
+    steps = graph.downstream_read_step.tolist()
+    bounds = [round(i * n_down / n_blocks) for i in range(n_blocks + 1)]
+    for first, last in zip(bounds[:-1], bounds[1:]):
+        if last <= first:
+            continue
+        n_before = graph.n_upstream_before(steps[last - 1])
+        for s, d_flat, g_flat in parts:
+            out[s, :n_before, first:last] = d_flat[:n_before] @ g_flat[first:last].T
+    return out * graph.edge_mask.to(out.device, out.dtype)
 
 
 def _metric_on_run(model, batch: Batch, metric: str, clean_final: torch.Tensor | None) -> torch.Tensor:
@@ -60,7 +78,7 @@ def batch_gradients_and_deltas(
     ablation: str = "counterfactual",
     mean: MeanReference | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(delta [b, t, n_up, d], grad [b, t, n_down, d]) for one batch; their contraction is the score."""
+    """(delta [n_up, b, t, d], grad [n_down, b, t, d]) for one batch; their contraction is the score."""
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
     with torch.enable_grad():
@@ -73,11 +91,13 @@ def batch_gradients_and_deltas(
         clean_up = clean_run.up
         reference = reference_outputs(model, graph, batch, ablation, clean_up, mean)
         delta = reference - clean_up
+        # Padding positions carry no gradient; zeroing their delta keeps them out of every score.
+        delta *= batch.attention_mask.to(delta.dtype)[None, :, :, None]
         if method == "eap-ig":
             grad = torch.zeros(
-                *clean_up.shape[:2], graph.n_downstream, clean_up.shape[-1], dtype=clean_up.dtype, device=clean_up.device
+                graph.n_downstream, *clean_up.shape[1:], dtype=clean_up.dtype, device=clean_up.device
             )
-            clean_in, ref_in = clean_up[:, :, 0], reference[:, :, 0]
+            clean_in, ref_in = clean_up[0], reference[0]
             target = clean_final.detach()
             for k in range(1, steps + 1):
                 alpha = k / steps

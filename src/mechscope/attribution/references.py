@@ -14,7 +14,7 @@ import torch
 
 from ..data.dataset import Batch, PromptPairDataset
 from ..graph import Graph
-from .runner import graph_hooks
+from .runner import StopForward, graph_hooks
 
 ABLATIONS = ("counterfactual", "mean", "zero")
 
@@ -27,22 +27,25 @@ def check_ablation(name: str) -> str:
 
 @torch.no_grad()
 def upstream_outputs(model, graph: Graph, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Upstream node outputs [batch, pos, n_up, d_model] on `tokens` (no gradient)."""
-    with graph_hooks(model, graph, record_up=True, split_inputs=False) as run:
-        model(tokens, attention_mask=attention_mask)
+    """Upstream node outputs [n_up, batch, pos, d_model] on `tokens` (no gradient)."""
+    with graph_hooks(model, graph, record_up=True, split_inputs=False, stop_at_final=True) as run:
+        try:
+            model(tokens, attention_mask=attention_mask)
+        except StopForward:
+            pass
     return run.up
 
 
 @dataclass
 class MeanReference:
-    per_position: torch.Tensor  # [pos, n_up, d_model]
+    per_position: torch.Tensor  # [n_up, pos, d_model]
     overall: torch.Tensor  # [n_up, d_model], over all reference tokens
 
     def rows(self, n_pos: int) -> torch.Tensor:
-        """[n_pos, n_up, d_model]: per-position means, the overall mean past the reference length."""
-        have = min(n_pos, self.per_position.shape[0])
-        extra = self.overall[None].expand(n_pos - have, -1, -1)
-        return torch.cat([self.per_position[:have], extra])
+        """[n_up, n_pos, d_model]: per-position means, the overall mean past the reference length."""
+        have = min(n_pos, self.per_position.shape[1])
+        extra = self.overall[:, None].expand(-1, n_pos - have, -1)
+        return torch.cat([self.per_position[:, :have], extra], dim=1)
 
 
 @torch.no_grad()
@@ -52,9 +55,9 @@ def mean_reference(model, graph: Graph, dataset: PromptPairDataset, batch_size: 
     total = count = None
     for _, batch in dataset.batches(batch_size):
         batch = batch.to(device)
-        up = upstream_outputs(model, graph, batch.clean, batch.attention_mask)
+        up = upstream_outputs(model, graph, batch.clean, batch.attention_mask).transpose(0, 1)  # [b, u, t, d]
         mask = batch.attention_mask.to(up.dtype)  # [b, t]
-        s = (up * mask[:, :, None, None]).sum(0)
+        s = (up * mask[:, None, :, None]).sum(0).transpose(0, 1)  # [t, u, d]
         c = mask.sum(0)
         if total is None:
             total, count = s, c
@@ -64,7 +67,8 @@ def mean_reference(model, graph: Graph, dataset: PromptPairDataset, batch_size: 
             count = _pad_rows(count, width) + _pad_rows(c, width)
     overall = total.sum(0) / count.sum().clamp(min=1)
     mean = total / count.clamp(min=1)[:, None, None]
-    return MeanReference(torch.where(count[:, None, None] > 0, mean, overall), overall)
+    per_position = torch.where(count[:, None, None] > 0, mean, overall).transpose(0, 1).contiguous()
+    return MeanReference(per_position, overall)
 
 
 def _pad_rows(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -77,7 +81,7 @@ def _pad_rows(x: torch.Tensor, width: int) -> torch.Tensor:
 def reference_outputs(
     model, graph: Graph, batch: Batch, ablation: str, clean_up: torch.Tensor, mean: MeanReference | None = None
 ) -> torch.Tensor:
-    """Reference upstream outputs for `batch`, shaped like `clean_up` [batch, pos, n_up, d_model]."""
+    """Reference upstream outputs for `batch`, shaped like `clean_up` [n_up, batch, pos, d_model]."""
     if ablation == "counterfactual":
         return upstream_outputs(model, graph, batch.counterfactual, batch.attention_mask)
     if ablation == "zero":
@@ -85,5 +89,5 @@ def reference_outputs(
     if ablation == "mean":
         if mean is None:
             raise ValueError("mean ablation needs the mean reference (see mean_reference)")
-        return mean.rows(clean_up.shape[1])[None].expand_as(clean_up).to(clean_up.device)
+        return mean.rows(clean_up.shape[2])[:, None].expand_as(clean_up).to(clean_up.device)
     raise ValueError(f"unknown ablation '{ablation}'")

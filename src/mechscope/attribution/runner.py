@@ -1,7 +1,9 @@
 """Run a TransformerBridge as a computational graph (../shared/method.md §2).
 
 One forward pass with hooks that can
-  * record every upstream node's output: `up[b, t, u, :]`, shape [batch, pos, n_upstream, d_model];
+  * record every upstream node's output: `up[u, b, t, :]`, shape [n_upstream, batch, pos, d_model]
+    (node-major, so that contractions over examples, positions and d_model are plain matrix
+    products on contiguous slices);
   * record every downstream node's input, to take gradients of the metric with respect to them;
   * ablate edges: the input of downstream node v becomes
         in_v + sum_u (1 - keep[u, v]) * (ref_u - z_u)
@@ -15,8 +17,10 @@ One forward pass with hooks that can
 positional circuit projected onto each example).
 
 Hook points used (TransformerLens names): `blocks.0.hook_resid_pre` (input node), `blocks.{l}.attn.
-hook_result` (heads), `blocks.{l}.hook_mlp_out` (MLPs), `blocks.{l}.hook_{q,k,v}_input` (per-head and
-per-key-value-head inputs), `blocks.{l}.hook_mlp_in`, and `ln_final.hook_in` (the logits' input).
+hook_z` (heads: their writes z_h @ W_O[h] are computed from it), `blocks.{l}.hook_mlp_out` (MLPs),
+`blocks.{l}.hook_{q,k,v}_input` (per-head and per-key-value-head inputs, when inputs are split),
+`blocks.{l}.attn.hook_{q,k,v}` and `blocks.{l}.hook_resid_pre` (gradients without split inputs),
+`blocks.{l}.hook_mlp_in`, and `ln_final.hook_in` (the logits' input).
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ def prepare_model(model, split_inputs: bool = True) -> None:
     """Switch on the hooks the graph needs. `split_inputs` gives every head its own copy of the
     residual stream (needed to patch one head's input); gradients alone do without it."""
     if not getattr(model, "_mechscope_graph_hooks", False):
-        model.set_use_attn_result(True)
         model.set_use_hook_mlp_in(True)
         model._mechscope_graph_hooks = True
     if getattr(model, "_mechscope_split_inputs", None) != split_inputs:
@@ -42,10 +45,14 @@ def prepare_model(model, split_inputs: bool = True) -> None:
         model._mechscope_split_inputs = split_inputs
 
 
+class StopForward(Exception):
+    """Raised at the final residual when a pass only needs the upstream outputs (no logits)."""
+
+
 @dataclass
 class Ablation:
     keep: torch.Tensor  # [n_up, n_down] or [batch, pos, n_up, n_down]; 1 keeps an edge, 0 ablates it
-    reference: torch.Tensor  # [batch, pos, n_up, d_model] reference outputs of the upstream nodes
+    reference: torch.Tensor  # [n_up, batch, pos, d_model] reference outputs of the upstream nodes
 
 
 class GraphRun:
@@ -59,11 +66,15 @@ class GraphRun:
         ablation: Ablation | None,
         input_override: Callable[[torch.Tensor], torch.Tensor] | None,
         split_inputs: bool = True,
+        W_O: torch.Tensor | None = None,
+        stop_at_final: bool = False,
     ):
         if ablation is not None and not split_inputs:
             raise ValueError("edge ablation needs split per-head inputs")
         self.graph = graph
         self.split_inputs = split_inputs
+        self.W_O = W_O  # [layer, head, d_head, d_model]
+        self.stop_at_final = stop_at_final
         # Without split inputs, q/k/v gradients are taken at the projections and mapped back to the
         # (shared) pre-norm input of each head; these hold the projections and the norm inputs.
         self.projected: dict[int, tuple[int, str, torch.Tensor]] = {}
@@ -72,7 +83,7 @@ class GraphRun:
         self.record_down = record_down
         self.ablation = ablation
         self.input_override = input_override
-        self.up: torch.Tensor | None = None  # [batch, pos, n_up, d_model], detached values
+        self.up: torch.Tensor | None = None  # [n_up, batch, pos, d_model], detached values
         self.down: dict[int, torch.Tensor] = {}  # first downstream index -> live input tensor
         if ablation is not None:
             keep = ablation.keep.to(ablation.reference.dtype)
@@ -86,20 +97,21 @@ class GraphRun:
         if self.up is None:
             b, t, d = value.shape[0], value.shape[1], value.shape[-1]
             # Every upstream node writes its slot during the pass, so no zero-fill is needed.
-            self.up = torch.empty(b, t, self.graph.n_upstream, d, dtype=value.dtype, device=value.device)
-        self.up[:, :, index] = value.detach()
+            self.up = torch.empty(self.graph.n_upstream, b, t, d, dtype=value.dtype, device=value.device)
+        value = value.detach()
+        self.up[index] = value.permute(2, 0, 1, 3) if value.dim() == 4 else value
 
     def _correct(self, first: int, count: int, read_step: int, value: torch.Tensor) -> torch.Tensor:
         """Apply edge ablation to the inputs of downstream nodes first..first+count-1."""
         if self.ablation is None:
             return value
         n_before = self.graph.n_upstream_before(read_step)
-        delta = self.ablation.reference[:, :, :n_before] - self.up[:, :, :n_before]  # [b, t, u, d]
+        delta = self.ablation.reference[:n_before] - self.up[:n_before]  # [u, b, t, d]
         drop = self.drop[..., :n_before, first : first + count]
         if drop.dim() == 2:
-            fix = torch.einsum("btud,uv->btvd", delta, drop)
+            fix = torch.einsum("ubtd,uv->btvd", delta, drop)
         else:
-            fix = torch.einsum("btud,btuv->btvd", delta, drop)
+            fix = torch.einsum("ubtd,btuv->btvd", delta, drop)
         if value.dim() == 3:  # MLP input or final residual: one downstream node
             return value + fix[:, :, 0]
         return value + fix
@@ -143,10 +155,17 @@ class GraphRun:
                 hooks.append((f"blocks.{l}.hook_resid_pre", self._norm_input_hook(l)))
                 for kind, sl in (("q", g.q_slice(l)), ("k", g.k_slice(l)), ("v", g.v_slice(l))):
                     hooks.append((f"blocks.{l}.attn.hook_{kind}", self._projection_hook(l, kind, sl.start)))
-            hooks.append((f"blocks.{l}.attn.hook_result", self._upstream_hook(g.upstream_slice(l))))
+            if self.record_up:
+                hooks.append((f"blocks.{l}.attn.hook_z", self._head_results_hook(l)))
             hooks.append((f"blocks.{l}.hook_mlp_in", self._downstream(g.mlp_in_index(l), 1, mlp_read)))
             hooks.append((f"blocks.{l}.hook_mlp_out", self._upstream_hook(g.mlp_index(l))))
-        hooks.append(("ln_final.hook_in", self._downstream(g.logits_index, 1, 2 * g.n_layers)))
+        final = self._downstream(g.logits_index, 1, 2 * g.n_layers)
+        if self.stop_at_final:
+
+            def final(value, hook=None):
+                raise StopForward
+
+        hooks.append(("ln_final.hook_in", final))
         return hooks
 
     def _norm_input_hook(self, layer: int):
@@ -160,6 +179,20 @@ class GraphRun:
         def hook(value, hook=None):
             self.projected[first] = (layer, kind, value)
             return value
+
+        return hook
+
+    def _head_results_hook(self, layer: int):
+        """Each head's write to the residual stream, z_h @ W_O[h] (TransformerLens' hook_result
+        without its bias), computed here outside autograd instead of by the model's per-head path."""
+
+        def hook(z, hook=None):
+            if self.up is None:
+                return z
+            w = self.W_O[layer].to(z.dtype)
+            heads = self.graph.upstream_slice(layer)
+            self.up[heads] = torch.einsum("bthe,hed->hbtd", z.detach(), w)
+            return z
 
         return hook
 
@@ -184,16 +217,22 @@ def graph_hooks(
     ablation: Ablation | None = None,
     input_override: Callable[[torch.Tensor], torch.Tensor] | None = None,
     split_inputs: bool = True,
+    stop_at_final: bool = False,
 ):
-    """Context manager: inside it, `model(...)` runs with the graph hooks; yields the `GraphRun`."""
+    """Context manager: inside it, `model(...)` runs with the graph hooks; yields the `GraphRun`.
+
+    With `stop_at_final` the pass ends with `StopForward` at the final residual, skipping the
+    unembedding, for passes that only record upstream outputs."""
     prepare_model(model, split_inputs)
-    run = GraphRun(graph, record_up, record_down, ablation, input_override, split_inputs)
+    # The bridge assembles W_O for all layers on each access, so read it once per pass.
+    W_O = model.W_O.detach() if (record_up or ablation is not None) else None
+    run = GraphRun(graph, record_up, record_down, ablation, input_override, split_inputs, W_O, stop_at_final)
     with model.hooks(fwd_hooks=run.hooks()):
         yield run
 
 
 def downstream_grads(run: GraphRun, metric_sum: torch.Tensor, model=None) -> torch.Tensor:
-    """Gradients of `metric_sum` w.r.t. every downstream input: [batch, pos, n_down, d_model].
+    """Gradients of `metric_sum` w.r.t. every downstream input: [n_down, batch, pos, d_model].
 
     Without split inputs (`model` is then needed for its weights), the gradient at a head's query
     input is the gradient at its query projection mapped back through W_Q and the pre-attention norm
@@ -205,13 +244,13 @@ def downstream_grads(run: GraphRun, metric_sum: torch.Tensor, model=None) -> tor
     grads = torch.autograd.grad(metric_sum, tensors, allow_unused=True)
     ref = items[0][1]
     b, t, d = ref.shape[0], ref.shape[1], ref.shape[-1]
-    out = torch.empty(b, t, run.graph.n_downstream, d, dtype=ref.dtype, device=ref.device)
+    out = torch.empty(run.graph.n_downstream, b, t, d, dtype=ref.dtype, device=ref.device)
     filled = torch.zeros(run.graph.n_downstream, dtype=torch.bool)
     for (first, tensor), grad in zip(items, grads[: len(items)]):
         width = 1 if tensor.dim() == 3 else tensor.shape[2]
         if grad is None:
             continue
-        out[:, :, first : first + width] = grad if grad.dim() == 4 else grad[:, :, None]
+        out[first : first + width] = grad.permute(2, 0, 1, 3) if grad.dim() == 4 else grad[None]
         filled[first : first + width] = True
     # The bridge assembles W_Q etc. for all layers on each access, so read each once.
     weights = {"q": model.W_Q, "k": model.W_K, "v": model.W_V} if projected else {}  # [layer, head, d, d_head]
@@ -220,10 +259,10 @@ def downstream_grads(run: GraphRun, metric_sum: torch.Tensor, model=None) -> tor
             continue
         weight = weights[kind][layer]
         normed = torch.einsum("bthe,hde->bthd", grad, weight.to(grad.dtype))
-        out[:, :, first : first + grad.shape[2]] = norm_backward(model, run.norm_inputs[layer], normed)
+        out[first : first + grad.shape[2]] = norm_backward(model, run.norm_inputs[layer], normed).permute(2, 0, 1, 3)
         filled[first : first + grad.shape[2]] = True
     if not filled.all():
-        out[:, :, ~filled] = 0.0
+        out[~filled] = 0.0
     return out
 
 
