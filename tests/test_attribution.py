@@ -186,3 +186,55 @@ def test_bad_inputs(tmp_path, tiny_model, tiny_data, tiny_model_dirs, tiny_token
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(ScoresError, match="not a mechscope scores file"):
         EdgeScores.load(tmp_path / "bad.safetensors")
+
+
+# --------------------------------------------------------------------------------------------------
+# The same identities on the packaged SmolLM2 (slow)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol_ioi(smollm2):
+    from mechscope.tasks import make_task
+
+    return make_task("ioi", smollm2.tokenizer, 4, seed=1)
+
+
+@pytest.mark.slow
+def test_smollm2_full_and_empty_circuits(smollm2, smol_ioi):
+    graph = Graph.from_model(smollm2)
+    b = smol_ioi.batch()
+    with torch.no_grad():
+        clean = smollm2(b.clean, attention_mask=b.attention_mask)
+        cf = smollm2(b.counterfactual, attention_mask=b.attention_mask)
+        ref = upstream_outputs(smollm2, graph, b.counterfactual, b.attention_mask)
+        keep = Circuit.full(graph).keep_matrix()
+        with graph_hooks(smollm2, graph, ablation=Ablation(keep, ref)):
+            full = smollm2(b.clean, attention_mask=b.attention_mask)
+        with graph_hooks(smollm2, graph, ablation=Ablation(torch.zeros_like(keep), ref)):
+            empty = smollm2(b.clean, attention_mask=b.attention_mask)
+    real = b.attention_mask
+    assert (full - clean)[real].abs().max() <= 1e-4
+    assert (empty - cf)[real].abs().max() <= 1e-3 * cf.abs().max()
+    assert (clean - cf)[real].abs().max() > 1.0
+
+
+@pytest.mark.slow
+def test_smollm2_eap_equals_jvp(smollm2, smol_ioi):
+    data = smol_ioi[:2]
+    scores = attribute(smollm2, data, "eap", progress=False)
+    graph, b = scores.graph, data.batch()
+    ref = upstream_outputs(smollm2, graph, b.counterfactual, b.attention_mask)
+    big = scores.values.abs().argsort(descending=True)[:3].tolist()
+    for e in big + [graph.n_edges // 3]:
+        onehot = torch.zeros(graph.n_upstream, graph.n_downstream)
+        onehot[graph.edge_up[e], graph.edge_down[e]] = 1.0
+
+        def metric_with_edge_scaled(eps):
+            with graph_hooks(smollm2, graph, ablation=Ablation(1 - eps * onehot, ref)):
+                logits = final_logits(smollm2(b.clean, attention_mask=b.attention_mask), b.last)
+            return compute_metric("logit_diff", logits, b).mean()
+
+        _, derivative = torch.func.jvp(metric_with_edge_scaled, (torch.tensor(0.0),), (torch.tensor(1.0),))
+        expected, got = float(derivative), float(scores.values[e])
+        assert abs(got - expected) <= 1e-5 * max(abs(expected), 1e-3) + 1e-6, graph.edge_name(e)

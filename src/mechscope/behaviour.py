@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from .data.dataset import DatasetError, PromptPairDataset, tokenizer_fingerprint
 from .metrics import accuracy, compute_metric, final_logits, top1_accuracy
@@ -54,7 +55,7 @@ class Behaviour:
 
 
 @torch.no_grad()
-def measure_behaviour(model, dataset: PromptPairDataset, batch_size: int = 16, progress=None) -> Behaviour:
+def measure_behaviour(model, dataset: PromptPairDataset, batch_size: int = 16, progress: bool = True) -> Behaviour:
     """Run clean and counterfactual prompts through `model` and score them with the dataset's metric.
 
     For the `kl` metric the clean value is 0 by definition and the counterfactual one is KL from clean.
@@ -62,6 +63,7 @@ def measure_behaviour(model, dataset: PromptPairDataset, batch_size: int = 16, p
     check_compatible(model, dataset)
     device = model.cfg.device
     cols = {k: [] for k in ("clean", "cf", "correct", "top1")}
+    bar = tqdm(total=len(dataset), desc="model behaviour", unit="ex", disable=not progress)
     for _, batch in dataset.batches(batch_size):
         batch = batch.to(device)
         clean = final_logits(model(batch.clean, attention_mask=batch.attention_mask), batch.last).float()
@@ -70,8 +72,8 @@ def measure_behaviour(model, dataset: PromptPairDataset, batch_size: int = 16, p
         cols["cf"].append(compute_metric(dataset.metric, cf, batch, clean_logits=clean))
         cols["correct"].append(accuracy(clean, batch))
         cols["top1"].append(top1_accuracy(clean, batch))
-        if progress is not None:
-            progress(len(batch.last))
+        bar.update(len(batch.last))
+    bar.close()
     cat = {k: torch.cat(v).cpu() for k, v in cols.items()}
     return Behaviour(cat["clean"], cat["cf"], cat["correct"], cat["top1"])
 

@@ -145,8 +145,7 @@ def data(
         for row, reason in report.excluded[:5]:
             console.print(f"  excluded row {row}: {reason}")
     dataset.model = model
-    with err_console.status("running the model on the dataset"):
-        behaviour = measure_behaviour(bridge, dataset, batch_size)
+    behaviour = measure_behaviour(bridge, dataset, batch_size)
     _print_summary(f"{dataset.task} on {model}", {"task": dataset.task, **behaviour.summary(dataset.metric)})
     if only_correct:
         dataset = keep_correct(dataset, behaviour)

@@ -29,7 +29,7 @@ def compare_methods(
     """Returns (summary, scores by method). With `only_correct` the examples the model gets wrong on
     the clean prompt are dropped first (the behaviour summary is of the whole dataset)."""
     check_compatible(model, dataset)
-    behaviour = measure_behaviour(model, dataset, batch_size)
+    behaviour = measure_behaviour(model, dataset, batch_size, progress=progress)
     kept = keep_correct(dataset, behaviour) if only_correct else dataset
     if len(kept) < 2:
         raise DatasetError(f"only {len(kept)} examples left after keeping the correct ones; nothing to split")

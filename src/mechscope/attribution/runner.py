@@ -88,6 +88,10 @@ class GraphRun:
         if ablation is not None:
             keep = ablation.keep.to(ablation.reference.dtype)
             self.drop = 1.0 - keep  # weight of each edge's correction
+            if self.drop.dim() == 2:
+                self.drop_t = self.drop.T.contiguous()  # [n_down, n_up]
+            self.delta = torch.empty_like(ablation.reference)
+            self._fix_key = None
 
     # --------------------------------------------------------------------------------------------
 
@@ -100,21 +104,36 @@ class GraphRun:
             self.up = torch.empty(self.graph.n_upstream, b, t, d, dtype=value.dtype, device=value.device)
         value = value.detach()
         self.up[index] = value.permute(2, 0, 1, 3) if value.dim() == 4 else value
+        if self.ablation is not None:
+            self.delta[index] = self.ablation.reference[index] - self.up[index]
 
     def _correct(self, first: int, count: int, read_step: int, value: torch.Tensor) -> torch.Tensor:
         """Apply edge ablation to the inputs of downstream nodes first..first+count-1."""
         if self.ablation is None:
             return value
         n_before = self.graph.n_upstream_before(read_step)
-        delta = self.ablation.reference[:n_before] - self.up[:n_before]  # [u, b, t, d]
-        drop = self.drop[..., :n_before, first : first + count]
-        if drop.dim() == 2:
-            fix = torch.einsum("ubtd,uv->btvd", delta, drop)
+        delta = self.delta[:n_before]  # [u, b, t, d]: reference - this run's output, filled as nodes write
+        if self.drop.dim() == 2:
+            # One matrix product per group of nodes reading at this step (q, k and v of a layer share
+            # it), so delta is read once per group rather than once per hook.
+            key = (read_step, n_before)
+            if self._fix_key != key:
+                lo, hi = self._read_group(read_step)
+                drop_t = self.drop_t[lo:hi, :n_before]  # [v, u]
+                fix = (drop_t @ delta.flatten(1)).view(hi - lo, *delta.shape[1:])
+                self._fix_key, self._fix, self._fix_lo = key, fix, lo
+            fix = self._fix[first - self._fix_lo : first - self._fix_lo + count].permute(1, 2, 0, 3)
         else:
+            drop = self.drop[..., :n_before, first : first + count]
             fix = torch.einsum("ubtd,btuv->btvd", delta, drop)
         if value.dim() == 3:  # MLP input or final residual: one downstream node
             return value + fix[:, :, 0]
         return value + fix
+
+    def _read_group(self, read_step: int) -> tuple[int, int]:
+        steps = self.graph.downstream_read_step
+        idx = (steps == read_step).nonzero().flatten()
+        return int(idx[0]), int(idx[-1]) + 1
 
     def _downstream(self, first: int, count: int, read_step: int):
         def hook(value, hook=None):
@@ -134,6 +153,7 @@ class GraphRun:
         hooks: list[tuple[str, Callable]] = []
 
         def input_hook(value, hook=None):
+            self._fix_key = None  # a new pass: corrections cached from an earlier one are stale
             if self.input_override is not None:
                 value = self.input_override(value)
             if self.record_down and torch.is_grad_enabled() and not value.requires_grad:
@@ -192,6 +212,8 @@ class GraphRun:
             w = self.W_O[layer].to(z.dtype)
             heads = self.graph.upstream_slice(layer)
             self.up[heads] = torch.einsum("bthe,hed->hbtd", z.detach(), w)
+            if self.ablation is not None:
+                self.delta[heads] = self.ablation.reference[heads] - self.up[heads]
             return z
 
         return hook
