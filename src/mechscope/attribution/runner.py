@@ -280,8 +280,8 @@ def downstream_grads(run: GraphRun, metric_sum: torch.Tensor, model=None) -> tor
         if grad is None:
             continue
         weight = weights[kind][layer]
-        normed = torch.einsum("bthe,hde->bthd", grad, weight.to(grad.dtype))
-        out[first : first + grad.shape[2]] = norm_backward(model, run.norm_inputs[layer], normed).permute(2, 0, 1, 3)
+        normed = torch.einsum("bthe,hde->hbtd", grad, weight.to(grad.dtype))  # node-major, like `out`
+        out[first : first + grad.shape[2]] = norm_backward(model, run.norm_inputs[layer], normed)
         filled[first : first + grad.shape[2]] = True
     if not filled.all():
         out[~filled] = 0.0
@@ -289,7 +289,7 @@ def downstream_grads(run: GraphRun, metric_sum: torch.Tensor, model=None) -> tor
 
 
 def norm_backward(model, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-    """Vector-Jacobian product of the pre-attention norm at x [b, t, d] for grad_out [b, t, n, d].
+    """Vector-Jacobian product of the pre-attention norm at x [b, t, d] for grad_out [n, b, t, d].
 
     In compatibility mode the norm's scale is folded into the next weights, so the norm is plain
     LayerNorm (centre, then divide by the standard deviation) or RMSNorm (divide by the root mean
@@ -297,7 +297,7 @@ def norm_backward(model, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tenso
     """
     kind = (model.cfg.normalization_type or "").upper()
     eps = float(model.cfg.eps)
-    x = x[:, :, None, :].to(grad_out.dtype)
+    x = x[None].to(grad_out.dtype)
     if kind.startswith("LN"):
         xc = x - x.mean(-1, keepdim=True)
         scale = (xc.pow(2).mean(-1, keepdim=True) + eps).sqrt()
