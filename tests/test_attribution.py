@@ -96,7 +96,7 @@ def test_eap_equals_first_order_change_from_jvp(tiny_model, tiny_data):
             return compute_metric("logit_diff", logits, b).mean()
 
         _, derivative = torch.func.jvp(metric_with_edge_scaled, (torch.tensor(0.0),), (torch.tensor(1.0),))
-        expected, got = float(derivative), float(scores.values[e])
+        expected, got = float(derivative.detach()), float(scores.values[e])
         assert abs(got - expected) <= 1e-5 * max(abs(expected), 1e-3), graph.edge_name(e)
 
 
@@ -221,12 +221,12 @@ def test_smollm2_full_and_empty_circuits(smollm2, smol_ioi):
 
 @pytest.mark.slow
 def test_smollm2_eap_equals_jvp(smollm2, smol_ioi):
-    data = smol_ioi[:2]
+    data = smol_ioi[:1]
     scores = attribute(smollm2, data, "eap", progress=False)
     graph, b = scores.graph, data.batch()
     ref = upstream_outputs(smollm2, graph, b.counterfactual, b.attention_mask)
-    big = scores.values.abs().argsort(descending=True)[:3].tolist()
-    for e in big + [graph.n_edges // 3]:
+    biggest = int(scores.values.abs().argmax())
+    for e in (biggest, graph.n_edges // 3):
         onehot = torch.zeros(graph.n_upstream, graph.n_downstream)
         onehot[graph.edge_up[e], graph.edge_down[e]] = 1.0
 
@@ -236,5 +236,5 @@ def test_smollm2_eap_equals_jvp(smollm2, smol_ioi):
             return compute_metric("logit_diff", logits, b).mean()
 
         _, derivative = torch.func.jvp(metric_with_edge_scaled, (torch.tensor(0.0),), (torch.tensor(1.0),))
-        expected, got = float(derivative), float(scores.values[e])
+        expected, got = float(derivative.detach()), float(scores.values[e])
         assert abs(got - expected) <= 1e-5 * max(abs(expected), 1e-3) + 1e-6, graph.edge_name(e)
