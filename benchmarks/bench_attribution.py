@@ -3,7 +3,7 @@
 The baseline is the plain transformers model (same weights, eager attention, no hooks) doing what EAP
 needs at minimum: a clean forward with a backward of the metric to the activations (weights frozen),
 and a counterfactual forward. EAP adds the graph hooks, per-head inputs and the score contraction.
-Prints both wall times (median of --repeats), EAP's peak memory, and ends with `ratio=<eap/baseline>`.
+Prints both wall times (medians of --repeats runs, the two interleaved), EAP's peak memory, and ends with `ratio=<eap/baseline>`.
 
     .venv/bin/python benchmarks/bench_attribution.py [--model smollm2-135m] [--batch 16]
 """
@@ -29,21 +29,23 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def timed_pair(a, b, repeats: int) -> tuple[float, float]:
+    """Median wall times of a and b, run alternately so drifts in machine load hit both alike."""
+    a(), b()  # warm-up
+    ta, tb = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, times in ((a, ta), (b, tb)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     args = parser.parse_args()
     if args.threads:
@@ -70,8 +72,7 @@ def main() -> None:
         contract(graph, delta, grad)
 
     rss_before = peak_rss_gib()
-    t_base = timed(baseline, args.repeats)
-    t_eap = timed(eap, args.repeats)
+    t_base, t_eap = timed_pair(baseline, eap, args.repeats)
     print(f"model={args.model} batch={args.batch} tokens/example<={batch.clean.shape[1]} edges={graph.n_edges}")
     print(f"baseline (transformers clean fwd+bwd, cf fwd): {t_base:.3f} s")
     print(f"eap attribution: {t_eap:.3f} s")

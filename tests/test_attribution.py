@@ -79,6 +79,17 @@ def test_full_circuit_reproduces_model_and_empty_circuit_the_ablated_run(tiny_mo
     assert (clean - cf)[real].abs().max() > 0.1  # the check above is not vacuous
 
 
+def test_logits_from_the_final_residual_match_the_model(tiny_model, tiny_data):
+    from mechscope.attribution.runner import run_to_final_logits
+
+    graph, b = Graph.from_model(tiny_model), tiny_data.batch()
+    with torch.no_grad():
+        expected = final_logits(tiny_model(b.clean, attention_mask=b.attention_mask), b.last)
+        with graph_hooks(tiny_model, graph, stop_at_final=True) as run:
+            got = run_to_final_logits(tiny_model, run, b.clean, b.attention_mask, b.last)
+    assert (got - expected).abs().max() <= 1e-4
+
+
 def test_eap_equals_first_order_change_from_jvp(tiny_model, tiny_data):
     data = tiny_data[:4]
     scores = attribute(tiny_model, data, "eap", progress=False)

@@ -16,9 +16,9 @@ import torch
 
 from ..data.dataset import Batch
 from ..graph import Graph
-from ..metrics import compute_metric, final_logits
-from .references import MeanReference, reference_outputs
-from .runner import downstream_grads, graph_hooks
+from ..metrics import compute_metric
+from .references import MeanReference, counterfactual_delta, reference_outputs
+from .runner import downstream_grads, graph_hooks, run_to_final_logits
 
 METHODS = ("eap", "eap-ig")
 
@@ -63,11 +63,6 @@ def contract(
     return out * graph.edge_mask.to(out.device, out.dtype)
 
 
-def _metric_on_run(model, batch: Batch, metric: str, clean_final: torch.Tensor | None) -> torch.Tensor:
-    logits = model(batch.clean, attention_mask=batch.attention_mask)
-    return compute_metric(metric, final_logits(logits, batch.last), batch, clean_logits=clean_final)
-
-
 def batch_gradients_and_deltas(
     model,
     graph: Graph,
@@ -81,30 +76,37 @@ def batch_gradients_and_deltas(
     """(delta [n_up, b, t, d], grad [n_down, b, t, d]) for one batch; their contraction is the score."""
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+    fast_delta = ablation == "counterfactual"
     with torch.enable_grad():
-        with graph_hooks(model, graph, record_up=True, record_down=(method == "eap"), split_inputs=False) as clean_run:
-            clean_logits = model(batch.clean, attention_mask=batch.attention_mask)
-            clean_final = final_logits(clean_logits, batch.last)
+        with graph_hooks(model, graph, record_up=True, record_down=(method == "eap"), split_inputs=False,
+                         heads_as_z=fast_delta, stop_at_final=True) as clean_run:
+            clean_final = run_to_final_logits(model, clean_run, batch.clean, batch.attention_mask, batch.last)
             if method == "eap":
                 m = compute_metric(metric, clean_final, batch, clean_logits=clean_final.detach())
                 grad = downstream_grads(clean_run, m.sum(), model)
         clean_up = clean_run.up
-        reference = reference_outputs(model, graph, batch, ablation, clean_up, mean)
-        delta = reference - clean_up
-        # Padding positions carry no gradient; zeroing their delta keeps them out of every score.
-        delta *= batch.attention_mask.to(delta.dtype)[None, :, :, None]
+        if fast_delta:
+            clean_in = clean_up[0].clone()
+            delta = counterfactual_delta(model, graph, batch, clean_run)
+            ref_in = clean_in + delta[0]
+        else:
+            reference = reference_outputs(model, graph, batch, ablation, clean_up, mean)
+            delta = reference - clean_up
+            clean_in, ref_in = clean_up[0], reference[0]
+        # Padding sits after each example's last token, so causal attention gives it exactly zero
+        # gradient: it adds nothing to any score and needs no masking here.
         if method == "eap-ig":
             grad = torch.zeros(
                 graph.n_downstream, *clean_up.shape[1:], dtype=clean_up.dtype, device=clean_up.device
             )
-            clean_in, ref_in = clean_up[0], reference[0]
             target = clean_final.detach()
             for k in range(1, steps + 1):
                 alpha = k / steps
                 point = ref_in + alpha * (clean_in - ref_in)
                 with graph_hooks(model, graph, record_down=True, input_override=lambda _x, p=point: p,
-                                 split_inputs=False) as run:
-                    m = _metric_on_run(model, batch, metric, target)
+                                 split_inputs=False, stop_at_final=True) as run:
+                    logits = run_to_final_logits(model, run, batch.clean, batch.attention_mask, batch.last)
+                    m = compute_metric(metric, logits, batch, clean_logits=target)
                     grad += downstream_grads(run, m.sum(), model)
             grad /= steps
     return delta, grad.detach()

@@ -28,12 +28,35 @@ def check_ablation(name: str) -> str:
 @torch.no_grad()
 def upstream_outputs(model, graph: Graph, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Upstream node outputs [n_up, batch, pos, d_model] on `tokens` (no gradient)."""
-    with graph_hooks(model, graph, record_up=True, split_inputs=False, stop_at_final=True) as run:
+    return _reference_pass(model, graph, tokens, attention_mask, heads_as_z=False).up
+
+
+@torch.no_grad()
+def _reference_pass(model, graph: Graph, tokens, attention_mask, heads_as_z: bool):
+    with graph_hooks(model, graph, record_up=True, split_inputs=False, stop_at_final=True,
+                     heads_as_z=heads_as_z) as run:
         try:
             model(tokens, attention_mask=attention_mask)
         except StopForward:
             pass
-    return run.up
+    return run
+
+
+@torch.no_grad()
+def counterfactual_delta(model, graph: Graph, batch: Batch, clean_run) -> torch.Tensor:
+    """ref - clean for every upstream node [n_up, batch, pos, d] with the counterfactual reference,
+    from a clean run recorded with `heads_as_z`: head rows come from (z' - z) @ W_O, one product per
+    layer instead of one per pass."""
+    cf_run = _reference_pass(model, graph, batch.counterfactual, batch.attention_mask, heads_as_z=True)
+    delta = cf_run.up  # head rows are unwritten in both runs: they are filled from z below
+    delta[0] -= clean_run.up[0]
+    W_O = model.W_O.detach()
+    for layer in range(graph.n_layers):
+        dz = cf_run.z[layer] - clean_run.z[layer]
+        delta[graph.upstream_slice(layer)] = torch.einsum("bthe,hed->hbtd", dz, W_O[layer].to(dz.dtype))
+        mlp = graph.mlp_index(layer)
+        delta[mlp] -= clean_run.up[mlp]
+    return delta
 
 
 @dataclass

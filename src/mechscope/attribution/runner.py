@@ -68,6 +68,7 @@ class GraphRun:
         split_inputs: bool = True,
         W_O: torch.Tensor | None = None,
         stop_at_final: bool = False,
+        heads_as_z: bool = False,
     ):
         if ablation is not None and not split_inputs:
             raise ValueError("edge ablation needs split per-head inputs")
@@ -75,6 +76,11 @@ class GraphRun:
         self.split_inputs = split_inputs
         self.W_O = W_O  # [layer, head, d_head, d_model]
         self.stop_at_final = stop_at_final
+        # With heads_as_z the head rows of `up` stay unwritten and each layer's z is kept instead:
+        # a caller that needs only differences of head writes takes them as (z' - z) @ W_O, once.
+        self.heads_as_z = heads_as_z
+        self.z: dict[int, torch.Tensor] = {}
+        self.final_residual: torch.Tensor | None = None  # [b, t, d], the logits node's input
         # Without split inputs, q/k/v gradients are taken at the projections and mapped back to the
         # (shared) pre-norm input of each head; these hold the projections and the norm inputs.
         self.projected: dict[int, tuple[int, str, torch.Tensor]] = {}
@@ -179,11 +185,14 @@ class GraphRun:
                 hooks.append((f"blocks.{l}.attn.hook_z", self._head_results_hook(l)))
             hooks.append((f"blocks.{l}.hook_mlp_in", self._downstream(g.mlp_in_index(l), 1, mlp_read)))
             hooks.append((f"blocks.{l}.hook_mlp_out", self._upstream_hook(g.mlp_index(l))))
-        final = self._downstream(g.logits_index, 1, 2 * g.n_layers)
-        if self.stop_at_final:
+        logits_input = self._downstream(g.logits_index, 1, 2 * g.n_layers)
 
-            def final(value, hook=None):
+        def final(value, hook=None):
+            value = logits_input(value)
+            self.final_residual = value
+            if self.stop_at_final:
                 raise StopForward
+            return value
 
         hooks.append(("ln_final.hook_in", final))
         return hooks
@@ -207,6 +216,9 @@ class GraphRun:
         without its bias), computed here outside autograd instead of by the model's per-head path."""
 
         def hook(z, hook=None):
+            if self.heads_as_z:
+                self.z[layer] = z.detach()
+                return z
             if self.up is None:
                 return z
             w = self.W_O[layer].to(z.dtype)
@@ -240,6 +252,7 @@ def graph_hooks(
     input_override: Callable[[torch.Tensor], torch.Tensor] | None = None,
     split_inputs: bool = True,
     stop_at_final: bool = False,
+    heads_as_z: bool = False,
 ):
     """Context manager: inside it, `model(...)` runs with the graph hooks; yields the `GraphRun`.
 
@@ -247,8 +260,10 @@ def graph_hooks(
     unembedding, for passes that only record upstream outputs."""
     prepare_model(model, split_inputs)
     # The bridge assembles W_O for all layers on each access, so read it once per pass.
-    W_O = model.W_O.detach() if (record_up or ablation is not None) else None
-    run = GraphRun(graph, record_up, record_down, ablation, input_override, split_inputs, W_O, stop_at_final)
+    W_O = model.W_O.detach() if ((record_up and not heads_as_z) or ablation is not None) else None
+    run = GraphRun(
+        graph, record_up, record_down, ablation, input_override, split_inputs, W_O, stop_at_final, heads_as_z
+    )
     with model.hooks(fwd_hooks=run.hooks()):
         yield run
 
@@ -288,6 +303,40 @@ def downstream_grads(run: GraphRun, metric_sum: torch.Tensor, model=None) -> tor
     return out
 
 
+def run_to_final_logits(model, run: GraphRun, tokens: torch.Tensor, attention_mask, last: torch.Tensor):
+    """Run `model` (inside `graph_hooks(..., stop_at_final=True)`) and return the logits at each
+    example's last token [b, vocab].
+
+    The pass stops at the final residual; the final norm and unembedding are applied here to the last
+    positions only, which spares the unembedding of every other position (forward and backward).
+    """
+    try:
+        model(tokens, attention_mask=attention_mask)
+    except StopForward:
+        pass
+    resid = run.final_residual[torch.arange(len(last), device=last.device), last]  # [b, d]
+    return unembed(model, resid)
+
+
+def unembed(model, resid: torch.Tensor) -> torch.Tensor:
+    """Logits from final-residual vectors [..., d]: the final norm (scale folded into W_U), W_U, b_U
+    and the model's logit soft-capping, if any."""
+    kind = (model.cfg.normalization_type or "").upper()
+    if kind.startswith("LN"):
+        resid = resid - resid.mean(-1, keepdim=True)
+    elif not kind.startswith("RMS"):
+        raise NotImplementedError(f"normalization '{model.cfg.normalization_type}' is not supported here")
+    normed = resid * (resid.pow(2).mean(-1, keepdim=True) + float(model.cfg.eps)).rsqrt()
+    logits = normed @ model.W_U.to(normed.dtype)
+    b_U = getattr(model, "b_U", None)
+    if b_U is not None:
+        logits = logits + b_U.to(logits.dtype)
+    cap = getattr(model.cfg, "output_logits_soft_cap", None)
+    if cap is not None and cap > 0:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
+
+
 def norm_backward(model, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     """Vector-Jacobian product of the pre-attention norm at x [b, t, d] for grad_out [n, b, t, d].
 
@@ -299,13 +348,12 @@ def norm_backward(model, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tenso
     eps = float(model.cfg.eps)
     x = x[None].to(grad_out.dtype)
     if kind.startswith("LN"):
-        xc = x - x.mean(-1, keepdim=True)
-        scale = (xc.pow(2).mean(-1, keepdim=True) + eps).sqrt()
-        y = xc / scale
-        g = grad_out - grad_out.mean(-1, keepdim=True)
-        return (g - y * (grad_out * y).mean(-1, keepdim=True)) / scale
-    if kind.startswith("RMS"):
-        scale = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
-        y = x / scale
-        return (grad_out - y * (grad_out * y).mean(-1, keepdim=True)) / scale
-    raise NotImplementedError(f"normalization '{model.cfg.normalization_type}' has no analytic backward here")
+        x = x - x.mean(-1, keepdim=True)
+        grad_out = grad_out - grad_out.mean(-1, keepdim=True)
+    elif not kind.startswith("RMS"):
+        raise NotImplementedError(f"normalization '{model.cfg.normalization_type}' has no analytic backward here")
+    # With y = x / r and r = sqrt(mean(x^2) + eps): dx = (g - y * mean(g * y)) / r
+    #                                                  = g / r - x * mean(g * x) / r^3.
+    inv_r = (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt()  # [1, b, t, 1]
+    coef = (grad_out * x).mean(-1, keepdim=True) * inv_r.pow(3)  # [n, b, t, 1]
+    return torch.addcmul(grad_out * inv_r, x, coef, value=-1.0)
