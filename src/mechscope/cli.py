@@ -188,10 +188,10 @@ def curves(
         dataset = PromptPairDataset.load(data_file)
     summary, _ = compare_methods(bridge, dataset, [m.strip() for m in methods.split(",") if m.strip()],
                                  seed=seed, ablation=ablation, steps=steps, batch_size=batch_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(out)
+    from .fileio import atomic_path
+
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(summary, indent=1))
     _print_summary("behaviour", summary["behaviour"])
     table = Table(title=f"normalized faithfulness on {summary['n_evaluation']} held-out examples")
     table.add_column("method")

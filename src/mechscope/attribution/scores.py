@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import MechscopeError
+from ..fileio import atomic_path
 from ..graph import Graph
 
 
@@ -96,20 +96,12 @@ class EdgeScores:
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically: tensors in safetensors, everything else as JSON in its metadata."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(
                 {"values": self.values.detach().cpu().contiguous()},
-                tmp,
+                str(tmp),
                 metadata={"mechscope": json.dumps(self.metadata())},
             )
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
         return path
 
     @classmethod

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -26,6 +25,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..errors import MechscopeError
+from ..fileio import atomic_path
 
 FORMAT_VERSION = 1
 BOS_SPAN = "bos"
@@ -267,18 +267,10 @@ class PromptPairDataset:
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSONL atomically (temporary file, then rename)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(json.dumps(self.header(), ensure_ascii=False) + "\n")
-                for ex in self.examples:
-                    f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+            f.write(json.dumps(self.header(), ensure_ascii=False) + "\n")
+            for ex in self.examples:
+                f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
         return path
 
     @classmethod
