@@ -13,10 +13,11 @@ from ..behaviour import check_compatible
 from ..data.dataset import PromptPairDataset
 from ..graph import Graph
 from .eap import METHODS, batch_gradients_and_deltas, contract
+from .peap import aggregate_crossing, batch_span_of, concrete_counts, crossing_scores
 from .references import check_ablation, mean_reference
 from .scores import EdgeScores
 
-ALL_METHODS = METHODS + ("exact",)
+ALL_METHODS = METHODS + ("exact", "peap")
 
 
 def attribute(
@@ -43,22 +44,39 @@ def attribute(
     check_compatible(model, dataset)
     graph = Graph.from_model(model)
     mean = mean_reference(model, graph, reference or dataset, batch_size) if ablation == "mean" else None
+    crossing, concrete, spans = {}, {}, ()
     if method == "exact":
         from .patching import exact_scores
 
         values = exact_scores(model, graph, dataset, edges=edges, ablation=ablation, mean=mean,
                               batch_size=batch_size, progress=progress)
     else:
-        total = torch.zeros(1, graph.n_upstream, graph.n_downstream, dtype=torch.float64)
+        positional = method == "peap"
+        if positional and ablation != "counterfactual":
+            raise ValueError("peap crossing edges are implemented for the counterfactual reference only")
+        n_spans = len(dataset.schema) if positional else 1
+        total = torch.zeros(n_spans, graph.n_upstream, graph.n_downstream, dtype=torch.float64)
         device = model.cfg.device
         bar = tqdm(total=len(dataset), desc=f"{method} attribution", unit="ex", disable=not progress)
-        for _, batch in dataset.batches(batch_size):
+        for indices, batch in dataset.batches(batch_size):
             batch = batch.to(device)
-            delta, grad = batch_gradients_and_deltas(model, graph, batch, dataset.metric, method, steps, ablation, mean)
-            total += contract(graph, delta, grad).double().cpu()
+            grad_method = "eap" if positional else method
+            delta, grad = batch_gradients_and_deltas(model, graph, batch, dataset.metric, grad_method, steps,
+                                                     ablation, mean)
+            span_of = batch_span_of(dataset, indices, batch.clean.shape[1]) if positional else None
+            total += contract(graph, delta, grad, span_of, n_spans).double().cpu()
+            if positional:
+                part = aggregate_crossing(crossing_scores(model, batch, dataset.metric), span_of, n_spans)
+                crossing = {k: crossing.get(k, 0) + v for k, v in part.items()}
             bar.update(len(batch.last))
         bar.close()
-        values = (total[0, graph.edge_up, graph.edge_down] / len(dataset)).float()
+        values = (total[:, graph.edge_up, graph.edge_down] / len(dataset)).float()
+        if positional:
+            crossing = {k: (v / len(dataset)).float() for k, v in crossing.items()}
+            concrete = {k: v.float() for k, v in concrete_counts(dataset, n_spans).items()}
+            spans = dataset.schema.spans
+        else:
+            values = values[0]
     return EdgeScores(
         graph=graph,
         values=values,
@@ -68,6 +86,9 @@ def attribute(
         model=getattr(model, "mechscope_name", ""),
         n_examples=len(dataset),
         info={"steps": steps} if method == "eap-ig" else {},
+        spans=spans,
+        crossing=crossing,
+        concrete=concrete,
     )
 
 

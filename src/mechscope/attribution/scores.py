@@ -36,6 +36,11 @@ class EdgeScores:
     n_examples: int
     spans: tuple[str, ...] = ()
     info: dict[str, Any] = field(default_factory=dict)
+    # PEAP only: crossing-edge scores per head and span pair ("k", "v": [layer, head, key span, query
+    # span]; "q": [layer, head, query span]) and concrete token-edge counts per span edge
+    # ("within": [span]; "crossing": [key span, query span]), averaged over examples.
+    crossing: dict[str, torch.Tensor] = field(default_factory=dict)
+    concrete: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def positional(self) -> bool:
@@ -97,8 +102,11 @@ class EdgeScores:
         """Write atomically: tensors in safetensors, everything else as JSON in its metadata."""
         path = Path(path)
         with atomic_path(path) as tmp:
+            tensors = {"values": self.values.detach().cpu().contiguous()}
+            tensors.update({f"crossing_{k}": v.detach().cpu().contiguous() for k, v in self.crossing.items()})
+            tensors.update({f"concrete_{k}": v.detach().cpu().contiguous() for k, v in self.concrete.items()})
             save_file(
-                {"values": self.values.detach().cpu().contiguous()},
+                tensors,
                 str(tmp),
                 metadata={"mechscope": json.dumps(self.metadata())},
             )
@@ -113,6 +121,7 @@ class EdgeScores:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {})["mechscope"])
                 values = f.get_tensor("values")
+                extra = {name: f.get_tensor(name) for name in f.keys() if name != "values"}
         except Exception as exc:
             raise ScoresError(f"{path}: not a mechscope scores file ({type(exc).__name__}: {exc})") from None
         graph = Graph(**meta["graph"])
@@ -128,4 +137,6 @@ class EdgeScores:
             n_examples=meta["n_examples"],
             spans=tuple(meta.get("spans", ())),
             info=meta.get("info", {}),
+            crossing={k[len("crossing_"):]: v for k, v in extra.items() if k.startswith("crossing_")},
+            concrete={k[len("concrete_"):]: v for k, v in extra.items() if k.startswith("concrete_")},
         )

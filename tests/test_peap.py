@@ -1,0 +1,112 @@
+"""PEAP (method.md §3-§4): within-position scores per span and exact crossing-edge scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_attribution import ioi_like
+
+import mechscope
+from mechscope.attribution import attribute
+from mechscope.attribution.peap import _attention_hooks, attention_scale, crossing_scores
+from mechscope.data import PromptPairDataset, Schema
+from mechscope.metrics import compute_metric, final_logits
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def tiny_model(request, tiny_model_dirs):
+    return mechscope.load_model(str(tiny_model_dirs[request.param]), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def data(tiny_tokenizer):
+    return ioi_like(tiny_tokenizer, 6, seed=4)
+
+
+def test_within_position_scores_sum_to_eap(tiny_model, data):
+    eap = attribute(tiny_model, data, "eap", progress=False)
+    peap = attribute(tiny_model, data, "peap", progress=False)
+    assert peap.values.shape == (len(data.schema), eap.graph.n_edges)
+    assert torch.allclose(peap.values.sum(0), eap.values, atol=1e-5, rtol=1e-4)
+    assert peap.spans == data.schema.spans
+
+
+def test_single_span_peap_equals_eap(tiny_model, data):
+    one = PromptPairDataset(
+        [type(ex)(**{**ex.__dict__, "span_starts": [0]}) for ex in data.examples],
+        Schema(("all",)), task=data.task, metric=data.metric, tokenizer=data.tokenizer,
+        pad_token_id=data.pad_token_id,
+    )
+    eap = attribute(tiny_model, data, "eap", progress=False)
+    peap = attribute(tiny_model, one, "peap", progress=False)
+    assert torch.allclose(peap.values[0], eap.values, atol=1e-6, rtol=1e-5)
+    # The crossing scores over one span pair are the per-head sums of all token-level ones.
+    assert peap.crossing["k"].shape == (tiny_model.cfg.n_layers, tiny_model.cfg.n_heads, 1, 1)
+
+
+def naive_crossing(model, batch, metric, layer, head, kind, t_key, t):
+    """Patch one key / value (at t_key) or query (at t) of one head, rerun the head by hand with an
+    explicit softmax, and take the change of its output at t times dM/d(resid after attention)[t]."""
+    qn, kn = _attention_hooks(model, layer)
+    vn = f"blocks.{layer}.attn.hook_v"
+    mid = f"blocks.{layer}.hook_resid_mid"
+    store = {}
+
+    def grab(value, hook):
+        store[hook.name] = value
+        return value
+
+    with model.hooks(fwd_hooks=[(n, grab) for n in (qn, kn, vn, mid)]):
+        logits = model(batch.clean, attention_mask=batch.attention_mask)
+    m = compute_metric(metric, final_logits(logits, batch.last), batch).sum()
+    g_mid = torch.autograd.grad(m, store[mid])[0].detach()
+    _, cf = model.run_with_cache(batch.counterfactual, attention_mask=batch.attention_mask)
+    group = head // (model.cfg.n_heads // store[kn].shape[2])
+    q, k, v = (store[n][0, :, i].detach().double() for n, i in ((qn, head), (kn, group), (vn, group)))
+    q2, k2, v2 = (cf[n][0, :, i].double() for n, i in ((qn, head), (kn, group), (vn, group)))
+    w_o = model.W_O[layer, head].double()
+    scale = attention_scale(model)
+
+    def head_output(q_t, keys, values):
+        logits_row = torch.stack([q_t @ keys[j] * scale for j in range(t + 1)])
+        weights = logits_row.softmax(0)
+        return sum(weights[j] * values[j] for j in range(t + 1)) @ w_o
+
+    before = head_output(q[t], k, v)
+    if kind == "q":
+        after = head_output(q2[t], k, v)
+    else:
+        keys, values = k.clone(), v.clone()
+        (keys if kind == "k" else values)[t_key] = (k2 if kind == "k" else v2)[t_key]
+        after = head_output(q[t], keys, values)
+    return float((after - before) @ g_mid[0, t].double())
+
+
+def test_crossing_scores_equal_naive_head_recomputation(tiny_model, data):
+    batch = data.batch([0])  # one example, no padding, so the naive loop needs no mask
+    scores = crossing_scores(tiny_model, batch, data.metric)
+    n = batch.clean.shape[1]
+    checked = 0
+    for layer in range(tiny_model.cfg.n_layers):
+        for head in (0, tiny_model.cfg.n_heads - 1):
+            for kind, t_key, t in (("k", 2, n - 1), ("v", 0, n - 1), ("k", n - 3, n - 2), ("v", 3, 5), ("q", None, n - 1)):
+                got = float(scores[kind][0, layer, head, t] if kind == "q" else scores[kind][0, layer, head, t, t_key])
+                want = naive_crossing(tiny_model, batch, data.metric, layer, head, kind, t_key, t)
+                assert abs(got - want) <= 1e-5 * max(abs(want), 1e-4), (layer, head, kind, t_key, t, got, want)
+                checked += 1
+    assert checked == tiny_model.cfg.n_layers * 2 * 5
+    # Keys after the query position cannot be seen: those crossing scores are zero.
+    assert scores["k"][0, :, :, 2, 3:].abs().max() == 0
+
+
+def test_peap_scores_round_trip(tmp_path, tiny_model, data):
+    peap = attribute(tiny_model, data, "peap", progress=False)
+    peap.save(tmp_path / "p.safetensors")
+    again = mechscope.EdgeScores.load(tmp_path / "p.safetensors")
+    assert torch.equal(again.values, peap.values) and again.spans == peap.spans
+    for key in ("k", "v", "q"):
+        assert torch.equal(again.crossing[key], peap.crossing[key])
+    assert torch.equal(again.concrete["within"], peap.concrete["within"])
+    # Concrete counts: the mean prompt length is the sum of the within-position counts.
+    mean_len = sum(len(ex) for ex in data.examples) / len(data)
+    assert float(peap.concrete["within"].sum()) == pytest.approx(mean_len)
