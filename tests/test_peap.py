@@ -110,3 +110,21 @@ def test_peap_scores_round_trip(tmp_path, tiny_model, data):
     # Concrete counts: the mean prompt length is the sum of the within-position counts.
     mean_len = sum(len(ex) for ex in data.examples) / len(data)
     assert float(peap.concrete["within"].sum()) == pytest.approx(mean_len)
+
+
+@pytest.mark.slow
+def test_smollm2_peap_identities(smollm2):
+    from mechscope.tasks import make_task
+
+    data = make_task("ioi", smollm2.tokenizer, 2, seed=5)
+    eap = attribute(smollm2, data, "eap", progress=False)
+    peap = attribute(smollm2, data, "peap", progress=False)
+    assert torch.allclose(peap.values.sum(0), eap.values, atol=1e-5, rtol=1e-4)
+    batch = data.batch([0])
+    scores = crossing_scores(smollm2, batch, data.metric)
+    n = batch.clean.shape[1]
+    # A grouped-query head in a late layer (rotary keys), key and value at an early position.
+    for kind, t_key in (("k", 3), ("v", 3), ("q", None)):
+        got = float(scores[kind][0, 23, 3, n - 1] if kind == "q" else scores[kind][0, 23, 3, n - 1, t_key])
+        want = naive_crossing(smollm2, batch, data.metric, 23, 3, kind, t_key, n - 1)
+        assert abs(got - want) <= 1e-5 * max(abs(want), 1e-4), (kind, got, want)
