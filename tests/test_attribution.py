@@ -60,23 +60,28 @@ def test_graph_counts_for_grouped_query_attention():
     assert g.edge_mask[:, g.logits_index].all()
 
 
-def test_full_circuit_reproduces_model_and_empty_circuit_the_ablated_run(tiny_model, tiny_data):
-    graph = Graph.from_model(tiny_model)
-    b = tiny_data.batch()
+def check_full_and_empty_circuits(model, data, empty_tol, min_gap: float) -> None:
+    """The full circuit reproduces the model's logits; with every edge ablated to the counterfactual
+    the run equals the model on the counterfactual prompt (method.md §6)."""
+    graph = Graph.from_model(model)
+    b = data.batch()
     with torch.no_grad():
-        clean = tiny_model(b.clean, attention_mask=b.attention_mask)
-        cf = tiny_model(b.counterfactual, attention_mask=b.attention_mask)
-        ref = upstream_outputs(tiny_model, graph, b.counterfactual, b.attention_mask)
+        clean = model(b.clean, attention_mask=b.attention_mask)
+        cf = model(b.counterfactual, attention_mask=b.attention_mask)
+        ref = upstream_outputs(model, graph, b.counterfactual, b.attention_mask)
         full = Circuit.full(graph).keep_matrix()
-        with graph_hooks(tiny_model, graph, ablation=Ablation(full, ref)):
-            full_logits = tiny_model(b.clean, attention_mask=b.attention_mask)
-        with graph_hooks(tiny_model, graph, ablation=Ablation(torch.zeros_like(full), ref)):
-            empty_logits = tiny_model(b.clean, attention_mask=b.attention_mask)
+        with graph_hooks(model, graph, ablation=Ablation(full, ref)):
+            full_logits = model(b.clean, attention_mask=b.attention_mask)
+        with graph_hooks(model, graph, ablation=Ablation(torch.zeros_like(full), ref)):
+            empty_logits = model(b.clean, attention_mask=b.attention_mask)
     real = b.attention_mask
     assert (full_logits - clean)[real].abs().max() <= 1e-4
-    # Every edge ablated to the counterfactual = the model run on the counterfactual prompt.
-    assert (empty_logits - cf)[real].abs().max() <= 1e-4
-    assert (clean - cf)[real].abs().max() > 0.1  # the check above is not vacuous
+    assert (empty_logits - cf)[real].abs().max() <= empty_tol(cf)
+    assert (clean - cf)[real].abs().max() > min_gap  # the check above is not vacuous
+
+
+def test_full_circuit_reproduces_model_and_empty_circuit_the_ablated_run(tiny_model, tiny_data):
+    check_full_and_empty_circuits(tiny_model, tiny_data, empty_tol=lambda cf: 1e-4, min_gap=0.1)
 
 
 def test_logits_from_the_final_residual_match_the_model(tiny_model, tiny_data):
@@ -213,21 +218,8 @@ def smol_ioi(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_full_and_empty_circuits(smollm2, smol_ioi):
-    graph = Graph.from_model(smollm2)
-    b = smol_ioi.batch()
-    with torch.no_grad():
-        clean = smollm2(b.clean, attention_mask=b.attention_mask)
-        cf = smollm2(b.counterfactual, attention_mask=b.attention_mask)
-        ref = upstream_outputs(smollm2, graph, b.counterfactual, b.attention_mask)
-        keep = Circuit.full(graph).keep_matrix()
-        with graph_hooks(smollm2, graph, ablation=Ablation(keep, ref)):
-            full = smollm2(b.clean, attention_mask=b.attention_mask)
-        with graph_hooks(smollm2, graph, ablation=Ablation(torch.zeros_like(keep), ref)):
-            empty = smollm2(b.clean, attention_mask=b.attention_mask)
-    real = b.attention_mask
-    assert (full - clean)[real].abs().max() <= 1e-4
-    assert (empty - cf)[real].abs().max() <= 1e-3 * cf.abs().max()
-    assert (clean - cf)[real].abs().max() > 1.0
+    # 30 layers of float32 sums: the tolerance is relative to the size of the logits.
+    check_full_and_empty_circuits(smollm2, smol_ioi, empty_tol=lambda cf: 1e-3 * cf.abs().max(), min_gap=1.0)
 
 
 @pytest.mark.slow

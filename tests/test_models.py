@@ -128,28 +128,26 @@ def test_smollm2_predicts_mary(smollm2):
     assert smollm2.tokenizer.decode([top]) == " Mary"
 
 
-@pytest.mark.slow
-def test_smollm2_matches_transformers_and_registry(smollm2):
-    kind, location = resolve_spec("smollm2-135m")
+def check_packaged_model(bridge, alias: str) -> None:
+    """The bridge matches plain transformers and the registry's facts about the shipped weights."""
+    kind, location = resolve_spec(alias)
     assert kind == "registry" and (Path(location) / "model.safetensors").is_file()
-    assert_bridge_matches_hf(smollm2, location)
-    entry = REGISTRY["smollm2-135m"]
-    summary = mechscope.model_summary(smollm2)
-    assert (summary["n_params"], summary["n_layers"], summary["n_heads"], summary["n_kv_heads"]) == (
-        entry.n_params, entry.n_layers, entry.n_heads, entry.n_kv_heads
-    )
-
-
-@pytest.mark.slow
-def test_gemma3_matches_transformers_and_registry():
-    bridge = mechscope.load_model("gemma3-270m", device="cpu")
-    _, location = resolve_spec("gemma3-270m")
     assert_bridge_matches_hf(bridge, location)
-    entry = REGISTRY["gemma3-270m"]
+    entry = REGISTRY[alias]
     summary = mechscope.model_summary(bridge)
     assert (summary["n_params"], summary["n_layers"], summary["n_heads"], summary["n_kv_heads"]) == (
         entry.n_params, entry.n_layers, entry.n_heads, entry.n_kv_heads
     )
+
+
+@pytest.mark.slow
+def test_smollm2_matches_transformers_and_registry(smollm2):
+    check_packaged_model(smollm2, "smollm2-135m")
+
+
+@pytest.mark.slow
+def test_gemma3_matches_transformers_and_registry():
+    check_packaged_model(mechscope.load_model("gemma3-270m", device="cpu"), "gemma3-270m")
 
 
 @pytest.mark.slow
