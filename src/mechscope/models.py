@@ -14,7 +14,8 @@ and renamed into place, so an interrupted or failed conversion never leaves a ha
 
 The returned bridge is in TransformerLens compatibility mode: hook names and shapes are those of
 ../shared/method.md §1 and LayerNorm scales are folded into the following weights. The unembedding is
-left uncentred, so the bridge's logits are the model's own logits, not shifted by a constant.
+left uncentred, so the bridge's logits are the model's own logits, not shifted by a constant, and value
+biases stay in the heads (GPT-2 has them; Llama-style models do not).
 """
 
 from __future__ import annotations
@@ -358,7 +359,10 @@ def load_model(
         )
         # center_unembed=False keeps the logits equal to the model's own (not shifted by a
         # per-position constant), so metrics read from raw logits match transformers exactly.
-        bridge.enable_compatibility_mode(disable_warnings=True, center_unembed=False)
+        # fold_value_biases=False leaves value biases in the heads: they add the same vector to a
+        # head's output on every prompt, so no patching difference or attribution score changes,
+        # and skipping the fold saves a copy of every attention weight at each load.
+        bridge.enable_compatibility_mode(disable_warnings=True, center_unembed=False, fold_value_biases=False)
     bridge.eval()
     bridge.mechscope_name = spec if kind in ("registry", "hub") else str(Path(spec).resolve())
     bridge.mechscope_n_params = n_params
