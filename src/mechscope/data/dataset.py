@@ -143,12 +143,19 @@ def validate_example(ex: PromptPair, schema: Schema, where: str, n_ctx: int | No
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A short hash of a tokenizer's vocabulary: datasets remember it to catch a model mismatch."""
+    """A short hash of a tokenizer's vocabulary: datasets remember it to catch a model mismatch.
+
+    Kept on the tokenizer after the first call: every attribution and evaluation checks it, and a
+    large vocabulary (Gemma's 262k tokens) takes a noticeable moment to hash."""
+    cached = getattr(tokenizer, "_mechscope_fingerprint", None)
+    if cached is not None and cached[0] == len(tokenizer):
+        return cached[1]
     vocab = tokenizer.get_vocab()
     h = hashlib.sha256()
     for token, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
         h.update(f"{idx}\t{token}\n".encode("utf-8", "surrogatepass"))
-    return h.hexdigest()[:16]
+    tokenizer._mechscope_fingerprint = (len(tokenizer), h.hexdigest()[:16])
+    return tokenizer._mechscope_fingerprint[1]
 
 
 @dataclass
