@@ -8,7 +8,8 @@ from test_attribution import ioi_like
 
 import mechscope
 from mechscope.attribution import attribute
-from mechscope.attribution.peap import _attention_hooks, attention_scale, crossing_scores
+from mechscope.attribution.attention import attention_scale, qkv_hook_names
+from mechscope.attribution.peap import crossing_scores
 from mechscope.data import PromptPairDataset, Schema
 from mechscope.metrics import compute_metric, final_logits
 
@@ -47,8 +48,7 @@ def test_single_span_peap_equals_eap(tiny_model, data):
 def naive_crossing(model, batch, metric, layer, head, kind, t_key, t):
     """Patch one key / value (at t_key) or query (at t) of one head, rerun the head by hand with an
     explicit softmax, and take the change of its output at t times dM/d(resid after attention)[t]."""
-    qn, kn = _attention_hooks(model, layer)
-    vn = f"blocks.{layer}.attn.hook_v"
+    qn, kn, vn = qkv_hook_names(model, layer)
     mid = f"blocks.{layer}.hook_resid_mid"
     store = {}
 
@@ -128,3 +128,20 @@ def test_smollm2_peap_identities(smollm2):
         got = float(scores[kind][0, 23, 3, n - 1] if kind == "q" else scores[kind][0, 23, 3, n - 1, t_key])
         want = naive_crossing(smollm2, batch, data.metric, 23, 3, kind, t_key, n - 1)
         assert abs(got - want) <= 1e-5 * max(abs(want), 1e-4), (kind, got, want)
+
+
+def test_attribution_crossing_scores_reuse_the_eap_passes(tiny_model, data):
+    """The crossing scores `attribute` takes from the EAP passes (dM/dz from the downstream
+    gradients) equal those of the stand-alone computation, which the naive loop checks above."""
+    from mechscope.attribution.peap import aggregate_crossing, batch_span_of
+
+    peap = attribute(tiny_model, data, "peap", batch_size=4, progress=False)
+    want = None
+    for indices, batch in data.batches(4):
+        part = aggregate_crossing(crossing_scores(tiny_model, batch, data.metric),
+                                  batch_span_of(data, indices, batch.clean.shape[1]), len(data.schema))
+        want = part if want is None else {k: want[k] + v for k, v in part.items()}
+    for key in ("k", "v", "q"):
+        expected = (want[key] / len(data)).float()
+        assert torch.allclose(peap.crossing[key], expected, atol=1e-6, rtol=1e-4), key
+        assert expected.abs().max() > 1e-4

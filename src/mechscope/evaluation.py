@@ -10,19 +10,36 @@ Curves evaluate circuits at fractions of all edges; CPR is the area under f over
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .attribution.references import check_ablation, mean_reference, reference_outputs, upstream_outputs
-from .attribution.runner import Ablation, graph_hooks
+from .attribution.attention import attention_scale, check_supported, score_soft_cap
+from .attribution.peap import batch_span_of
+from .attribution.references import (
+    attention_references,
+    check_ablation,
+    mean_reference,
+    reference_outputs,
+    upstream_and_attention,
+)
+from .attribution.runner import Ablation, AttentionAblation, graph_hooks
 from .behaviour import check_compatible
 from .circuits import Circuit
 from .data.dataset import PromptPairDataset
 from .graph import Graph
 from .metrics import accuracy, compute_metric, final_logits
+from .span_circuits import (
+    ALL_TOKENS,
+    SpanCircuit,
+    SpanGraphScores,
+    circuit_from_order,
+    span_greedy_order,
+    span_top_order,
+)
 
 DEFAULT_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -40,6 +57,12 @@ class Faithfulness:
     model_accuracy: float
     n_examples: int
     fraction: float | None = None
+    # Token-level edges the circuit stands for, averaged over the evaluation examples (method.md §4):
+    # within-position and crossing (inside attention) edges. A non-positional circuit keeps every
+    # crossing edge of its live heads.
+    concrete_edges: float | None = None
+    concrete_within: float | None = None
+    concrete_crossing: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,25 +86,44 @@ class _Evaluator:
         self.model, self.dataset, self.ablation = model, dataset, ablation
         self.graph = Graph.from_model(model)
         self.batch_size = batch_size
-        self.mean = mean_reference(model, self.graph, reference or dataset, batch_size) if ablation == "mean" else None
+        self.reference_set = reference or dataset
+        self._mean = None
+
+    def mean(self, attention: bool):
+        if self.ablation != "mean":
+            return None
+        if self._mean is None or (attention and self._mean.attention is None):
+            self._mean = mean_reference(self.model, self.graph, self.reference_set, self.batch_size, attention)
+        return self._mean
 
     @torch.no_grad()
-    def run(self, circuits: Sequence[Circuit], progress: bool = True) -> list[Faithfulness]:
+    def run(self, circuits: Sequence[Circuit | SpanCircuit], progress: bool = True) -> list[Faithfulness]:
         model, graph, ds = self.model, self.graph, self.dataset
         device = model.cfg.device
         totals = [_Totals() for _ in circuits]
         model_t, empty_t = _Totals(), _Totals()
-        keeps = [c.keep_matrix().to(device) for c in circuits]
+        positional = any(isinstance(c, SpanCircuit) for c in circuits)
+        if positional:
+            check_supported(model)
+        keeps = [c.keep_matrix().to(device) if isinstance(c, Circuit) else None for c in circuits]
+        maps = [torch.tensor(c.span_map(ds) + [-1]) if isinstance(c, SpanCircuit) else None for c in circuits]
+        mean = self.mean(positional)
         bar = tqdm(total=len(ds) * (len(circuits) + 1), desc="evaluating circuits", unit="run", disable=not progress)
-        for _, batch in ds.batches(self.batch_size):
+        for indices, batch in ds.batches(self.batch_size):
             batch = batch.to(device)
-            clean_up = upstream_outputs(model, graph, batch.clean, batch.attention_mask)
+            clean_up, clean_attn = upstream_and_attention(model, graph, batch.clean, batch.attention_mask)
             clean = final_logits(model(batch.clean, attention_mask=batch.attention_mask), batch.last)
-            reference = reference_outputs(model, graph, batch, self.ablation, clean_up, self.mean)
+            if self.ablation == "counterfactual" and positional:
+                reference, cf_attn = upstream_and_attention(model, graph, batch.counterfactual, batch.attention_mask)
+            else:
+                reference, cf_attn = reference_outputs(model, graph, batch, self.ablation, clean_up, mean), None
+            attn_ref = attention_references(model, graph, batch, self.ablation, clean_attn, mean, cf_attn) \
+                if positional else None
+            span_of = batch_span_of(ds, indices, batch.clean.shape[1]) if positional else None
             top = clean.argmax(-1)
 
-            def score(keep: torch.Tensor, into: _Totals) -> None:
-                with graph_hooks(model, graph, ablation=Ablation(keep, reference)):
+            def score(ablation: Ablation, into: _Totals) -> None:
+                with graph_hooks(model, graph, ablation=ablation, attention_mask=batch.attention_mask):
                     logits = final_logits(model(batch.clean, attention_mask=batch.attention_mask), batch.last)
                 into.metric += float(compute_metric(ds.metric, logits, batch, clean_logits=clean).sum())
                 into.agree += float((logits.argmax(-1) == top).sum())
@@ -90,10 +132,17 @@ class _Evaluator:
             model_t.metric += float(compute_metric(ds.metric, clean, batch, clean_logits=clean).sum())
             model_t.agree += len(top)
             model_t.correct += float(accuracy(clean, batch).sum())
-            score(torch.zeros_like(keeps[0]) if keeps else torch.zeros(graph.n_upstream, graph.n_downstream), empty_t)
+            score(Ablation(torch.zeros(graph.n_upstream, graph.n_downstream, device=device), reference), empty_t)
             bar.update(len(top))
-            for keep, into in zip(keeps, totals):
-                score(keep, into)
+            for c, keep, mapping, into in zip(circuits, keeps, maps, totals):
+                if keep is not None:
+                    score(Ablation(keep, reference), into)
+                else:
+                    within, (keep_k, keep_v, keep_q) = c.projection(mapping[span_of])
+                    attention = AttentionAblation(
+                        keep_k, keep_v, keep_q, attn_ref, attention_scale(model), score_soft_cap(model)
+                    ) if keep_k else None
+                    score(Ablation(within.to(device), reference, mapping[span_of].to(device), attention), into)
                 bar.update(len(top))
         bar.close()
         n = len(ds)
@@ -101,6 +150,8 @@ class _Evaluator:
         out = []
         for c, t in zip(circuits, totals):
             m_c = t.metric / n
+            span_c = c if isinstance(c, SpanCircuit) else SpanCircuit.from_circuit(c)
+            concrete = span_c.concrete_edges(ds)
             out.append(
                 Faithfulness(
                     n_edges=c.n_edges,
@@ -113,6 +164,9 @@ class _Evaluator:
                     circuit_accuracy=t.correct / n,
                     model_accuracy=model_t.correct / n,
                     n_examples=n,
+                    concrete_edges=concrete["total"],
+                    concrete_within=concrete["within"],
+                    concrete_crossing=concrete["crossing"],
                 )
             )
         return out
@@ -141,6 +195,9 @@ class Curve:
     method: str
     selection: str
     points: list[Faithfulness] = field(default_factory=list)
+    # Concrete token-level edges of the whole model on the evaluation set (the same for positional
+    # and non-positional circuits): the concrete-edge axis of the areas is a fraction of it.
+    concrete_full: float | None = None
 
     @property
     def fractions(self) -> list[float]:
@@ -154,18 +211,71 @@ class Curve:
         """Area under |1 - normalized faithfulness| over the fraction-of-edges axis (trapezoid)."""
         return _trapezoid(self.fractions, [abs(1 - p.normalized) for p in self.points])
 
+    def concrete_fractions(self) -> list[float]:
+        return [p.concrete_edges / self.concrete_full for p in self.points]
+
+    def cpr_concrete(self) -> float:
+        """CPR over the fraction of concrete token-level edges (comparable across positional and
+        non-positional circuits)."""
+        return _trapezoid(self.concrete_fractions(), [p.normalized for p in self.points])
+
+    def cmd_concrete(self) -> float:
+        return _trapezoid(self.concrete_fractions(), [abs(1 - p.normalized) for p in self.points])
+
+    def edges_for(self, target: float) -> float | None:
+        """Concrete edges at which normalized faithfulness first reaches `target` (linear interpolation
+        between curve points on a log axis), or None if it never does."""
+        pts = [(p.concrete_edges, p.normalized) for p in self.points]
+        for i, (x, y) in enumerate(pts):
+            if y >= target:
+                if i == 0:
+                    return x
+                x0, y0 = pts[i - 1]
+                w = (target - y0) / (y - y0)
+                return float(math.exp(math.log(x0) + w * (math.log(x) - math.log(x0))))
+        return None
+
     def to_dict(self) -> dict:
-        return {
+        out = {
             "method": self.method,
             "selection": self.selection,
             "cpr": self.cpr(),
             "cmd": self.cmd(),
             "points": [p.to_dict() for p in self.points],
         }
+        if self.concrete_full:
+            out.update(concrete_full=self.concrete_full, cpr_concrete=self.cpr_concrete(),
+                       cmd_concrete=self.cmd_concrete())
+        return out
 
 
 def _trapezoid(x: Sequence[float], y: Sequence[float]) -> float:
     return float(sum((x[i + 1] - x[i]) * (y[i + 1] + y[i]) / 2 for i in range(len(x) - 1)))
+
+
+def select_circuits(scores, fractions: Sequence[float], selection: str = "top_n", attention: str = "scored"):
+    """Circuits of `fractions` x all edges of the scores' graph (the span graph for positional scores),
+    chosen by `selection` (top_n | greedy). Positional circuits share one greedy order."""
+    if selection not in ("top_n", "greedy"):
+        raise ValueError(f"unknown selection '{selection}'; choose top_n or greedy")
+    if not scores.positional:
+        select: Callable = {"top_n": scores.top_n, "greedy": scores.greedy}[selection]
+        n_total = scores.graph.n_edges
+        return [select(max(1, round(f * n_total))) for f in fractions]
+    sg = SpanGraphScores(scores)
+    n_total = sg.n_edges
+    budgets = [max(1, round(f * n_total)) for f in fractions]
+    partial = [b for b in budgets if b < n_total]
+    order_of = span_greedy_order if selection == "greedy" else span_top_order
+    order = order_of(sg, max(partial), attention) if partial else []
+    out = []
+    for b in budgets:
+        if b >= n_total:
+            out.append(SpanCircuit.full(scores.graph, sg.spans, sg.logit_spans, model=scores.model,
+                                        method=scores.method, info={"selection": selection, "n": b}))
+        else:
+            out.append(circuit_from_order(sg, order[:b], attention, info={"selection": selection, "n": b}))
+    return out
 
 
 def faithfulness_curve(
@@ -178,14 +288,17 @@ def faithfulness_curve(
     reference: PromptPairDataset | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    attention: str = "scored",
 ) -> Curve:
-    """Faithfulness of circuits of `fractions` x all edges, selected from `scores` by `selection`."""
-    select: Callable = {"top_n": scores.top_n, "greedy": scores.greedy}[selection]
-    n_total = scores.graph.n_edges
-    circuits = [select(max(1, round(f * n_total))) for f in fractions]
+    """Faithfulness of circuits of `fractions` x all edges, selected from `scores` by `selection`.
+
+    Positional (PEAP) scores give span circuits over the span graph (within and crossing edges);
+    `attention="whole"` keeps every crossing edge of the heads in the circuit instead of scoring them."""
+    circuits = select_circuits(scores, fractions, selection, attention)
     for c in circuits:
         c.check_model(model)
     results = _Evaluator(model, dataset, ablation, reference, batch_size).run(circuits, progress)
     for f, r in zip(fractions, results):
         r.fraction = f
-    return Curve(method=scores.method, selection=selection, points=results)
+    full = SpanCircuit.full(scores.graph, (ALL_TOKENS,)).concrete_edges(dataset)["total"]
+    return Curve(method=scores.method, selection=selection, points=results, concrete_full=full)

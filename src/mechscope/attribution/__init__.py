@@ -13,7 +13,7 @@ from ..behaviour import check_compatible
 from ..data.dataset import PromptPairDataset
 from ..graph import Graph
 from .eap import METHODS, batch_gradients_and_deltas, contract
-from .peap import aggregate_crossing, batch_span_of, concrete_counts, crossing_scores
+from .peap import aggregate_crossing, batch_span_of, concrete_counts
 from .references import check_ablation, mean_reference
 from .scores import EdgeScores
 
@@ -61,12 +61,13 @@ def attribute(
         for indices, batch in dataset.batches(batch_size):
             batch = batch.to(device)
             grad_method = "eap" if positional else method
-            delta, grad = batch_gradients_and_deltas(model, graph, batch, dataset.metric, grad_method, steps,
-                                                     ablation, mean)
+            out = batch_gradients_and_deltas(model, graph, batch, dataset.metric, grad_method, steps,
+                                             ablation, mean, crossing=positional)
+            delta, grad = out[:2]
             span_of = batch_span_of(dataset, indices, batch.clean.shape[1]) if positional else None
             total += contract(graph, delta, grad, span_of, n_spans).double().cpu()
             if positional:
-                part = aggregate_crossing(crossing_scores(model, batch, dataset.metric), span_of, n_spans)
+                part = aggregate_crossing(out[2], span_of, n_spans)
                 crossing = {k: crossing.get(k, 0) + v for k, v in part.items()}
             bar.update(len(batch.last))
         bar.close()

@@ -17,6 +17,7 @@ import torch
 from ..data.dataset import Batch
 from ..graph import Graph
 from ..metrics import compute_metric
+from .peap import crossing_from_runs, head_output_grads
 from .references import MeanReference, counterfactual_delta, reference_outputs
 from .runner import downstream_grads, graph_hooks, run_to_final_logits
 
@@ -72,14 +73,20 @@ def batch_gradients_and_deltas(
     steps: int = 5,
     ablation: str = "counterfactual",
     mean: MeanReference | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(delta [n_up, b, t, d], grad [n_down, b, t, d]) for one batch; their contraction is the score."""
+    crossing: bool = False,
+):
+    """(delta [n_up, b, t, d], grad [n_down, b, t, d]) for one batch; their contraction is the score.
+
+    With `crossing` (EAP, counterfactual reference) the same passes also give PEAP's crossing-edge
+    scores: returns (delta, grad, crossing scores as `peap.crossing_scores` gives them)."""
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
     fast_delta = ablation == "counterfactual"
+    if crossing and (method != "eap" or not fast_delta):
+        raise ValueError("crossing-edge scores come with EAP gradients and the counterfactual reference")
     with torch.enable_grad():
         with graph_hooks(model, graph, record_up=True, record_down=(method == "eap"), split_inputs=False,
-                         heads_as_z=fast_delta, stop_at_final=True) as clean_run:
+                         heads_as_z=fast_delta, stop_at_final=True, capture_attention=crossing) as clean_run:
             clean_final = run_to_final_logits(model, clean_run, batch.clean, batch.attention_mask, batch.last)
             if method == "eap":
                 m = compute_metric(metric, clean_final, batch, clean_logits=clean_final.detach())
@@ -87,7 +94,9 @@ def batch_gradients_and_deltas(
         clean_up = clean_run.up
         if fast_delta:
             clean_in = clean_up[0].clone()
-            delta = counterfactual_delta(model, graph, batch, clean_run)
+            delta = counterfactual_delta(model, graph, batch, clean_run, capture_attention=crossing)
+            if crossing:
+                delta, cf_attention = delta
             ref_in = clean_in + delta[0]
         else:
             reference = reference_outputs(model, graph, batch, ablation, clean_up, mean)
@@ -109,4 +118,9 @@ def batch_gradients_and_deltas(
                     m = compute_metric(metric, logits, batch, clean_logits=target)
                     grad += downstream_grads(run, m.sum(), model)
             grad /= steps
-    return delta, grad.detach()
+    grad = grad.detach()
+    if crossing:
+        gz = head_output_grads(model, graph, grad)
+        cross = crossing_from_runs(model, batch.attention_mask, clean_run.attention, cf_attention, clean_run.z, gz)
+        return delta, grad, cross
+    return delta, grad

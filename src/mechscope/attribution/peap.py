@@ -23,109 +23,115 @@ A value at t' changes z[t] by p[t, t'] (v'[t'] - v[t']); a query at t changes th
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..data.dataset import Batch
+from ..graph import Graph
 from ..metrics import compute_metric, final_logits
-
-
-def _attention_hooks(model, layer: int) -> tuple[str, str]:
-    """Names of the (rotated, if rotary) query and key hooks of a layer."""
-    rot_q = f"blocks.{layer}.attn.hook_rot_q"
-    if rot_q in model.hook_dict:
-        return rot_q, f"blocks.{layer}.attn.hook_rot_k"
-    return f"blocks.{layer}.attn.hook_q", f"blocks.{layer}.attn.hook_k"
-
-
-def attention_scale(model) -> float:
-    """The factor attention scores are multiplied by (1 / sqrt(d_head) unless the model says else)."""
-    cfg = model.cfg
-    scale = getattr(cfg, "attn_scale", None)
-    if scale is None or scale <= 0:
-        scale = math.sqrt(cfg.d_head)
-    return 1.0 / float(scale)
+from .attention import allowed_mask, attention_scale, per_query_head, qkv_hook_names, score_soft_cap, scores
 
 
 def _capture(model, batch: Batch, tokens: torch.Tensor, metric: str | None):
-    """Run `tokens`, capturing per layer q, k, v, z (and dM/dz when `metric` is given)."""
-    cache: dict[str, torch.Tensor] = {}
-    names = []
+    """Run `tokens`, capturing per layer (q, k, v), z and (when `metric` is given) dM/dz."""
+    attn: dict[int, list] = {}
+    z: dict[int, torch.Tensor] = {}
+    hooks = []
     for l in range(model.cfg.n_layers):
-        q, k = _attention_hooks(model, l)
-        names += [q, k, f"blocks.{l}.attn.hook_v", f"blocks.{l}.attn.hook_z"]
+        for slot, name in enumerate(qkv_hook_names(model, l)):
+            hooks.append((name, lambda value, hook, l=l, slot=slot: attn.setdefault(l, [None] * 3).__setitem__(
+                slot, value.detach()) or value))
 
-    def keep(value, hook):
-        if metric is not None and hook.name.endswith("hook_z") and not value.requires_grad:
-            value = value.detach().requires_grad_(True)
-        cache[hook.name] = value
-        return value
+        def keep_z(value, hook, l=l):
+            if metric is not None and not value.requires_grad:
+                value = value.detach().requires_grad_(True)
+            z[l] = value
+            return value
 
+        hooks.append((f"blocks.{l}.attn.hook_z", keep_z))
     grads = {}
-    with torch.set_grad_enabled(metric is not None), model.hooks(fwd_hooks=[(n, keep) for n in names]):
+    with torch.set_grad_enabled(metric is not None), model.hooks(fwd_hooks=hooks):
         logits = model(tokens, attention_mask=batch.attention_mask)
         if metric is not None:
             final = final_logits(logits, batch.last)
             m = compute_metric(metric, final, batch, clean_logits=final.detach())
-            z_names = [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)]
-            found = torch.autograd.grad(m.sum(), [cache[n] for n in z_names], allow_unused=True)
-            for name, g in zip(z_names, found):
-                grads[name] = torch.zeros_like(cache[name]) if g is None else g
-    return {k: v.detach() for k, v in cache.items()}, grads
-
-
-def _per_query_head(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """[b, t, kv_heads, d] -> [b, heads, t, d], repeating each key-value head over its query group."""
-    return x.repeat_interleave(n_heads // x.shape[2], dim=2).transpose(1, 2).double()
+            layers = sorted(z)
+            found = torch.autograd.grad(m.sum(), [z[l] for l in layers], allow_unused=True)
+            grads = {l: torch.zeros_like(z[l]) if g is None else g for l, g in zip(layers, found)}
+    return attn, {l: v.detach() for l, v in z.items()}, grads
 
 
 @torch.no_grad()
 def crossing_scores(model, batch: Batch, metric: str) -> dict[str, torch.Tensor]:
-    """Crossing-edge scores of one batch, summed over nothing yet (per example):
+    """Crossing-edge scores of one batch, per example, from passes of their own (the attribution
+    path reuses the EAP passes through `crossing_from_runs`):
 
     k, v: [batch, layer, head, t (query position), t' (key position)], zero unless t' <= t and t' is
     not padding; q: [batch, layer, head, t]. Counterfactual reference (the paired prompt's q, k, v).
     """
-    clean, grads = _capture(model, batch, batch.clean, metric)
-    cf, _ = _capture(model, batch, batch.counterfactual, None)
+    clean, z, gz = _capture(model, batch, batch.clean, metric)
+    cf, _, _ = _capture(model, batch, batch.counterfactual, None)
+    return crossing_from_runs(model, batch.attention_mask, clean, cf, z, gz)
+
+
+def head_output_grads(model, graph: Graph, grad: torch.Tensor) -> dict[int, torch.Tensor]:
+    """dM/dz per layer [batch, pos, head, d_head] from the downstream-input gradients [n_down, b, t, d].
+
+    A head's write enters the residual stream once and every later reader sees it, so dM/dresult_h is
+    the sum of the gradients at all downstream inputs read after the head writes; times W_O[h]^T it
+    is dM/dz_h. One running sum from the logits down serves every layer.
+    """
+    W_O = model.W_O.detach()
+    steps = graph.downstream_read_step.tolist()
+    running = torch.zeros_like(grad[0])
+    nxt = graph.n_downstream  # downstream nodes [nxt, n_down) are in `running`
+    out = {}
+    for l in range(graph.n_layers - 1, -1, -1):
+        first = next(i for i, s in enumerate(steps) if s >= 2 * l + 1)
+        if first < nxt:
+            running += grad[first:nxt].sum(0)
+            nxt = first
+        out[l] = torch.einsum("btd,hed->bthe", running, W_O[l].to(running.dtype))
+    return out
+
+
+@torch.no_grad()
+def crossing_from_runs(model, attention_mask, clean, cf, z, gz) -> dict[str, torch.Tensor]:
+    """Crossing-edge scores from captured clean and counterfactual (q, k, v) per layer, the clean z and
+    dM/dz per layer ([batch, pos, head, d_head])."""
     cfg = model.cfg
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
-    b, t = batch.clean.shape
-    scale = attention_scale(model)
-    causal = torch.ones(t, t, dtype=torch.bool, device=batch.clean.device).tril()
-    allowed = causal[None, None] & batch.attention_mask.bool()[:, None, None, :]  # [b, 1, t, t']
+    b, t = attention_mask.shape
+    scale, cap = attention_scale(model), score_soft_cap(model)
+    allowed = allowed_mask(attention_mask)  # [b, 1, t, t']
     out = {
         "k": torch.zeros(b, n_layers, n_heads, t, t, dtype=torch.float64),
         "v": torch.zeros(b, n_layers, n_heads, t, t, dtype=torch.float64),
         "q": torch.zeros(b, n_layers, n_heads, t, dtype=torch.float64),
     }
     for l in range(n_layers):
-        qn, kn = _attention_hooks(model, l)
-        vn, zn = f"blocks.{l}.attn.hook_v", f"blocks.{l}.attn.hook_z"
-        q, q2 = clean[qn].transpose(1, 2).double(), cf[qn].transpose(1, 2).double()  # [b, h, t, d]
-        k, k2 = _per_query_head(clean[kn], n_heads), _per_query_head(cf[kn], n_heads)
-        v, v2 = _per_query_head(clean[vn], n_heads), _per_query_head(cf[vn], n_heads)
-        gz = grads[zn].transpose(1, 2).double()  # [b, h, t, d_head]
-        s = torch.einsum("bhtd,bhjd->bhtj", q, k) * scale
-        s = s.masked_fill(~allowed, float("-inf"))
+        (q, k, v), (q2, k2, v2) = clean[l], cf[l]
+        q, q2 = q.transpose(1, 2).double(), q2.transpose(1, 2).double()  # [b, h, t, d]
+        k, k2 = per_query_head(k, n_heads).double(), per_query_head(k2, n_heads).double()
+        v, v2 = per_query_head(v, n_heads).double(), per_query_head(v2, n_heads).double()
+        gzl = gz[l].transpose(1, 2).double()  # [b, h, t, d_head]
+        zl = z[l].transpose(1, 2).double()
+        s = scores(q, k, scale, cap).masked_fill(~allowed, float("-inf"))
         p = s.softmax(-1)
-        z = p @ v  # [b, h, t, d_head]
-        zg = (z * gz).sum(-1, keepdim=True)  # [b, h, t, 1]
-        vg = torch.einsum("bhjd,bhtd->bhtj", v, gz)  # v[t'] . dM/dz[t]
+        zg = (zl * gzl).sum(-1, keepdim=True)  # [b, h, t, 1]
+        vg = torch.einsum("bhjd,bhtd->bhtj", v, gzl)  # v[t'] . dM/dz[t]
         # Key at t' replaced: the one changed logit of row t moves by s'[t, t'] - s[t, t'].
-        s_k = (torch.einsum("bhtd,bhjd->bhtj", q, k2) * scale).masked_fill(~allowed, float("-inf"))
+        s_k = scores(q, k2, scale, cap).masked_fill(~allowed, float("-inf"))
         r = torch.exp((s_k - s).masked_fill(~allowed, 0.0))
         norm = 1.0 - p + p * r
         key = (1.0 / norm - 1.0) * zg + p * (r - 1.0) / norm * vg
         out["k"][:, l] = key.masked_fill(~allowed, 0.0).cpu()
         # Value at t' replaced: z[t] moves by p[t, t'] (v'[t'] - v[t']).
-        dvg = torch.einsum("bhjd,bhtd->bhtj", v2 - v, gz)
+        dvg = torch.einsum("bhjd,bhtd->bhtj", v2 - v, gzl)
         out["v"][:, l] = (p * dvg).masked_fill(~allowed, 0.0).cpu()
         # Query at t replaced: row t is recomputed.
-        s_q = (torch.einsum("bhtd,bhjd->bhtj", q2, k) * scale).masked_fill(~allowed, float("-inf"))
+        s_q = scores(q2, k, scale, cap).masked_fill(~allowed, float("-inf"))
         dz = (s_q.softmax(-1) - p) @ v
-        out["q"][:, l] = (dz * gz).sum(-1).masked_fill(~batch.attention_mask.bool()[:, None, :], 0.0).cpu()
+        out["q"][:, l] = (dz * gzl).sum(-1).masked_fill(~attention_mask.bool()[:, None, :], 0.0).cpu()
     return out
 
 
@@ -159,15 +165,9 @@ def batch_span_of(dataset, indices, width: int) -> torch.Tensor:
 
 def concrete_counts(dataset, n_spans: int) -> dict[str, torch.Tensor]:
     """Token-level edges a span edge stands for, averaged over examples (method.md §4):
-    within: [span] = |S|; crossing: [key span, query span] = number of (t', t) with t' <= t."""
-    within = torch.zeros(n_spans, dtype=torch.float64)
-    crossing = torch.zeros(n_spans, n_spans, dtype=torch.float64)
-    for ex in dataset.examples:
-        spans = torch.tensor(ex.span_of_positions())
-        onehot = torch.nn.functional.one_hot(spans, n_spans).double()  # [t, s]
-        within += onehot.sum(0)
-        causal = torch.ones(len(spans), len(spans), dtype=torch.float64).tril()  # [t, t']
-        crossing += torch.einsum("jk,tj,tq->kq", onehot, causal, onehot)
-    n = max(1, len(dataset))
-    return {"within": within / n, "crossing": crossing / n}
+    within: [span] = |S|; crossing: [key span, query span] = number of (t', t) with t' <= t;
+    last: [span] = fraction of examples whose last token (where the logits read) lies in the span."""
+    from ..span_circuits import span_counts
 
+    counts = span_counts(dataset, list(range(n_spans)), n_spans)
+    return {"within": counts["tokens"], "crossing": counts["pairs"], "last": counts["last"]}

@@ -32,9 +32,16 @@ def upstream_outputs(model, graph: Graph, tokens: torch.Tensor, attention_mask: 
 
 
 @torch.no_grad()
-def _reference_pass(model, graph: Graph, tokens, attention_mask, heads_as_z: bool):
+def upstream_and_attention(model, graph: Graph, tokens, attention_mask) -> tuple[torch.Tensor, dict]:
+    """(upstream outputs [n_up, batch, pos, d], per layer (q, k, v)) on `tokens`."""
+    run = _reference_pass(model, graph, tokens, attention_mask, heads_as_z=False, capture_attention=True)
+    return run.up, {layer: tuple(t) for layer, t in run.attention.items()}
+
+
+@torch.no_grad()
+def _reference_pass(model, graph: Graph, tokens, attention_mask, heads_as_z: bool, capture_attention: bool = False):
     with graph_hooks(model, graph, record_up=True, split_inputs=False, stop_at_final=True,
-                     heads_as_z=heads_as_z) as run:
+                     heads_as_z=heads_as_z, capture_attention=capture_attention) as run:
         try:
             model(tokens, attention_mask=attention_mask)
         except StopForward:
@@ -43,11 +50,13 @@ def _reference_pass(model, graph: Graph, tokens, attention_mask, heads_as_z: boo
 
 
 @torch.no_grad()
-def counterfactual_delta(model, graph: Graph, batch: Batch, clean_run) -> torch.Tensor:
+def counterfactual_delta(model, graph: Graph, batch: Batch, clean_run, capture_attention: bool = False):
     """ref - clean for every upstream node [n_up, batch, pos, d] with the counterfactual reference,
     from a clean run recorded with `heads_as_z`: head rows come from (z' - z) @ W_O, one product per
-    layer instead of one per pass."""
-    cf_run = _reference_pass(model, graph, batch.counterfactual, batch.attention_mask, heads_as_z=True)
+    layer instead of one per pass. With `capture_attention`, returns (delta, the counterfactual run's
+    (q, k, v) per layer)."""
+    cf_run = _reference_pass(model, graph, batch.counterfactual, batch.attention_mask, heads_as_z=True,
+                             capture_attention=capture_attention)
     delta = cf_run.up  # head rows are unwritten in both runs: they are filled from z below
     delta[0] -= clean_run.up[0]
     W_O = model.W_O.detach()
@@ -56,13 +65,17 @@ def counterfactual_delta(model, graph: Graph, batch: Batch, clean_run) -> torch.
         delta[graph.upstream_slice(layer)] = torch.einsum("bthe,hed->hbtd", dz, W_O[layer].to(dz.dtype))
         mlp = graph.mlp_index(layer)
         delta[mlp] -= clean_run.up[mlp]
-    return delta
+    return (delta, cf_run.attention) if capture_attention else delta
 
 
 @dataclass
 class MeanReference:
     per_position: torch.Tensor  # [n_up, pos, d_model]
     overall: torch.Tensor  # [n_up, d_model], over all reference tokens
+    # Means of each layer's (q, k, v) as the attention hooks give them, flattened over heads:
+    # (layer, slot) -> MeanReference of shape [1, pos, heads * d_head]. Filled by `mean_reference`
+    # with `attention=True`, for ablating crossing edges.
+    attention: dict = None
 
     def rows(self, n_pos: int) -> torch.Tensor:
         """[n_up, n_pos, d_model]: per-position means, the overall mean past the reference length."""
@@ -71,27 +84,52 @@ class MeanReference:
         return torch.cat([self.per_position[:, :have], extra], dim=1)
 
 
+class _PositionMean:
+    """Running per-position sums of [n, batch, pos, x] tensors over the real tokens of batches."""
+
+    def __init__(self):
+        self.total = self.count = None
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor) -> None:
+        s = (x * mask.to(x.dtype)[None, :, :, None]).sum(1).transpose(0, 1)  # [t, n, x]
+        c = mask.to(x.dtype).sum(0)
+        if self.total is None:
+            self.total, self.count = s, c
+        else:
+            width = max(self.total.shape[0], s.shape[0])
+            self.total = _pad_rows(self.total, width) + _pad_rows(s, width)
+            self.count = _pad_rows(self.count, width) + _pad_rows(c, width)
+
+    def result(self) -> MeanReference:
+        overall = self.total.sum(0) / self.count.sum().clamp(min=1)
+        mean = self.total / self.count.clamp(min=1)[:, None, None]
+        per_position = torch.where(self.count[:, None, None] > 0, mean, overall).transpose(0, 1).contiguous()
+        return MeanReference(per_position, overall)
+
+
 @torch.no_grad()
-def mean_reference(model, graph: Graph, dataset: PromptPairDataset, batch_size: int = 16) -> MeanReference:
-    """Mean upstream outputs over the clean prompts of `dataset`, per position and overall."""
+def mean_reference(model, graph: Graph, dataset: PromptPairDataset, batch_size: int = 16,
+                   attention: bool = False) -> MeanReference:
+    """Mean upstream outputs over the clean prompts of `dataset`, per position and overall (and, with
+    `attention`, the means of every layer's queries, keys and values)."""
     device = model.cfg.device
-    total = count = None
+    up_mean = _PositionMean()
+    attn_means: dict[tuple[int, int], _PositionMean] = {}
     for _, batch in dataset.batches(batch_size):
         batch = batch.to(device)
-        up = upstream_outputs(model, graph, batch.clean, batch.attention_mask).transpose(0, 1)  # [b, u, t, d]
-        mask = batch.attention_mask.to(up.dtype)  # [b, t]
-        s = (up * mask[:, None, :, None]).sum(0).transpose(0, 1)  # [t, u, d]
-        c = mask.sum(0)
-        if total is None:
-            total, count = s, c
-        else:
-            width = max(total.shape[0], s.shape[0])
-            total = _pad_rows(total, width) + _pad_rows(s, width)
-            count = _pad_rows(count, width) + _pad_rows(c, width)
-    overall = total.sum(0) / count.sum().clamp(min=1)
-    mean = total / count.clamp(min=1)[:, None, None]
-    per_position = torch.where(count[:, None, None] > 0, mean, overall).transpose(0, 1).contiguous()
-    return MeanReference(per_position, overall)
+        with graph_hooks(model, graph, record_up=True, split_inputs=False, stop_at_final=True,
+                         capture_attention=attention) as run:
+            try:
+                model(batch.clean, attention_mask=batch.attention_mask)
+            except StopForward:
+                pass
+        up_mean.add(run.up, batch.attention_mask)
+        for layer, tensors in run.attention.items():
+            for slot, x in enumerate(tensors):
+                attn_means.setdefault((layer, slot), _PositionMean()).add(x.flatten(2)[None], batch.attention_mask)
+    out = up_mean.result()
+    out.attention = {key: m.result() for key, m in attn_means.items()} if attention else None
+    return out
 
 
 def _pad_rows(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -99,6 +137,26 @@ def _pad_rows(x: torch.Tensor, width: int) -> torch.Tensor:
         return x
     pad = torch.zeros(width - x.shape[0], *x.shape[1:], dtype=x.dtype, device=x.device)
     return torch.cat([x, pad])
+
+
+def attention_references(model, graph: Graph, batch: Batch, ablation: str, clean_attention: dict,
+                         mean: MeanReference | None = None, counterfactual: dict | None = None) -> dict:
+    """Reference (q, k, v) per layer for ablating crossing edges, shaped like the clean ones."""
+    if ablation == "counterfactual":
+        return counterfactual
+    out = {}
+    for layer, tensors in clean_attention.items():
+        refs = []
+        for slot, x in enumerate(tensors):
+            if ablation == "zero":
+                refs.append(torch.zeros_like(x))
+                continue
+            if mean is None or mean.attention is None:
+                raise ValueError("mean ablation of crossing edges needs mean_reference(..., attention=True)")
+            rows = mean.attention[(layer, slot)].rows(x.shape[1])[0].to(x.device, x.dtype)  # [t, heads * d]
+            refs.append(rows.view(x.shape[1], *x.shape[2:])[None].expand_as(x))
+        out[layer] = tuple(refs)
+    return out
 
 
 def reference_outputs(

@@ -13,8 +13,11 @@ One forward pass with hooks that can
     is the plain sum of upstream outputs (and constant biases).
   * replace the input embedding (EAP-IG interpolates it between counterfactual and clean).
 
-`keep` is either [n_up, n_down] (the same at every position) or [batch, pos, n_up, n_down] (a
-positional circuit projected onto each example).
+`keep` is [n_up, n_down] (the same at every position), [batch, pos, n_up, n_down], or, for a span
+circuit (PEAP), [n_spans, n_up, n_down] with `span_of` [batch, pos] naming each token's span. Span
+circuits may also ablate crossing edges inside attention (`AttentionAblation`): each head's output is
+then recomputed from its queries, keys and values with, per (query position t, key position t'), the
+key and value at t' and the query at t taken from this run or from the reference run.
 
 Hook points used (TransformerLens names): `blocks.0.hook_resid_pre` (input node), `blocks.{l}.attn.
 hook_z` (heads: their writes z_h @ W_O[h] are computed from it), `blocks.{l}.hook_mlp_out` (MLPs),
@@ -32,6 +35,7 @@ from typing import Callable
 import torch
 
 from ..graph import Graph
+from .attention import allowed_mask, mixed_head_outputs, qkv_hook_names
 
 
 def prepare_model(model, split_inputs: bool = True) -> None:
@@ -50,9 +54,28 @@ class StopForward(Exception):
 
 
 @dataclass
+class AttentionAblation:
+    """Crossing edges to ablate inside attention, for the layers present in the dictionaries.
+
+    keep_k / keep_v: layer -> [batch, head, t, t'] (1 keeps the edge key/value@t' -> head@t);
+    keep_q: layer -> [batch, head, t]; reference: layer -> (q, k, v) as the hooks give them
+    ([batch, pos, head or kv head, d_head]; q and k rotated for rotary models).
+    """
+
+    keep_k: dict[int, torch.Tensor]
+    keep_v: dict[int, torch.Tensor]
+    keep_q: dict[int, torch.Tensor]
+    reference: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    scale: float
+    soft_cap: float | None = None
+
+
+@dataclass
 class Ablation:
-    keep: torch.Tensor  # [n_up, n_down] or [batch, pos, n_up, n_down]; 1 keeps an edge, 0 ablates it
+    keep: torch.Tensor  # [n_up, n_down], [batch, pos, n_up, n_down] or [n_spans, n_up, n_down]; 1 keeps
     reference: torch.Tensor  # [n_up, batch, pos, d_model] reference outputs of the upstream nodes
+    span_of: torch.Tensor | None = None  # [batch, pos] span of each token (-1: padding), with span keep
+    attention: AttentionAblation | None = None
 
 
 class GraphRun:
@@ -69,6 +92,8 @@ class GraphRun:
         W_O: torch.Tensor | None = None,
         stop_at_final: bool = False,
         heads_as_z: bool = False,
+        attention_names: list[tuple[str, str, str]] | None = None,
+        capture_attention: bool = False,
     ):
         if ablation is not None and not split_inputs:
             raise ValueError("edge ablation needs split per-head inputs")
@@ -91,13 +116,46 @@ class GraphRun:
         self.input_override = input_override
         self.up: torch.Tensor | None = None  # [n_up, batch, pos, d_model], detached values
         self.down: dict[int, torch.Tensor] = {}  # first downstream index -> live input tensor
+        # Per layer (q, k, v) hook names; with `capture_attention` (or crossing-edge ablation) the
+        # run keeps each layer's q, k, v in `attention[layer]` (detached).
+        self.attention_names = attention_names
+        self.capture_attention = capture_attention
+        self.attention: dict[int, list[torch.Tensor | None]] = {}
         if ablation is not None:
             keep = ablation.keep.to(ablation.reference.dtype)
             self.drop = 1.0 - keep  # weight of each edge's correction
+            self.by_span = ablation.span_of is not None
             if self.drop.dim() == 2:
                 self.drop_t = self.drop.T.contiguous()  # [n_down, n_up]
-            self.delta = torch.empty_like(ablation.reference)
+            if self.by_span:
+                self._init_span_layout(ablation)
+            else:
+                self.delta = torch.empty_like(ablation.reference)
             self._fix_key = None
+
+    def _init_span_layout(self, ablation: Ablation) -> None:
+        """Keep delta with the (batch, pos) axis flattened and sorted by span ([n_up, tokens, d]), so
+        every span's tokens are one contiguous slice and its correction is one matrix product."""
+        ref = ablation.reference
+        n_spans = self.drop.shape[0]
+        flat = ablation.span_of.reshape(-1).to(ref.device)
+        self.drop_t = self.drop.transpose(1, 2).contiguous()  # [span, n_down, n_up]
+        order = torch.cat([(flat == s).nonzero(as_tuple=True)[0] for s in range(n_spans)])
+        counts = torch.bincount(flat[flat >= 0], minlength=n_spans).tolist()
+        starts = [sum(counts[:s]) for s in range(n_spans)]
+        self.span_ranges = [(s, a, a + c) for s, (a, c) in enumerate(zip(starts, counts)) if c]
+        self.order = order
+        self.ref_sorted = ref.flatten(1, 2)[:, order]  # [n_up, tokens, d]
+        self.delta = torch.empty_like(self.ref_sorted)
+        self.bt = ref.shape[1:3]
+
+    def _set_delta(self, index, value: torch.Tensor) -> None:
+        """delta[index] = reference - value, for node-major values [n, batch, pos, d] or [batch, pos, d]."""
+        if self.by_span:
+            flat = value.flatten(-3, -2) if value.dim() == 3 else value.flatten(1, 2)
+            self.delta[index] = self.ref_sorted[index] - flat[..., self.order, :]
+        else:
+            self.delta[index] = self.ablation.reference[index] - value
 
     # --------------------------------------------------------------------------------------------
 
@@ -111,7 +169,7 @@ class GraphRun:
         value = value.detach()
         self.up[index] = value.permute(2, 0, 1, 3) if value.dim() == 4 else value
         if self.ablation is not None:
-            self.delta[index] = self.ablation.reference[index] - self.up[index]
+            self._set_delta(index, self.up[index])
 
     def _correct(self, first: int, count: int, read_step: int, value: torch.Tensor) -> torch.Tensor:
         """Apply edge ablation to the inputs of downstream nodes first..first+count-1."""
@@ -119,7 +177,20 @@ class GraphRun:
             return value
         n_before = self.graph.n_upstream_before(read_step)
         delta = self.delta[:n_before]  # [u, b, t, d]: reference - this run's output, filled as nodes write
-        if self.drop.dim() == 2:
+        if self.by_span:
+            key = (read_step, n_before)
+            if self._fix_key != key:
+                lo, hi = self._read_group(read_step)
+                fix_sorted = torch.empty(hi - lo, *delta.shape[1:], dtype=delta.dtype, device=delta.device)
+                for s, a, b in self.span_ranges:
+                    part = delta[:, a:b].reshape(n_before, -1)  # a view: a span's tokens are contiguous
+                    fix_sorted[:, a:b] = (self.drop_t[s, lo:hi, :n_before] @ part).view(hi - lo, b - a, -1)
+                fix = torch.zeros(hi - lo, self.bt[0] * self.bt[1], delta.shape[-1], dtype=delta.dtype,
+                                  device=delta.device)
+                fix[:, self.order] = fix_sorted
+                self._fix_key, self._fix, self._fix_lo = key, fix.view(hi - lo, *self.bt, -1), lo
+            fix = self._fix[first - self._fix_lo : first - self._fix_lo + count].permute(1, 2, 0, 3)
+        elif self.drop.dim() == 2:
             # One matrix product per group of nodes reading at this step (q, k and v of a layer share
             # it), so delta is read once per group rather than once per hook.
             key = (read_step, n_before)
@@ -181,7 +252,10 @@ class GraphRun:
                 hooks.append((f"blocks.{l}.hook_resid_pre", self._norm_input_hook(l)))
                 for kind, sl in (("q", g.q_slice(l)), ("k", g.k_slice(l)), ("v", g.v_slice(l))):
                     hooks.append((f"blocks.{l}.attn.hook_{kind}", self._projection_hook(l, kind, sl.start)))
-            if self.record_up:
+            if self._attention_layer(l):
+                for i, name in enumerate(self.attention_names[l]):
+                    hooks.append((name, self._attention_capture_hook(l, i)))
+            if self.record_up or self._attention_layer(l):
                 hooks.append((f"blocks.{l}.attn.hook_z", self._head_results_hook(l)))
             hooks.append((f"blocks.{l}.hook_mlp_in", self._downstream(g.mlp_in_index(l), 1, mlp_read)))
             hooks.append((f"blocks.{l}.hook_mlp_out", self._upstream_hook(g.mlp_index(l))))
@@ -211,11 +285,32 @@ class GraphRun:
 
         return hook
 
+    def _attention_layer(self, layer: int) -> bool:
+        """Whether this pass needs `layer`'s q, k, v (captured, or for crossing-edge ablation)."""
+        if self.capture_attention:
+            return True
+        att = self.ablation.attention if self.ablation is not None else None
+        return att is not None and layer in att.keep_k
+
+    def _attention_capture_hook(self, layer: int, slot: int):
+        def hook(value, hook=None):
+            self.attention.setdefault(layer, [None, None, None])[slot] = value.detach()
+            return value
+
+        return hook
+
     def _head_results_hook(self, layer: int):
         """Each head's write to the residual stream, z_h @ W_O[h] (TransformerLens' hook_result
-        without its bias), computed here outside autograd instead of by the model's per-head path."""
+        without its bias), computed here outside autograd instead of by the model's per-head path.
+        With crossing-edge ablation in this layer the head outputs are first recomputed."""
 
         def hook(z, hook=None):
+            att = self.ablation.attention if self.ablation is not None else None
+            if att is not None and layer in att.keep_k:
+                z = mixed_head_outputs(
+                    self.attention[layer], att.reference[layer], att.keep_q[layer], att.keep_k[layer],
+                    att.keep_v[layer], self.allowed, att.scale, att.soft_cap,
+                ).to(z.dtype)
             if self.heads_as_z:
                 self.z[layer] = z.detach()
                 return z
@@ -225,7 +320,7 @@ class GraphRun:
             heads = self.graph.upstream_slice(layer)
             self.up[heads] = torch.einsum("bthe,hed->hbtd", z.detach(), w)
             if self.ablation is not None:
-                self.delta[heads] = self.ablation.reference[heads] - self.up[heads]
+                self._set_delta(heads, self.up[heads])
             return z
 
         return hook
@@ -253,17 +348,27 @@ def graph_hooks(
     split_inputs: bool = True,
     stop_at_final: bool = False,
     heads_as_z: bool = False,
+    capture_attention: bool = False,
+    attention_mask: torch.Tensor | None = None,
 ):
     """Context manager: inside it, `model(...)` runs with the graph hooks; yields the `GraphRun`.
 
     With `stop_at_final` the pass ends with `StopForward` at the final residual, skipping the
-    unembedding, for passes that only record upstream outputs."""
+    unembedding, for passes that only record upstream outputs. With `capture_attention` every layer's
+    q, k, v are kept in `run.attention`. Crossing-edge ablation needs the batch's `attention_mask`."""
     prepare_model(model, split_inputs)
     # The bridge assembles W_O for all layers on each access, so read it once per pass.
     W_O = model.W_O.detach() if ((record_up and not heads_as_z) or ablation is not None) else None
+    crossing = ablation is not None and ablation.attention is not None
+    names = [qkv_hook_names(model, l) for l in range(graph.n_layers)] if capture_attention or crossing else None
     run = GraphRun(
-        graph, record_up, record_down, ablation, input_override, split_inputs, W_O, stop_at_final, heads_as_z
+        graph, record_up, record_down, ablation, input_override, split_inputs, W_O, stop_at_final, heads_as_z,
+        names, capture_attention,
     )
+    if crossing:
+        if attention_mask is None:
+            raise ValueError("crossing-edge ablation needs the batch's attention_mask")
+        run.allowed = allowed_mask(attention_mask)
     with model.hooks(fwd_hooks=run.hooks()):
         yield run
 

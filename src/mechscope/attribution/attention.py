@@ -1,0 +1,85 @@
+"""One attention head computed by hand, as the model computes it: the hooks that hold its (rotated)
+queries and keys and its values, the model's score scale and soft-capping, causal and padding masks.
+
+PEAP needs this twice: to score crossing edges (a key, value or query of one position replaced inside
+the head) and to evaluate span circuits whose crossing edges are ablated (each (query, key) pair of a
+head may mix this run's and the reference run's keys and values).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def qkv_hook_names(model, layer: int) -> tuple[str, str, str]:
+    """Names of the hooks holding a layer's queries and keys (rotated, for rotary models) and values."""
+    rot_q = f"blocks.{layer}.attn.hook_rot_q"
+    if rot_q in model.hook_dict:
+        q, k = rot_q, f"blocks.{layer}.attn.hook_rot_k"
+    else:
+        q, k = f"blocks.{layer}.attn.hook_q", f"blocks.{layer}.attn.hook_k"
+    return q, k, f"blocks.{layer}.attn.hook_v"
+
+
+def attention_scale(model) -> float:
+    """The factor attention scores are multiplied by (1 / sqrt(d_head) unless the model says else)."""
+    cfg = model.cfg
+    scale = getattr(cfg, "attn_scale", None)
+    if scale is None or scale <= 0:
+        scale = math.sqrt(cfg.d_head)
+    return 1.0 / float(scale)
+
+
+def score_soft_cap(model) -> float | None:
+    """The model's attention-score soft-capping (Gemma 2), or None."""
+    cap = getattr(model.cfg, "attn_scores_soft_cap", None)
+    return float(cap) if cap is not None and cap > 0 else None
+
+
+def check_supported(model) -> None:
+    """Refuse attention variants the hand computation does not reproduce."""
+    cfg = model.cfg
+    if getattr(cfg, "positional_embedding_type", "") == "alibi":
+        raise NotImplementedError("crossing edges are not implemented for ALiBi attention")
+    if getattr(cfg, "use_local_attn", False) or getattr(cfg, "sliding_window", None):
+        raise NotImplementedError("crossing edges are not implemented for local (sliding-window) attention")
+
+
+def per_query_head(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[b, t, heads or kv heads, d] -> [b, heads, t, d], repeating each key-value head over its group."""
+    return x.repeat_interleave(n_heads // x.shape[2], dim=2).transpose(1, 2)
+
+
+def scores(q: torch.Tensor, k: torch.Tensor, scale: float, soft_cap: float | None) -> torch.Tensor:
+    """Attention logits [b, h, t, t'] from q [b, h, t, d] and k [b, h, t', d] (no mask)."""
+    s = torch.einsum("bhtd,bhjd->bhtj", q, k) * scale
+    if soft_cap is not None:
+        s = soft_cap * torch.tanh(s / soft_cap)
+    return s
+
+
+def allowed_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[b, 1, t, t'] True where query t may attend to key t' (causal, key not padding)."""
+    t = attention_mask.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=attention_mask.device).tril()
+    return causal[None, None] & attention_mask.bool()[:, None, None, :]
+
+
+def mixed_head_outputs(live, reference, keep_q, keep_k, keep_v, allowed, scale, soft_cap) -> torch.Tensor:
+    """z [b, t, h, d_head] of every head with crossing edges ablated.
+
+    live / reference: (q [b, t, h, d], k [b, t, kv, d], v [b, t, kv, d]); keep_q [b, h, t] picks the
+    query at t, keep_k / keep_v [b, h, t, t'] pick, for query t, the key / value at t' from the live
+    run (1) or the reference (0).
+    """
+    n_heads = live[0].shape[2]
+    q = torch.where(keep_q[..., None].bool(), live[0].transpose(1, 2), reference[0].transpose(1, 2))
+    k, k_ref = per_query_head(live[1], n_heads), per_query_head(reference[1], n_heads)
+    v, v_ref = per_query_head(live[2], n_heads), per_query_head(reference[2], n_heads)
+    s = torch.where(keep_k.bool(), scores(q, k, scale, soft_cap), scores(q, k_ref, scale, soft_cap))
+    p = s.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+    keep_v = keep_v.to(p.dtype)
+    z = (p * keep_v) @ v + (p * (1 - keep_v)) @ v_ref
+    return z.transpose(1, 2)

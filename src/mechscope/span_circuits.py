@@ -1,0 +1,520 @@
+"""Span circuits: position-aware circuits over a schema's spans (../shared/method.md §2, §4-§6).
+
+The span graph repeats the computational graph per span of the schema:
+
+* within-position edges (u, S) -> (v, S): upstream node u's output at the tokens of span S read by
+  downstream node v at the same tokens (the logits read only at each example's last token);
+* crossing edges inside attention head h: its key or value input at span S' -> h's output at span S
+  for S' <= S (the tokens t' <= t of those spans), and its query input at S -> h's output at S.
+
+A `SpanCircuit` is a set of these edges. Projected onto an example, a within edge stands for |S|
+token edges (one for the logits), a crossing key/value edge for the pairs (t', t) with t' in S',
+t in S and t' <= t, and a query edge for |S|; circuit size is reported in these concrete token edges,
+averaged over the evaluation examples.
+
+A non-positional `Circuit` is the special case of one span covering every token (named `*`) with every
+crossing edge kept (non-positional evaluation never ablates inside attention): `from_circuit`.
+
+Selection (`span_greedy`, `span_top_n`) follows §5. `attention="scored"` makes crossing edges compete
+for the budget like any other edge (PEAP); `attention="whole"` keeps all crossing edges of every head in
+the circuit for free, which with one span is exactly the non-positional greedy.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .circuits import Circuit, CircuitError
+from .fileio import atomic_path
+from .graph import Graph
+
+ALL_TOKENS = "*"
+ATTENTION_MODES = ("scored", "whole")
+
+
+@dataclass
+class SpanCircuit:
+    graph: Graph
+    spans: tuple[str, ...]
+    within: torch.Tensor  # bool [n_spans, n_edges]
+    crossing: dict[str, torch.Tensor]  # "k", "v": bool [layer, head, key span, query span]; "q": [layer, head, span]
+    logit_spans: torch.Tensor  # bool [n_spans]: spans holding some example's last token
+    model: str = ""
+    method: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_spans(self) -> int:
+        return len(self.spans)
+
+    @property
+    def n_within(self) -> int:
+        return int(self.within.sum())
+
+    @property
+    def n_crossing(self) -> int:
+        return int(sum(int(v.sum()) for v in self.crossing.values()))
+
+    @property
+    def n_edges(self) -> int:
+        """Span-level edges (within and crossing)."""
+        return self.n_within + self.n_crossing
+
+    @property
+    def single_span(self) -> bool:
+        return self.spans == (ALL_TOKENS,)
+
+    # ---------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_circuit(cls, circuit: Circuit) -> "SpanCircuit":
+        """The non-positional circuit as a span circuit: one span over every token, every crossing edge
+        kept (dead ones are dropped by `prune`, as they carry reference values either way)."""
+        g = circuit.graph
+        c = _full_crossing(g, 1)
+        out = cls(g, (ALL_TOKENS,), circuit.edges[None].clone(), c, torch.ones(1, dtype=torch.bool),
+                  model=circuit.model, method=circuit.method, info=dict(circuit.info, positional=False))
+        return prune_span_circuit(out)
+
+    @classmethod
+    def full(cls, graph: Graph, spans, logit_spans: torch.Tensor | None = None, **kw) -> "SpanCircuit":
+        n = len(spans)
+        logit_spans = torch.ones(n, dtype=torch.bool) if logit_spans is None else logit_spans.bool()
+        within = torch.ones(n, graph.n_edges, dtype=torch.bool)
+        within[:, graph.edge_down == graph.logits_index] &= logit_spans[:, None]
+        return cls(graph, tuple(spans), within, _full_crossing(graph, n), logit_spans, **kw)
+
+    @classmethod
+    def empty(cls, graph: Graph, spans, logit_spans: torch.Tensor | None = None, **kw) -> "SpanCircuit":
+        n = len(spans)
+        logit_spans = torch.ones(n, dtype=torch.bool) if logit_spans is None else logit_spans.bool()
+        crossing = {k: torch.zeros_like(v) for k, v in _full_crossing(graph, n).items()}
+        return cls(graph, tuple(spans), torch.zeros(n, graph.n_edges, dtype=torch.bool), crossing, logit_spans, **kw)
+
+    # ---------------------------------------------------------------------------------------------
+
+    def span_map(self, dataset) -> list[int]:
+        """For each span of `dataset`'s schema, the circuit span its tokens belong to."""
+        if self.single_span:
+            return [0] * len(dataset.schema)
+        if tuple(dataset.schema.spans) != self.spans:
+            raise CircuitError(
+                f"span circuit over spans {list(self.spans)} does not fit a dataset with schema "
+                f"{list(dataset.schema.spans)}"
+            )
+        return list(range(self.n_spans))
+
+    def concrete_edges(self, dataset) -> dict[str, float]:
+        """Token-level edges this circuit stands for on `dataset`, averaged over its examples:
+        {"within", "crossing", "total"}."""
+        counts = span_counts(dataset, self.span_map(dataset), self.n_spans)
+        g = self.graph
+        logit_edge = (g.edge_down == g.logits_index)
+        per_span = counts["tokens"][:, None].expand(-1, g.n_edges).clone()  # [S, E]
+        per_span[:, logit_edge] = counts["last"][:, None]
+        within = float((self.within.double() * per_span).sum())
+        pairs = counts["pairs"]  # [key span, query span]
+        crossing = float((self.crossing["k"].double() * pairs).sum() + (self.crossing["v"].double() * pairs).sum()
+                         + (self.crossing["q"].double() * counts["tokens"]).sum())
+        return {"within": within, "crossing": crossing, "total": within + crossing}
+
+    def projection(self, span_of: torch.Tensor):
+        """Keep masks for a batch whose tokens lie in circuit spans `span_of` [b, t] (-1: padding):
+        (within [S, n_up, n_down] float, crossing keep dicts per layer that ablates any crossing edge)."""
+        g = self.graph
+        within = g.dense(self.within.float())
+        sp = span_of.clamp(min=0)
+        keep_k, keep_v, keep_q = {}, {}, {}
+        valid = _valid_pairs(self.n_spans)
+        for l in range(g.n_layers):
+            k, v, q = self.crossing["k"][l], self.crossing["v"][l], self.crossing["q"][l]
+            if bool((k | ~valid).all()) and bool((v | ~valid).all()) and bool(q.all()):
+                continue
+            # [head, key span, query span] -> [batch, head, t (query), t' (key)]
+            keep_k[l] = k.transpose(1, 2)[:, sp[:, :, None], sp[:, None, :]].permute(1, 0, 2, 3).float()
+            keep_v[l] = v.transpose(1, 2)[:, sp[:, :, None], sp[:, None, :]].permute(1, 0, 2, 3).float()
+            keep_q[l] = q[:, sp].permute(1, 0, 2).float()
+        return within, (keep_k, keep_v, keep_q)
+
+    def nodes(self) -> list[tuple[str, str]]:
+        """(upstream node, span) pairs with a circuit edge leaving them."""
+        g = self.graph
+        out = set()
+        for s, e in self.within.nonzero().tolist():
+            out.add((g.upstream_names[int(g.edge_up[e])], self.spans[s]))
+        return sorted(out)
+
+    # ---------------------------------------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        g = self.graph
+        within = {
+            self.spans[s]: [g.edge_name(e) for e in self.within[s].nonzero().flatten().tolist()]
+            for s in range(self.n_spans)
+        }
+        crossing = []
+        for kind in ("k", "v"):
+            for l, h, a, b in self.crossing[kind].nonzero().tolist():
+                crossing.append(f"{self.spans[a]}:a{l}.h{h}.{kind} -> {self.spans[b]}:a{l}.h{h}")
+        for l, h, s in self.crossing["q"].nonzero().tolist():
+            crossing.append(f"{self.spans[s]}:a{l}.h{h}.q -> {self.spans[s]}:a{l}.h{h}")
+        return {
+            "format": "mechscope-span-circuit/1",
+            "model": self.model,
+            "method": self.method,
+            "graph": {"n_layers": g.n_layers, "n_heads": g.n_heads, "n_kv_heads": g.n_kv_heads,
+                      "parallel_attn_mlp": g.parallel_attn_mlp},
+            "spans": list(self.spans),
+            "logit_spans": [self.spans[i] for i in self.logit_spans.nonzero().flatten().tolist()],
+            "n_edges": self.n_edges,
+            "within": within,
+            "crossing": crossing,
+            "info": self.info,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.to_json(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SpanCircuit":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != "mechscope-span-circuit/1":
+                raise KeyError("format")
+            graph = Graph(**data["graph"])
+            spans = tuple(data["spans"])
+            span_index = {s: i for i, s in enumerate(spans)}
+            edge_index = {graph.edge_name(e): e for e in range(graph.n_edges)}
+            n = len(spans)
+            within = torch.zeros(n, graph.n_edges, dtype=torch.bool)
+            for span, names in data["within"].items():
+                for name in names:
+                    if name not in edge_index:
+                        raise CircuitError(f"{path}: edge '{name}' is not in a graph of this shape")
+                    within[span_index[span], edge_index[name]] = True
+            crossing = {k: torch.zeros_like(v) for k, v in _full_crossing(graph, n).items()}
+            for item in data["crossing"]:
+                src, dst = (part.strip() for part in item.split("->"))
+                src_span, src_node = src.split(":")
+                dst_span, _ = dst.split(":")
+                layer, head, kind = src_node.split(".")
+                l, h = int(layer[1:]), int(head[1:])
+                if kind == "q":
+                    crossing["q"][l, h, span_index[src_span]] = True
+                else:
+                    crossing[kind][l, h, span_index[src_span], span_index[dst_span]] = True
+            logit_spans = torch.zeros(n, dtype=torch.bool)
+            for s in data["logit_spans"]:
+                logit_spans[span_index[s]] = True
+        except FileNotFoundError:
+            raise CircuitError(f"{path}: no such span circuit file") from None
+        except CircuitError:
+            raise
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as exc:
+            raise CircuitError(f"{path}: not a mechscope span circuit file ({type(exc).__name__}: {exc})") from None
+        return cls(graph, spans, within, crossing, logit_spans, model=data.get("model", ""),
+                   method=data.get("method", ""), info=data.get("info", {}))
+
+    def check_model(self, model, source: str = "span circuit") -> None:
+        Circuit(self.graph, torch.zeros(0), model=self.model).check_model(model, source)
+
+
+def load_any_circuit(path: str | os.PathLike):
+    """A `Circuit` or `SpanCircuit` from its JSON file, whichever it holds."""
+    try:
+        fmt = json.loads(Path(path).read_text()).get("format")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        fmt = None
+    return SpanCircuit.load(path) if fmt == "mechscope-span-circuit/1" else Circuit.load(path)
+
+
+def _full_crossing(graph: Graph, n_spans: int) -> dict[str, torch.Tensor]:
+    valid = _valid_pairs(n_spans)
+    kv = valid.expand(graph.n_layers, graph.n_heads, n_spans, n_spans).clone()
+    return {"k": kv, "v": kv.clone(), "q": torch.ones(graph.n_layers, graph.n_heads, n_spans, dtype=torch.bool)}
+
+
+def _valid_pairs(n_spans: int) -> torch.Tensor:
+    """[key span, query span]: True where key span <= query span (keys precede their queries)."""
+    return torch.ones(n_spans, n_spans, dtype=torch.bool).triu()
+
+
+def span_counts(dataset, span_map: list[int], n_spans: int) -> dict[str, torch.Tensor]:
+    """Per circuit span, averaged over examples: tokens [S], last tokens [S] (the logits' position)
+    and causal (t', t) pairs [key span, query span]."""
+    tokens = torch.zeros(n_spans, dtype=torch.float64)
+    last = torch.zeros(n_spans, dtype=torch.float64)
+    pairs = torch.zeros(n_spans, n_spans, dtype=torch.float64)
+    mapping = torch.tensor(span_map, dtype=torch.long)
+    for ex in dataset.examples:
+        spans = mapping[torch.tensor(ex.span_of_positions())]
+        onehot = torch.nn.functional.one_hot(spans, n_spans).double()  # [t, s]
+        tokens += onehot.sum(0)
+        last += onehot[-1]
+        causal = torch.ones(len(spans), len(spans), dtype=torch.float64).tril()  # [t, t']
+        pairs += torch.einsum("jk,tj,tq->kq", onehot, causal, onehot)
+    n = max(1, len(dataset))
+    return {"tokens": tokens / n, "last": last / n, "pairs": pairs / n}
+
+
+# ------------------------------------------------------------------------------------------------
+# Selection
+# ------------------------------------------------------------------------------------------------
+
+
+class SpanGraphScores:
+    """|score| of every span-graph edge, from positional `EdgeScores` (PEAP)."""
+
+    def __init__(self, scores):
+        if not scores.positional:
+            raise ValueError("span circuits are selected from positional (peap) scores")
+        g = scores.graph
+        self.graph, self.spans = g, tuple(scores.spans)
+        n = len(self.spans)
+        last = scores.concrete.get("last")
+        self.logit_spans = (last > 0) if last is not None else torch.ones(n, dtype=torch.bool)
+        within = scores.values.abs().double().nan_to_num(nan=-1.0)  # [S, E]
+        logit_edge = g.edge_down == g.logits_index
+        within[:, logit_edge] = torch.where(self.logit_spans[:, None], within[:, logit_edge], float("-inf"))
+        self.within = within
+        valid = _valid_pairs(n)
+        self.crossing = {
+            "k": scores.crossing["k"].abs().double().masked_fill(~valid, float("-inf")),
+            "v": scores.crossing["v"].abs().double().masked_fill(~valid, float("-inf")),
+            "q": scores.crossing["q"].abs().double(),
+        }
+
+    @property
+    def n_edges(self) -> int:
+        """Edges of the span graph (within and crossing)."""
+        return int(torch.isfinite(self.within).sum()) + int(
+            sum(int(torch.isfinite(v).sum()) for v in self.crossing.values())
+        )
+
+
+def span_greedy_order(scores, budget: int, attention: str = "scored") -> list[tuple]:
+    """The order in which greedy construction (§5) adds span-graph edges, up to `budget` of them.
+
+    Items: ("w", span, edge) or ("k" | "v", layer, head, key span, query span) or ("q", layer, head,
+    span). Greedy with budget n chooses the first n items, so one order serves a whole curve.
+    Each open child node offers its incoming edges best-first, so the heap holds one entry per open
+    node (a k-way merge) rather than every candidate edge.
+    """
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"unknown attention mode '{attention}'; choose one of {', '.join(ATTENTION_MODES)}")
+    sg = scores if isinstance(scores, SpanGraphScores) else SpanGraphScores(scores)
+    g = sg.graph
+    n_spans, n_up = len(sg.spans), g.n_upstream
+    dense = g.dense(sg.within, fill=float("-inf"))  # [S, n_up, n_down]
+    ranked = dense.transpose(1, 2).argsort(dim=-1, descending=True, stable=True)  # [S, n_down, n_up]
+    ranked_scores = dense.transpose(1, 2).gather(-1, ranked)
+    edge_id = torch.full((n_up, g.n_downstream), -1, dtype=torch.long)
+    edge_id[g.edge_up, g.edge_down] = torch.arange(g.n_edges)
+    ranked_l, ranked_s = ranked.tolist(), ranked_scores.tolist()
+    edge_id_l = edge_id.tolist()
+    q_scores, k_scores, v_scores = (sg.crossing[k].tolist() for k in ("q", "k", "v"))
+    head_layer = {g.head_index(l, h): (l, h) for l in range(g.n_layers) for h in range(g.n_heads)}
+    mlp_in = {g.mlp_index(l): g.mlp_in_index(l) for l in range(g.n_layers)}
+    n_edges = g.n_edges
+
+    heap: list[tuple[float, int, int, tuple]] = []  # (-score, tie, pointer, node)
+    offers: dict[tuple, list] = {}
+    open_down: set[tuple[int, int]] = set()
+    open_heads: set[tuple[int, int]] = set()
+    order: list[tuple] = []
+
+    def push(node, pointer: int) -> None:
+        items = offers[node]
+        while pointer < len(items):
+            score, tie, item = items[pointer]
+            if score == float("-inf"):
+                return
+            heapq.heappush(heap, (-score, tie, pointer, node))
+            return
+
+    def open_downstream(v: int, s: int) -> None:
+        if (v, s) in open_down:
+            return
+        open_down.add((v, s))
+        us, ss = ranked_l[s][v], ranked_s[s][v]
+        items = []
+        for u, sc in zip(us, ss):
+            if sc == float("-inf"):
+                break
+            e = edge_id_l[u][v]
+            items.append((sc, e, ("w", s, e)))
+        offers[("d", v, s)] = items
+        push(("d", v, s), 0)
+
+    def open_upstream(u: int, s: int) -> None:
+        if u in mlp_in:
+            open_downstream(mlp_in[u], s)
+        elif u in head_layer:
+            l, h = head_layer[u]
+            if (u, s) in open_heads:
+                return
+            open_heads.add((u, s))
+            items = [(q_scores[l][h][s], n_edges + 3 * (u * n_spans + s), ("q", l, h, s))]
+            for a in range(s + 1):
+                items.append((k_scores[l][h][a][s], n_edges + 3 * (u * n_spans + s) + 1, ("k", l, h, a, s)))
+                items.append((v_scores[l][h][a][s], n_edges + 3 * (u * n_spans + s) + 2, ("v", l, h, a, s)))
+            items.sort(key=lambda it: (-it[0], it[1], it[2]))
+            if attention == "whole":
+                for _, _, item in items:
+                    open_crossing_parent(item)
+                return
+            offers[("h", u, s)] = items
+            push(("h", u, s), 0)
+
+    def open_crossing_parent(item) -> None:
+        kind, l, h = item[0], item[1], item[2]
+        group = h // g.group_size
+        if kind == "q":
+            open_downstream(g.q_slice(l).start + h, item[3])
+        else:
+            sl = g.k_slice(l) if kind == "k" else g.v_slice(l)
+            open_downstream(sl.start + group, item[3])
+
+    for s in range(n_spans):
+        if bool(sg.logit_spans[s]):
+            open_downstream(g.logits_index, s)
+    while heap and len(order) < budget:
+        _, _, pointer, node = heapq.heappop(heap)
+        _, _, item = offers[node][pointer]
+        push(node, pointer + 1)
+        order.append(item)
+        if item[0] == "w":
+            u = int(g.edge_up[item[2]])
+            if u != 0:
+                open_upstream(u, item[1])
+        else:
+            open_crossing_parent(item)
+    return order
+
+
+def span_top_order(scores, budget: int, attention: str = "scored") -> list[tuple]:
+    """Span-graph edges by decreasing |score| (top-n selection), up to `budget` of them."""
+    if attention != "scored":
+        raise ValueError("top-n span selection scores crossing edges; use attention='scored'")
+    sg = scores if isinstance(scores, SpanGraphScores) else SpanGraphScores(scores)
+    flat = [sg.within.flatten(), sg.crossing["k"].flatten(), sg.crossing["v"].flatten(), sg.crossing["q"].flatten()]
+    allv = torch.cat(flat)
+    top = allv.argsort(descending=True, stable=True)[: min(budget, sg.n_edges)].tolist()
+    sizes = [t.numel() for t in flat]
+    shapes = [sg.within.shape, sg.crossing["k"].shape, sg.crossing["v"].shape, sg.crossing["q"].shape]
+    out = []
+    for i in top:
+        part = 0
+        while i >= sizes[part]:
+            i -= sizes[part]
+            part += 1
+        idx = list(torch.unravel_index(torch.tensor(i), shapes[part]))
+        idx = [int(x) for x in idx]
+        out.append((("w", "k", "v", "q")[part], *idx))
+    return out
+
+
+def circuit_from_order(scores, order: list[tuple], attention: str = "scored", prune: bool = True,
+                       info: dict | None = None) -> SpanCircuit:
+    """The span circuit holding the edges of `order` (with every crossing edge of its heads when
+    `attention="whole"`), pruned to the edges on a path from the input to the logits."""
+    sg = scores if isinstance(scores, SpanGraphScores) else SpanGraphScores(scores)
+    g, n = sg.graph, len(sg.spans)
+    within = torch.zeros(n, g.n_edges, dtype=torch.bool)
+    crossing = {k: torch.zeros_like(v) for k, v in _full_crossing(g, n).items()}
+    for item in order:
+        if item[0] == "w":
+            within[item[1], item[2]] = True
+        else:
+            crossing[item[0]][item[1:]] = True
+    if attention == "whole":
+        crossing = _full_crossing(g, n)
+    c = SpanCircuit(g, sg.spans, within, crossing, sg.logit_spans.clone(),
+                    model=getattr(scores, "model", ""), method=getattr(scores, "method", ""),
+                    info=dict(info or {}, attention=attention))
+    return prune_span_circuit(c) if prune else c
+
+
+def span_greedy(scores, n: int, attention: str = "scored") -> SpanCircuit:
+    return circuit_from_order(scores, span_greedy_order(scores, n, attention), attention,
+                              info={"selection": "greedy", "n": int(n)})
+
+
+def span_top_n(scores, n: int) -> SpanCircuit:
+    return circuit_from_order(scores, span_top_order(scores, n), "scored", info={"selection": "top_n", "n": int(n)})
+
+
+def prune_span_circuit(circuit: SpanCircuit) -> SpanCircuit:
+    """Drop edges that are not on a path from the input to the logits in the span graph."""
+    g, n = circuit.graph, circuit.n_spans
+    W = g.dense(circuit.within)  # [S, n_up, n_down] bool
+    ck, cv, cq = circuit.crossing["k"], circuit.crossing["v"], circuit.crossing["q"]
+    gs = g.group_size
+    alive_up = torch.zeros(g.n_upstream, n, dtype=torch.bool)
+    alive_down = torch.zeros(g.n_downstream, n, dtype=torch.bool)
+    alive_up[0] = True
+
+    def reads(lo: int, hi: int, step: int) -> None:
+        nb = g.n_upstream_before(step)
+        alive_down[lo:hi] = (W[:, :nb, lo:hi] & alive_up[:nb].T[:, :, None]).any(1).T
+
+    def group_expand(x: torch.Tensor) -> torch.Tensor:  # [kv, S] -> [heads, S]
+        return x.repeat_interleave(gs, dim=0)
+
+    for l in range(g.n_layers):
+        qs, ks, vs = g.q_slice(l), g.k_slice(l), g.v_slice(l)
+        reads(qs.start, vs.stop, 2 * l)
+        if g.parallel_attn_mlp:
+            reads(g.mlp_in_index(l), g.mlp_in_index(l) + 1, 2 * l)
+        heads = g.upstream_slice(l)
+        ak, av = group_expand(alive_down[ks]), group_expand(alive_down[vs])  # [H, S'] (key span)
+        head_alive = (cq[l] & alive_down[qs]) | (ck[l] & ak[:, :, None]).any(1) | (cv[l] & av[:, :, None]).any(1)
+        alive_up[heads] = head_alive
+        if not g.parallel_attn_mlp:
+            reads(g.mlp_in_index(l), g.mlp_in_index(l) + 1, 2 * l + 1)
+        alive_up[g.mlp_index(l)] = alive_down[g.mlp_in_index(l)]
+    reads(g.logits_index, g.logits_index + 1, 2 * g.n_layers)
+
+    reach_up = torch.zeros(g.n_upstream, n, dtype=torch.bool)
+    reach_down = torch.zeros(g.n_downstream, n, dtype=torch.bool)
+    reach_down[g.logits_index] = circuit.logit_spans
+
+    def writes(lo: int, hi: int) -> None:
+        reach_up[lo:hi] = (W[:, lo:hi, :] & reach_down.T[:, None, :]).any(2).T
+
+    for l in range(g.n_layers - 1, -1, -1):
+        m = g.mlp_index(l)
+        writes(m, m + 1)
+        reach_down[g.mlp_in_index(l)] = reach_up[m]
+        heads = g.upstream_slice(l)
+        writes(heads.start, heads.stop)
+        rh = reach_up[heads]  # [H, S] (query span)
+        qs, ks, vs = g.q_slice(l), g.k_slice(l), g.v_slice(l)
+        reach_down[qs] = cq[l] & rh
+        rk = (ck[l] & rh[:, None, :]).any(2).view(g.n_kv_heads, gs, n).any(1)  # [kv, S']
+        rv = (cv[l] & rh[:, None, :]).any(2).view(g.n_kv_heads, gs, n).any(1)
+        reach_down[ks], reach_down[vs] = rk, rv
+    writes(0, 1)
+
+    within = circuit.within & (alive_up[g.edge_up].T & reach_down[g.edge_down].T)
+    crossing = {}
+    for kind, sl in (("k", "k_slice"), ("v", "v_slice")):
+        parent = torch.stack([group_expand(alive_down[getattr(g, sl)(l)]) for l in range(g.n_layers)])  # [L, H, S']
+        child = torch.stack([reach_up[g.upstream_slice(l)] for l in range(g.n_layers)])  # [L, H, S]
+        crossing[kind] = circuit.crossing[kind] & parent[:, :, :, None] & child[:, :, None, :]
+    q_parent = torch.stack([alive_down[g.q_slice(l)] for l in range(g.n_layers)])
+    q_child = torch.stack([reach_up[g.upstream_slice(l)] for l in range(g.n_layers)])
+    crossing["q"] = circuit.crossing["q"] & q_parent & q_child
+    return SpanCircuit(g, circuit.spans, within, crossing, circuit.logit_spans, model=circuit.model,
+                       method=circuit.method, info=dict(circuit.info, pruned=True))

@@ -1,0 +1,264 @@
+"""Span circuits (PEAP, method.md §4-§6): selection, pruning, projection, exact evaluation with crossing
+edges ablated inside attention, concrete edge counts, save/reload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_attribution import ioi_like
+
+import mechscope
+from mechscope.attribution import attribute
+from mechscope.attribution.attention import attention_scale, qkv_hook_names, score_soft_cap
+from mechscope.attribution.peap import batch_span_of
+from mechscope.attribution.references import upstream_and_attention
+from mechscope.attribution.runner import Ablation, AttentionAblation, graph_hooks
+from mechscope.circuits import Circuit, CircuitError
+from mechscope.data import PromptPairDataset, Schema
+from mechscope.evaluation import _Evaluator, evaluate, faithfulness_curve
+from mechscope.graph import Graph
+from mechscope.metrics import final_logits
+from mechscope.span_circuits import (
+    SpanCircuit,
+    SpanGraphScores,
+    load_any_circuit,
+    prune_span_circuit,
+    span_greedy,
+    span_greedy_order,
+    span_top_n,
+)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def tiny_model(request, tiny_model_dirs):
+    return mechscope.load_model(str(tiny_model_dirs[request.param]), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def data(tiny_tokenizer):
+    return ioi_like(tiny_tokenizer, 8, seed=3)
+
+
+@pytest.fixture(scope="module")
+def peap(tiny_model, data):
+    return attribute(tiny_model, data, "peap", progress=False)
+
+
+def one_span(data) -> PromptPairDataset:
+    return PromptPairDataset(
+        [type(ex)(**{**ex.__dict__, "span_starts": [0]}) for ex in data.examples],
+        Schema(("all",)), task=data.task, metric=data.metric, tokenizer=data.tokenizer,
+        pad_token_id=data.pad_token_id,
+    )
+
+
+@pytest.mark.parametrize("ablation", ["counterfactual", "mean"])
+def test_full_span_circuit_is_the_model_and_empty_one_the_ablated_run(tiny_model, data, peap, ablation):
+    g = peap.graph
+    logit_spans = SpanGraphScores(peap).logit_spans
+    full = SpanCircuit.full(g, data.schema.spans, logit_spans)
+    empty = SpanCircuit.empty(g, data.schema.spans, logit_spans)
+    r_full, r_empty, r_dense_empty = _Evaluator(tiny_model, data, ablation, None, 4).run(
+        [full, empty, Circuit.empty(g)], progress=False)
+    assert r_full.metric_circuit == pytest.approx(r_full.metric_model, abs=1e-5)
+    assert r_empty.metric_circuit == pytest.approx(r_full.metric_empty, abs=1e-5)
+    assert r_empty.metric_circuit == pytest.approx(r_dense_empty.metric_circuit, abs=1e-6)
+    assert abs(r_full.metric_model - r_full.metric_empty) > 1e-3  # not vacuous
+
+
+def test_non_positional_circuit_as_span_circuit_evaluates_the_same(tiny_model, data):
+    eap = attribute(tiny_model, data, "eap", progress=False)
+    circuit = eap.greedy(60)
+    dense, span = _Evaluator(tiny_model, data, "counterfactual", None, 4).run(
+        [circuit, SpanCircuit.from_circuit(circuit)], progress=False)
+    for key in ("metric_circuit", "soft", "hard", "normalized", "concrete_edges"):
+        # (normalized divides by M(model) - M(empty), small for a random model: relative tolerance)
+        assert getattr(span, key) == pytest.approx(getattr(dense, key), rel=1e-4, abs=1e-5), key
+    assert dense.metric_circuit != pytest.approx(dense.metric_model, abs=1e-4)
+
+
+def test_single_span_peap_greedy_equals_eap_greedy_end_to_end(tiny_model, data):
+    one = one_span(data)
+    eap = attribute(tiny_model, data, "eap", progress=False)
+    peap = attribute(tiny_model, one, "peap", progress=False)
+    for n in (10, 40, 150):
+        expected = eap.greedy(n)
+        got = span_greedy(peap, n, attention="whole")
+        assert torch.equal(got.within[0], expected.edges), n
+    got = span_greedy(peap, 40, attention="whole")
+    a, b = _Evaluator(tiny_model, one, "counterfactual", None, 4).run([eap.greedy(40), got], progress=False)
+    assert a.metric_circuit == pytest.approx(b.metric_circuit, abs=1e-5)
+    assert a.normalized == pytest.approx(b.normalized, rel=1e-4)
+
+
+def naive_crossing_ablated_logits(model, data, index, layer, head, kind, key_span, query_span):
+    """Logits with one crossing edge type of one head ablated between two spans, computed by hand:
+    the head's output at each query position of `query_span` is recomputed with an explicit loop in
+    which the keys (or values) at positions of `key_span`, or the query, come from the counterfactual."""
+    batch = data.batch([index])
+    qn, kn, vn = qkv_hook_names(model, layer)
+    span = data.examples[index].span_of_positions()
+    _, cf = model.run_with_cache(batch.counterfactual, attention_mask=batch.attention_mask)
+    store = {}
+    scale, n_heads = attention_scale(model), model.cfg.n_heads
+
+    def grab(value, hook):
+        store[hook.name] = value.detach()
+        return value
+
+    def replace(z, hook):
+        z = z.clone()
+        group = head // (n_heads // store[kn].shape[2])
+        q, k, v = store[qn][0, :, head], store[kn][0, :, group], store[vn][0, :, group]
+        q2, k2, v2 = cf[qn][0, :, head], cf[kn][0, :, group], cf[vn][0, :, group]
+        for t in range(z.shape[1]):
+            if span[t] != query_span:
+                continue
+            q_t = q2[t] if kind == "q" else q[t]
+            logits = []
+            for j in range(t + 1):
+                swap = kind == "k" and span[j] == key_span
+                logits.append(q_t @ (k2[j] if swap else k[j]) * scale)
+            w = torch.stack(logits).softmax(0)
+            out = 0
+            for j in range(t + 1):
+                swap = kind == "v" and span[j] == key_span
+                out = out + w[j] * (v2[j] if swap else v[j])
+            z[0, t, head] = out
+        return z
+
+    hooks = [(n, grab) for n in (qn, kn, vn)] + [(f"blocks.{layer}.attn.hook_z", replace)]
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        return final_logits(model(batch.clean, attention_mask=batch.attention_mask), batch.last)
+
+
+def test_crossing_edge_ablation_equals_a_naive_head_recomputation(tiny_model, data, peap):
+    g = peap.graph
+    spans = data.schema.spans
+    index = 2
+    batch = data.batch([index])
+    span_of = batch_span_of(data, [index], batch.clean.shape[1])
+    with torch.no_grad():
+        ref_up, cf_attn = upstream_and_attention(tiny_model, g, batch.counterfactual, batch.attention_mask)
+        clean = final_logits(tiny_model(batch.clean, attention_mask=batch.attention_mask), batch.last)
+    last = len(spans) - 1
+    cases = [("k", spans.index("s1"), last), ("v", spans.index("io"), last), ("q", last, last),
+             ("k", spans.index("io"), spans.index("s2"))]
+    changed = {}
+    for layer in range(g.n_layers):
+        for kind, key_span, query_span in cases:
+            c = SpanCircuit.full(g, spans)
+            if kind == "q":
+                c.crossing["q"][layer, 1, query_span] = False
+            else:
+                c.crossing[kind][layer, 1, key_span, query_span] = False
+            within, (kk, kv, kq) = c.projection(span_of)
+            att = AttentionAblation(kk, kv, kq, cf_attn, attention_scale(tiny_model), score_soft_cap(tiny_model))
+            with torch.no_grad(), graph_hooks(tiny_model, g, ablation=Ablation(within, ref_up, span_of, att),
+                                              attention_mask=batch.attention_mask):
+                got = final_logits(tiny_model(batch.clean, attention_mask=batch.attention_mask), batch.last)
+            want = naive_crossing_ablated_logits(tiny_model, data, index, layer, 1, kind, key_span, query_span)
+            assert (got - want).abs().max() <= 1e-5, (layer, kind, key_span, query_span)
+            key = (kind, key_span, query_span)
+            changed[key] = max(changed.get(key, 0.0), float((want - clean).abs().max()))
+    # Not vacuous: every case changes the logits in some layer (a layer-0 query at a span whose
+    # tokens the counterfactual shares may not).
+    assert min(changed.values()) > 1e-4, changed
+
+
+def test_pruning_keeps_only_paths_from_input_to_logits(peap, data):
+    g = peap.graph
+    spans = data.schema.spans
+    last = len(spans) - 1
+    c = SpanCircuit.empty(g, spans)
+    head = g.head_index(g.n_layers - 1, 0)
+    logits_edge = int(((g.edge_up == head) & (g.edge_down == g.logits_index)).nonzero())
+    c.within[last, logits_edge] = True
+    assert prune_span_circuit(c).n_edges == 0  # the head receives nothing: a dead edge
+    q_node = g.q_slice(g.n_layers - 1).start
+    input_q = int(((g.edge_up == 0) & (g.edge_down == q_node)).nonzero())
+    c.within[last, input_q] = True
+    assert prune_span_circuit(c).n_edges == 0  # the query reaches the head only through its crossing edge
+    c.crossing["q"][g.n_layers - 1, 0, last] = True
+    pruned = prune_span_circuit(c)
+    assert pruned.n_edges == 3 and pruned.n_within == 2
+    # A path at another span than the one the logits read at is dead too.
+    c2 = SpanCircuit.empty(g, spans)
+    c2.within[0, logits_edge] = True
+    c2.within[0, input_q] = True
+    c2.crossing["q"][g.n_layers - 1, 0, 0] = True
+    c2.logit_spans = torch.zeros(len(spans), dtype=torch.bool)
+    c2.logit_spans[last] = True
+    assert prune_span_circuit(c2).n_edges == 0
+
+
+def test_greedy_circuits_grow_from_the_logits_and_are_nested(peap):
+    order = span_greedy_order(peap, 300)
+    assert len(order) == 300
+    assert order[0][0] == "w"  # the first edge feeds the logits
+    small, big = span_greedy(peap, 50), span_greedy(peap, 200)
+    assert small.n_edges <= 50 and big.n_edges <= 200
+    assert bool((small.within <= big.within).all())
+    assert big.n_crossing > 0 and big.n_within > 0
+    again = prune_span_circuit(big)
+    assert torch.equal(again.within, big.within)
+    top = span_top_n(peap, 200)
+    assert top.n_edges <= 200
+
+
+def test_concrete_edges_count_token_level_edges(peap, data):
+    g = peap.graph
+    full = SpanCircuit.full(g, data.schema.spans, SpanGraphScores(peap).logit_spans)
+    counted = full.concrete_edges(data)
+    n_logit = int((g.edge_down == g.logits_index).sum())
+    expected_within = expected_crossing = 0.0
+    for ex in data.examples:
+        t = len(ex)
+        expected_within += (g.n_edges - n_logit) * t + n_logit
+        expected_crossing += g.n_layers * g.n_heads * (2 * t * (t + 1) / 2 + t)
+    assert counted["within"] == pytest.approx(expected_within / len(data))
+    assert counted["crossing"] == pytest.approx(expected_crossing / len(data))
+    # A non-positional circuit on one span counts every position of each edge.
+    circuit = Circuit.full(g)
+    assert SpanCircuit.from_circuit(circuit).concrete_edges(data)["total"] == pytest.approx(counted["total"])
+
+
+def test_span_circuit_round_trip_evaluates_the_same(tmp_path, tiny_model, data, peap):
+    c = span_greedy(peap, 120)
+    path = c.save(tmp_path / "c.json")
+    again = load_any_circuit(path)
+    assert isinstance(again, SpanCircuit)
+    assert torch.equal(again.within, c.within) and again.spans == c.spans
+    for key in ("k", "v", "q"):
+        assert torch.equal(again.crossing[key], c.crossing[key])
+    a = evaluate(tiny_model, c, data, progress=False)
+    b = evaluate(tiny_model, again, data, progress=False)
+    assert a.to_dict() == b.to_dict()
+    # A non-positional circuit file still loads as a Circuit.
+    assert isinstance(load_any_circuit(Circuit.full(peap.graph).save(tmp_path / "d.json")), Circuit)
+
+
+def test_span_circuit_refuses_other_schemas_and_bad_files(tmp_path, tiny_model, data, peap):
+    c = span_greedy(peap, 30)
+    with pytest.raises(CircuitError, match="does not fit a dataset with schema"):
+        evaluate(tiny_model, c, one_span(data), progress=False)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "mechscope-span-circuit/1", "graph": {"n_layers": 1}}')
+    with pytest.raises(CircuitError, match="not a mechscope span circuit"):
+        SpanCircuit.load(bad)
+    data_ = c.to_json()
+    data_["within"][data.schema.spans[-1]] = ["a0.h0->nowhere"]
+    bad.write_text(__import__("json").dumps(data_))
+    with pytest.raises(CircuitError, match="nowhere"):
+        SpanCircuit.load(bad)
+
+
+def test_positional_curve_reports_concrete_edges(tiny_model, data, peap):
+    curve = faithfulness_curve(tiny_model, peap, data, fractions=(0.01, 0.2, 1.0), selection="greedy",
+                               progress=False)
+    assert [p.fraction for p in curve.points] == [0.01, 0.2, 1.0]
+    concrete = [p.concrete_edges for p in curve.points]
+    assert concrete == sorted(concrete) and concrete[1] > 0
+    assert concrete[-1] == pytest.approx(curve.concrete_full)
+    assert curve.points[-1].normalized == pytest.approx(1.0, abs=1e-4)
+    assert Graph.from_model(tiny_model).same_shape(peap.graph)
