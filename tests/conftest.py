@@ -28,6 +28,14 @@ def tiny_model_dirs(tmp_path_factory, tiny_tokenizer):
     }
 
 
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def tiny_model(request, tiny_model_dirs):
+    """Each tiny random model in turn (GPT-2: LayerNorm, learned positions; Llama: RMSNorm, rotary, GQA)."""
+    import mechscope
+
+    return mechscope.load_model(str(tiny_model_dirs[request.param]), device="cpu")
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     import mechscope

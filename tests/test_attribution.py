@@ -9,7 +9,6 @@ import torch
 import tiny
 from scipy.stats import spearmanr
 
-import mechscope
 from mechscope.attribution import attribute
 from mechscope.attribution.references import upstream_outputs
 from mechscope.attribution.runner import Ablation, graph_hooks
@@ -37,11 +36,6 @@ def ioi_like(tokenizer, n: int, seed: int = 0) -> PromptPairDataset:
         examples.append(make_pair(tokenizer, segs(a, b, b, place), segs(c, d, e, place), [" " + a], [" " + b]))
     return PromptPairDataset(examples, schema_for(segs("a", "b", "c", "x")), task="ioi", metric="logit_diff",
                              tokenizer=tokenizer_fingerprint(tokenizer), pad_token_id=tokenizer.pad_token_id)
-
-
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
-def tiny_model(request, tiny_model_dirs):
-    return mechscope.load_model(str(tiny_model_dirs[request.param]), device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -37,3 +37,30 @@ def test_data_bad_input_gives_one_line_error_and_writes_nothing(tmp_path, tiny_m
         assert "Traceback" not in result.output
         assert not out.exists()
         assert not list(tmp_path.glob(".x.jsonl*"))
+
+
+def test_curves_compares_peap_and_eap_on_concrete_edges(tmp_path, tiny_model_dirs):
+    import json
+
+    out = tmp_path / "curves.json"
+    result = runner.invoke(app, ["curves", "--task", "ioi", "--model", str(tiny_model_dirs["llama"]), "--n", "24",
+                                 "--methods", "peap,eap", "--selection", "greedy", "--fractions", "0.05,0.2,1",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(out.read_text())
+    assert summary["selection"] == "greedy" and set(summary["methods"]) == {"peap", "eap"}
+    for curve in summary["methods"].values():
+        points = curve["points"]
+        assert [p["fraction"] for p in points] == [0.05, 0.2, 1.0]
+        assert points[-1]["concrete_edges"] == curve["concrete_full"]
+        assert points[-1]["normalized"] == 1.0 or abs(points[-1]["normalized"] - 1.0) < 1e-3
+        assert set(curve["concrete_edges_for"]) == {"0.5", "0.8", "0.9"}
+    assert "concrete token-level edges" in result.output
+
+
+def test_curves_bad_fractions_is_a_one_line_error(tmp_path, tiny_model_dirs):
+    out = tmp_path / "c.json"
+    result = runner.invoke(app, ["curves", "--task", "ioi", "--model", str(tiny_model_dirs["llama"]),
+                                 "--fractions", "0.5,0.1", "--out", str(out)])
+    assert result.exit_code == 2 and "--fractions must be increasing" in result.output
+    assert not out.exists()

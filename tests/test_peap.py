@@ -10,13 +10,7 @@ import mechscope
 from mechscope.attribution import attribute
 from mechscope.attribution.attention import attention_scale, qkv_hook_names
 from mechscope.attribution.peap import crossing_scores
-from mechscope.data import PromptPairDataset, Schema
 from mechscope.metrics import compute_metric, final_logits
-
-
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
-def tiny_model(request, tiny_model_dirs):
-    return mechscope.load_model(str(tiny_model_dirs[request.param]), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +27,7 @@ def test_within_position_scores_sum_to_eap(tiny_model, data):
 
 
 def test_single_span_peap_equals_eap(tiny_model, data):
-    one = PromptPairDataset(
-        [type(ex)(**{**ex.__dict__, "span_starts": [0]}) for ex in data.examples],
-        Schema(("all",)), task=data.task, metric=data.metric, tokenizer=data.tokenizer,
-        pad_token_id=data.pad_token_id,
-    )
+    one = data.single_span()
     eap = attribute(tiny_model, data, "eap", progress=False)
     peap = attribute(tiny_model, one, "peap", progress=False)
     assert torch.allclose(peap.values[0], eap.values, atol=1e-6, rtol=1e-5)

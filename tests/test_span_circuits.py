@@ -7,14 +7,12 @@ import pytest
 import torch
 from test_attribution import ioi_like
 
-import mechscope
 from mechscope.attribution import attribute
 from mechscope.attribution.attention import attention_scale, qkv_hook_names, score_soft_cap
 from mechscope.attribution.peap import batch_span_of
 from mechscope.attribution.references import upstream_and_attention
 from mechscope.attribution.runner import Ablation, AttentionAblation, graph_hooks
 from mechscope.circuits import Circuit, CircuitError
-from mechscope.data import PromptPairDataset, Schema
 from mechscope.evaluation import _Evaluator, evaluate, faithfulness_curve
 from mechscope.graph import Graph
 from mechscope.metrics import final_logits
@@ -29,11 +27,6 @@ from mechscope.span_circuits import (
 )
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
-def tiny_model(request, tiny_model_dirs):
-    return mechscope.load_model(str(tiny_model_dirs[request.param]), device="cpu")
-
-
 @pytest.fixture(scope="module")
 def data(tiny_tokenizer):
     return ioi_like(tiny_tokenizer, 8, seed=3)
@@ -42,14 +35,6 @@ def data(tiny_tokenizer):
 @pytest.fixture(scope="module")
 def peap(tiny_model, data):
     return attribute(tiny_model, data, "peap", progress=False)
-
-
-def one_span(data) -> PromptPairDataset:
-    return PromptPairDataset(
-        [type(ex)(**{**ex.__dict__, "span_starts": [0]}) for ex in data.examples],
-        Schema(("all",)), task=data.task, metric=data.metric, tokenizer=data.tokenizer,
-        pad_token_id=data.pad_token_id,
-    )
 
 
 @pytest.mark.parametrize("ablation", ["counterfactual", "mean"])
@@ -78,7 +63,7 @@ def test_non_positional_circuit_as_span_circuit_evaluates_the_same(tiny_model, d
 
 
 def test_single_span_peap_greedy_equals_eap_greedy_end_to_end(tiny_model, data):
-    one = one_span(data)
+    one = data.single_span()
     eap = attribute(tiny_model, data, "eap", progress=False)
     peap = attribute(tiny_model, one, "peap", progress=False)
     for n in (10, 40, 150):
@@ -241,7 +226,7 @@ def test_span_circuit_round_trip_evaluates_the_same(tmp_path, tiny_model, data, 
 def test_span_circuit_refuses_other_schemas_and_bad_files(tmp_path, tiny_model, data, peap):
     c = span_greedy(peap, 30)
     with pytest.raises(CircuitError, match="does not fit a dataset with schema"):
-        evaluate(tiny_model, c, one_span(data), progress=False)
+        evaluate(tiny_model, c, data.single_span(), progress=False)
     bad = tmp_path / "bad.json"
     bad.write_text('{"format": "mechscope-span-circuit/1", "graph": {"n_layers": 1}}')
     with pytest.raises(CircuitError, match="not a mechscope span circuit"):
@@ -262,3 +247,42 @@ def test_positional_curve_reports_concrete_edges(tiny_model, data, peap):
     assert concrete[-1] == pytest.approx(curve.concrete_full)
     assert curve.points[-1].normalized == pytest.approx(1.0, abs=1e-4)
     assert Graph.from_model(tiny_model).same_shape(peap.graph)
+
+
+@pytest.mark.slow
+def test_smollm2_span_circuit_identities(smollm2):
+    """On the packaged model (rotary, grouped-query attention): the full span circuit is the model,
+    the empty one the counterfactual run, and ablating one crossing edge type of a late head equals
+    the naive recomputation of that head."""
+    from mechscope.tasks import make_task
+
+    data = make_task("ioi", smollm2.tokenizer, 4, seed=2)
+    peap = attribute(smollm2, data, "peap", progress=False)
+    g, spans = peap.graph, data.schema.spans
+    logit_spans = SpanGraphScores(peap).logit_spans
+    full = SpanCircuit.full(g, spans, logit_spans)
+    empty = SpanCircuit.empty(g, spans, logit_spans)
+    r_full, r_empty = _Evaluator(smollm2, data, "counterfactual", None, 4).run([full, empty], progress=False)
+    assert r_full.metric_circuit == pytest.approx(r_full.metric_model, abs=1e-4)
+    assert r_empty.metric_circuit == pytest.approx(r_full.metric_empty, abs=1e-3)
+    assert r_full.metric_model - r_full.metric_empty > 1.0
+
+    index, layer, head = 1, 20, 4
+    batch = data.batch([index])
+    span_of = batch_span_of(data, [index], batch.clean.shape[1])
+    with torch.no_grad():
+        ref_up, cf_attn = upstream_and_attention(smollm2, g, batch.counterfactual, batch.attention_mask)
+    last = len(spans) - 1
+    for kind, key_span in (("k", spans.index("name_1")), ("v", spans.index("s2")), ("q", last)):
+        c = SpanCircuit.full(g, spans)
+        if kind == "q":
+            c.crossing["q"][layer, head, last] = False
+        else:
+            c.crossing[kind][layer, head, key_span, last] = False
+        within, (kk, kv, kq) = c.projection(span_of)
+        att = AttentionAblation(kk, kv, kq, cf_attn, attention_scale(smollm2), score_soft_cap(smollm2))
+        with torch.no_grad(), graph_hooks(smollm2, g, ablation=Ablation(within, ref_up, span_of, att),
+                                          attention_mask=batch.attention_mask):
+            got = final_logits(smollm2(batch.clean, attention_mask=batch.attention_mask), batch.last)
+        want = naive_crossing_ablated_logits(smollm2, data, index, layer, head, kind, key_span, last)
+        assert (got - want).abs().max() <= 1e-3 * want.abs().max(), kind

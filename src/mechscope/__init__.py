@@ -4,6 +4,8 @@
 >>> model = mechscope.load_model("smollm2-135m")   # a TransformerLens TransformerBridge
 >>> scores = mechscope.attribute(model, dataset, method="eap-ig")
 >>> result = mechscope.evaluate(model, scores.top_n(500), held_out)
+>>> spans = mechscope.attribute(model, dataset, method="peap")   # position-aware, over the schema
+>>> result = mechscope.evaluate(model, spans.greedy(5000), held_out)  # a SpanCircuit
 """
 
 from .attribution import attribute
@@ -14,6 +16,7 @@ from .errors import MechscopeError
 from .evaluation import evaluate, faithfulness_curve
 from .graph import Graph
 from .models import DEFAULT_MODEL, REGISTRY, load_model, model_summary
+from .span_circuits import SpanCircuit, load_any_circuit
 
 __version__ = "0.1.0"
 
@@ -26,9 +29,11 @@ __all__ = [
     "MechscopeError",
     "PromptPairDataset",
     "Schema",
+    "SpanCircuit",
     "attribute",
     "evaluate",
     "faithfulness_curve",
+    "load_any_circuit",
     "load_model",
     "model_summary",
 ]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import MechscopeError
-from .fileio import atomic_path
+from .fileio import write_json
 from .graph import Graph
 
 
@@ -70,22 +70,14 @@ class Circuit:
             "format": "mechscope-circuit/1",
             "model": self.model,
             "method": self.method,
-            "graph": {
-                "n_layers": g.n_layers,
-                "n_heads": g.n_heads,
-                "n_kv_heads": g.n_kv_heads,
-                "parallel_attn_mlp": g.parallel_attn_mlp,
-            },
+            "graph": g.spec(),
             "n_edges": self.n_edges,
             "edges": self.edge_names(),
             "info": self.info,
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(self.to_json(), indent=1))
-        return path
+        return write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Circuit":

@@ -166,17 +166,30 @@ def curves(
     ablation: str = typer.Option("counterfactual", help="counterfactual | mean | zero"),
     steps: int = typer.Option(5, help="Interpolation steps of eap-ig."),
     batch_size: int = typer.Option(16),
+    selection: str = typer.Option("top_n", help="Circuit selection: top_n | greedy (grown from the logits)."),
+    fractions: Optional[str] = typer.Option(None, help="Comma-separated circuit sizes as fractions of all edges."),
     out: Path = typer.Option(..., "--out", "-o", help="Output JSON file with the curves."),
 ) -> None:
-    """Score edges on a discovery half, evaluate faithfulness curves (CPR, CMD) on the held-out half."""
+    """Score edges on a discovery half, evaluate faithfulness curves (CPR, CMD) on the held-out half.
+
+    With --methods peap,eap the position-aware circuits (over the task's schema) and the
+    non-positional ones are compared on concrete token-level edge counts."""
     import json
 
     from .data.dataset import DatasetError, PromptPairDataset
     from .discovery import compare_methods
     from .models import load_model
 
+    from .evaluation import DEFAULT_FRACTIONS
+
     if (task is None) == (data_file is None):
         raise DatasetError("give either --task or --data")
+    try:
+        sizes = DEFAULT_FRACTIONS if fractions is None else tuple(float(f) for f in fractions.split(","))
+    except ValueError:
+        raise DatasetError(f"--fractions must be comma-separated numbers, got '{fractions}'") from None
+    if not sizes or any(not 0 < f <= 1 for f in sizes) or list(sizes) != sorted(sizes):
+        raise DatasetError("--fractions must be increasing numbers in (0, 1]")
     with err_console.status(f"loading {model}"):
         bridge = load_model(model)
     if task is not None:
@@ -187,7 +200,8 @@ def curves(
     else:
         dataset = PromptPairDataset.load(data_file)
     summary, _ = compare_methods(bridge, dataset, [m.strip() for m in methods.split(",") if m.strip()],
-                                 seed=seed, ablation=ablation, steps=steps, batch_size=batch_size)
+                                 seed=seed, ablation=ablation, steps=steps, batch_size=batch_size,
+                                 selection=selection, fractions=sizes)
     from .fileio import atomic_path
 
     with atomic_path(out) as tmp:
@@ -203,6 +217,18 @@ def curves(
     for name, c in summary["methods"].items():
         table.add_row(name, *[f"{p['normalized']:.2f}" for p in c["points"]], f"{c['cpr']:.3f}", f"{c['cmd']:.3f}")
     console.print(table)
+    sizes_table = Table(title="concrete token-level edges (mean per held-out example)")
+    sizes_table.add_column("method")
+    for p in first["points"]:
+        sizes_table.add_column(f"{100 * p['fraction']:g}%")
+    targets = list(first.get("concrete_edges_for", {}))
+    for t in targets:
+        sizes_table.add_column(f"edges for f>={t}")
+    for name, c in summary["methods"].items():
+        reach = [c["concrete_edges_for"][t] for t in targets]
+        sizes_table.add_row(name, *[f"{p['concrete_edges']:,.0f}" for p in c["points"]],
+                            *["never" if r is None else f"{r:,.0f}" for r in reach])
+    console.print(sizes_table)
     console.print(f"wrote {out}")
 
 

@@ -120,6 +120,11 @@ class Graph:
             "n_edges": self.n_edges,
         }
 
+    def spec(self) -> dict:
+        """The constructor arguments, for files that record which graph they belong to."""
+        return {"n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
+                "parallel_attn_mlp": self.parallel_attn_mlp}
+
     def same_shape(self, other: "Graph") -> bool:
         return (self.n_layers, self.n_heads, self.n_kv_heads, self.parallel_attn_mlp) == (
             other.n_layers,

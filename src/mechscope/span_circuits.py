@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .circuits import Circuit, CircuitError
-from .fileio import atomic_path
+from .fileio import write_json
 from .graph import Graph
 
 ALL_TOKENS = "*"
@@ -169,8 +169,7 @@ class SpanCircuit:
             "format": "mechscope-span-circuit/1",
             "model": self.model,
             "method": self.method,
-            "graph": {"n_layers": g.n_layers, "n_heads": g.n_heads, "n_kv_heads": g.n_kv_heads,
-                      "parallel_attn_mlp": g.parallel_attn_mlp},
+            "graph": g.spec(),
             "spans": list(self.spans),
             "logit_spans": [self.spans[i] for i in self.logit_spans.nonzero().flatten().tolist()],
             "n_edges": self.n_edges,
@@ -180,10 +179,7 @@ class SpanCircuit:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(self.to_json(), indent=1))
-        return path
+        return write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SpanCircuit":

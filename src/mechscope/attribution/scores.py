@@ -62,18 +62,29 @@ class EdgeScores:
         order = s.abs().argsort(descending=True)[:k]
         return [(self.graph.edge_name(int(e)), float(s[e])) for e in order]
 
-    # Circuit selection lives in circuits.py; these are the short forms researchers reach for.
+    # Circuit selection lives in circuits.py (span circuits in span_circuits.py); these are the short
+    # forms researchers reach for. Positional (PEAP) scores give span circuits over the span graph.
     def top_n(self, n: int, prune: bool = True):
+        if self.positional:
+            from ..span_circuits import span_top_n
+
+            return span_top_n(self, n)
         from ..circuits import top_n
 
         return top_n(self, n, prune=prune)
 
     def threshold(self, value: float, prune: bool = True):
+        if self.positional:
+            raise NotImplementedError("threshold selection of span circuits: use top_n or greedy")
         from ..circuits import threshold
 
         return threshold(self, value, prune=prune)
 
-    def greedy(self, n: int):
+    def greedy(self, n: int, attention: str = "scored"):
+        if self.positional:
+            from ..span_circuits import span_greedy
+
+            return span_greedy(self, n, attention)
         from ..circuits import greedy
 
         return greedy(self, n)
@@ -83,12 +94,7 @@ class EdgeScores:
     def metadata(self) -> dict:
         return {
             "format": "mechscope-edge-scores/1",
-            "graph": {
-                "n_layers": self.graph.n_layers,
-                "n_heads": self.graph.n_heads,
-                "n_kv_heads": self.graph.n_kv_heads,
-                "parallel_attn_mlp": self.graph.parallel_attn_mlp,
-            },
+            "graph": self.graph.spec(),
             "method": self.method,
             "metric": self.metric,
             "ablation": self.ablation,

@@ -219,9 +219,19 @@ class PromptPairDataset:
             validate_example(ex, self.schema, f"{source}: example {i}", n_ctx)
 
     def subset(self, indices: Iterable[int]) -> "PromptPairDataset":
+        return self._with([self.examples[i] for i in indices])
+
+    def single_span(self, name: str = "all") -> "PromptPairDataset":
+        """The same examples under a one-span schema (every token in span `name`): position-aware
+        methods then reduce to their non-positional forms."""
+        examples = [PromptPair(**{**ex.__dict__, "span_starts": [0]}) for ex in self.examples]
+        return self._with(examples, Schema((name,)))
+
+    def _with(self, examples: list[PromptPair], schema: Schema | None = None) -> "PromptPairDataset":
+        """A dataset like this one (task, metric, model, tokenizer, ...) with other examples / schema."""
         return PromptPairDataset(
-            examples=[self.examples[i] for i in indices],
-            schema=self.schema,
+            examples=examples,
+            schema=self.schema if schema is None else schema,
             task=self.task,
             metric=self.metric,
             model=self.model,
