@@ -135,3 +135,48 @@ def test_attribution_crossing_scores_reuse_the_eap_passes(tiny_model, data):
         expected = (want[key] / len(data)).float()
         assert torch.allclose(peap.crossing[key], expected, atol=1e-6, rtol=1e-4), key
         assert expected.abs().max() > 1e-4
+
+
+def test_span_aggregations_match_token_level_brute_force(tiny_model, data):
+    """`mean` and `max` aggregation equal the mean / largest-magnitude token-level instance, found by
+    looping over every token (within) and every (t', t) pair (crossing)."""
+    from mechscope.attribution.eap import batch_gradients_and_deltas
+
+    sub = data[:4]
+    n_spans = len(sub.schema)
+    g = mechscope.Graph.from_model(tiny_model)
+    batch = sub.batch()
+    delta, grad, cross = batch_gradients_and_deltas(tiny_model, g, batch, sub.metric, "eap", crossing=True)
+    inst = {s: [] for s in range(n_spans)}
+    cross_inst: dict = {}
+    for b, ex in enumerate(sub.examples):
+        span = ex.span_of_positions()
+        for t in range(len(ex)):
+            s = span[t]
+            prod = (delta[:, b, t] @ grad[:, b, t].T) * g.edge_mask
+            if t != len(ex) - 1:
+                prod[:, g.logits_index] = float("nan")  # the logits read only the last token
+            inst[s].append(prod.double())
+            cross_inst.setdefault(("q", s), []).append(cross["q"][b, :, :, t])
+            for j in range(t + 1):
+                for kind in ("k", "v"):
+                    cross_inst.setdefault((kind, span[j], s), []).append(cross[kind][b, :, :, t, j])
+    mean = attribute(tiny_model, sub, "peap", aggregation="mean", batch_size=4, progress=False)
+    top = attribute(tiny_model, sub, "peap", aggregation="max", batch_size=4, progress=False)
+    for s in range(n_spans):
+        stack = torch.stack(inst[s])  # [instances, u, v]
+        want_mean = stack.nanmean(0).nan_to_num(0.0)[g.edge_up, g.edge_down]
+        filled = stack.nan_to_num(0.0)
+        pick = filled.abs().argmax(0, keepdim=True)
+        want_max = filled.gather(0, pick)[0][g.edge_up, g.edge_down]
+        assert torch.allclose(mean.values[s].double(), want_mean, atol=1e-6, rtol=1e-4), s
+        assert torch.allclose(top.values[s].double(), want_max, atol=1e-6, rtol=1e-4), s
+    for key, items in cross_inst.items():
+        stack = torch.stack(items)
+        want_max = stack.gather(0, stack.abs().argmax(0, keepdim=True))[0]
+        got_mean = mean.crossing[key[0]][(slice(None), slice(None), *key[1:])]
+        got_max = top.crossing[key[0]][(slice(None), slice(None), *key[1:])]
+        assert torch.allclose(got_mean.double(), stack.mean(0), atol=1e-6, rtol=1e-4), key
+        assert torch.allclose(got_max.double(), want_max, atol=1e-6, rtol=1e-4), key
+    with pytest.raises(ValueError, match="aggregation"):
+        attribute(tiny_model, sub, "eap", aggregation="max", progress=False)

@@ -13,7 +13,15 @@ from ..behaviour import check_compatible
 from ..data.dataset import PromptPairDataset
 from ..graph import Graph
 from .eap import METHODS, batch_gradients_and_deltas, contract
-from .peap import aggregate_crossing, batch_span_of, concrete_counts
+from .peap import (
+    AGGREGATIONS,
+    aggregate_crossing,
+    batch_span_of,
+    concrete_counts,
+    crossing_max,
+    signed_absmax,
+    within_max,
+)
 from .references import check_ablation, mean_reference
 from .scores import EdgeScores
 
@@ -31,15 +39,23 @@ def attribute(
     batch_size: int = 16,
     edges: torch.Tensor | None = None,
     progress: bool = True,
+    aggregation: str = "sum",
 ) -> EdgeScores:
     """Score every edge of `model`'s graph on `dataset`.
 
     steps: interpolation points for eap-ig. ablation: counterfactual | mean | zero; `reference` is the
     set the mean is taken over (default: `dataset`). edges: for `exact`, the edge indices to patch
-    (others get NaN); default all edges.
+    (others get NaN); default all edges. aggregation (peap, method.md §4): how token-level scores
+    become span-level ones: `sum` over tokens and examples divided by the number of examples (the
+    default; sums over spans to EAP), `mean` over the token-level instances, or `max` (the instance of
+    largest magnitude, signed).
     """
     if method not in ALL_METHODS:
         raise ValueError(f"unknown method '{method}'; choose one of {', '.join(ALL_METHODS)}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation '{aggregation}'; choose one of {', '.join(AGGREGATIONS)}")
+    if aggregation != "sum" and method != "peap":
+        raise ValueError("aggregation applies to peap's span-level scores only")
     check_ablation(ablation)
     check_compatible(model, dataset)
     graph = Graph.from_model(model)
@@ -65,19 +81,33 @@ def attribute(
                                              ablation, mean, crossing=positional)
             delta, grad = out[:2]
             span_of = batch_span_of(dataset, indices, batch.clean.shape[1]) if positional else None
-            total += contract(graph, delta, grad, span_of, n_spans).double().cpu()
-            if positional:
-                part = aggregate_crossing(out[2], span_of, n_spans)
-                crossing = {k: crossing.get(k, 0) + v for k, v in part.items()}
+            if aggregation == "max":
+                total = signed_absmax(total, within_max(graph, delta, grad, span_of, n_spans))
+                part = crossing_max(out[2], span_of, n_spans)
+                crossing = {k: signed_absmax(crossing[k], v) if k in crossing else v for k, v in part.items()}
+            else:
+                total += contract(graph, delta, grad, span_of, n_spans).double().cpu()
+                if positional:
+                    part = aggregate_crossing(out[2], span_of, n_spans)
+                    crossing = {k: crossing.get(k, 0) + v for k, v in part.items()}
             bar.update(len(batch.last))
         bar.close()
-        values = (total[:, graph.edge_up, graph.edge_down] / len(dataset)).float()
+        scale = 1.0 if aggregation == "max" else 1.0 / len(dataset)
+        values = total[:, graph.edge_up, graph.edge_down] * scale
         if positional:
-            crossing = {k: (v / len(dataset)).float() for k, v in crossing.items()}
+            crossing = {k: v * scale for k, v in crossing.items()}
             concrete = {k: v.float() for k, v in concrete_counts(dataset, n_spans).items()}
             spans = dataset.schema.spans
-        else:
-            values = values[0]
+            if aggregation == "mean":  # sum / n_examples -> sum / instances (instances per example: concrete)
+                per_edge = concrete["within"][:, None].expand(-1, graph.n_edges).clone()
+                logit_edges = graph.edge_down == graph.logits_index
+                per_edge[:, logit_edges] = concrete["last"][:, None]  # the logits read one token
+                values = _per_instance(values, per_edge)
+                crossing["k"] = _per_instance(crossing["k"], concrete["crossing"])
+                crossing["v"] = _per_instance(crossing["v"], concrete["crossing"])
+                crossing["q"] = _per_instance(crossing["q"], concrete["within"])
+            crossing = {k: v.float() for k, v in crossing.items()}
+        values = values.float() if positional else values[0].float()
     return EdgeScores(
         graph=graph,
         values=values,
@@ -86,11 +116,18 @@ def attribute(
         ablation=ablation,
         model=getattr(model, "mechscope_name", ""),
         n_examples=len(dataset),
-        info={"steps": steps} if method == "eap-ig" else {},
+        info={"steps": steps} if method == "eap-ig" else ({"aggregation": aggregation} if method == "peap" else {}),
         spans=spans,
         crossing=crossing,
         concrete=concrete,
     )
+
+
+def _per_instance(summed: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Scores summed over instances and divided by the number of examples, divided by the instances
+    per example: the mean over instances (zero where a span pair has none)."""
+    count = count.to(summed.dtype)
+    return torch.where(count > 0, summed / count.clamp(min=1e-12), torch.zeros_like(summed))
 
 
 __all__ = ["ALL_METHODS", "EdgeScores", "attribute"]

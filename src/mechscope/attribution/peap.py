@@ -154,6 +154,53 @@ def aggregate_crossing(scores: dict[str, torch.Tensor], span_of: torch.Tensor, n
     }
 
 
+AGGREGATIONS = ("sum", "mean", "max")
+
+
+def signed_absmax(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise, whichever of a and b has the larger magnitude (keeping its sign)."""
+    return torch.where(b.abs() > a.abs(), b, a)
+
+
+def within_max(graph: Graph, delta: torch.Tensor, grad: torch.Tensor, span_of: torch.Tensor, n_spans: int,
+               chunk: int = 32) -> torch.Tensor:
+    """Per span, the token-level within-position score of largest magnitude (signed), over the tokens
+    of the batch: [n_spans, n_up, n_down]. delta [n_up, b, t, d], grad [n_down, b, t, d]."""
+    out = torch.zeros(n_spans, delta.shape[0], grad.shape[0], dtype=torch.float64)
+    flat = span_of.reshape(-1)
+    d_tok, g_tok = delta.flatten(1, 2), grad.flatten(1, 2)  # [u, bt, d], [v, bt, d]
+    for s in range(n_spans):
+        tokens = (flat == s).nonzero(as_tuple=True)[0]
+        for part in tokens.split(chunk):
+            prod = torch.bmm(d_tok[:, part].transpose(0, 1), g_tok[:, part].permute(1, 2, 0))  # [n, u, v]
+            pick = prod.abs().argmax(0, keepdim=True)
+            out[s] = signed_absmax(out[s], prod.gather(0, pick)[0].double().cpu())
+    return out * graph.edge_mask.double()
+
+
+def crossing_max(scores: dict[str, torch.Tensor], span_of: torch.Tensor, n_spans: int) -> dict[str, torch.Tensor]:
+    """Per span pair, the token-level crossing score of largest magnitude (signed) in the batch."""
+    L, H = scores["q"].shape[1:3]
+    out = {"k": torch.zeros(L, H, n_spans, n_spans, dtype=torch.float64),
+           "v": torch.zeros(L, H, n_spans, n_spans, dtype=torch.float64),
+           "q": torch.zeros(L, H, n_spans, dtype=torch.float64)}
+    for s in range(n_spans):
+        query = span_of == s  # [b, t]
+        if not bool(query.any()):
+            continue
+        q = scores["q"].permute(1, 2, 0, 3)[:, :, query]  # [L, H, n]
+        out["q"][:, :, s] = q.gather(-1, q.abs().argmax(-1, keepdim=True))[..., 0]
+        for a in range(s + 1):
+            key = span_of == a
+            pair = query[:, :, None] & key[:, None, :]  # [b, t, t']
+            if not bool(pair.any()):
+                continue
+            for kind in ("k", "v"):
+                x = scores[kind].permute(1, 2, 0, 3, 4)[:, :, pair]  # [L, H, n]
+                out[kind][:, :, a, s] = x.gather(-1, x.abs().argmax(-1, keepdim=True))[..., 0]
+    return out
+
+
 def batch_span_of(dataset, indices, width: int) -> torch.Tensor:
     """[batch, width] span id of every token of the examples `indices` (-1 for padding)."""
     out = torch.full((len(indices), width), -1, dtype=torch.long)
