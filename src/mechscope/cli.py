@@ -232,6 +232,90 @@ def curves(
     console.print(f"wrote {out}")
 
 
+@app.command()
+@_user_errors
+def circuit(
+    task: Optional[str] = typer.Option(None, "--task", help="Built-in task: ioi, greater-than, winobias, induction."),
+    data_file: Optional[Path] = typer.Option(None, "--data", help="A dataset JSONL instead of --task."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model alias, .gguf, directory or hub id."),
+    method: str = typer.Option("peap", help="peap (position-aware, with the EAP baseline) | eap | eap-ig"),
+    n: Optional[int] = typer.Option(None, "--n", help="Examples: generated with --task (default 120), the first N of --data."),
+    seed: int = typer.Option(0, help="Seed of the task generator and of the discovery / evaluation split."),
+    selection: str = typer.Option("greedy", help="Circuit selection: greedy (from the logits) | top_n."),
+    batch_size: int = typer.Option(16),
+    out: Path = typer.Option(..., "--out", "-o", help="New output directory (report.html, summary.json, ...)."),
+) -> None:
+    """Find a circuit and write a self-contained HTML report with its faithfulness curves, its graph, its
+    top edges and attention patterns, plus summary.json, scores.safetensors, circuit.json and PNGs."""
+    from .data.dataset import DatasetError, PromptPairDataset
+    from .discovery import discover_circuit
+    from .models import load_model
+    from .report import ReportError, write_report
+
+    if method not in ("peap", "eap", "eap-ig"):
+        raise DatasetError(f"unknown method '{method}'; choose peap, eap or eap-ig")
+    if selection not in ("greedy", "top_n"):
+        raise DatasetError(f"unknown selection '{selection}'; choose greedy or top_n")
+    if (task is None) == (data_file is None):
+        raise DatasetError("give either --task or --data")
+    if n is not None and n < 2:
+        raise DatasetError("--n must be at least 2 (a discovery and an evaluation half)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ReportError(f"{out}: exists and is not an empty directory; choose a new --out")
+    _check_writable(out)
+    if task is not None:
+        from .tasks import TASKS
+
+        if task not in TASKS:
+            raise DatasetError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
+    dataset = PromptPairDataset.load(data_file) if data_file is not None else None
+    if dataset is not None and n is not None:
+        if n > len(dataset):
+            raise DatasetError(f"--n {n} is larger than the {len(dataset)} examples in {data_file}")
+        dataset = dataset.subset(range(n))
+    with err_console.status(f"loading {model}"):
+        bridge = load_model(model)
+    if dataset is None:
+        from .tasks import make_task
+
+        dataset = make_task(task, bridge.tokenizer, n or 120, seed=seed)
+        dataset.model = model
+    run = discover_circuit(bridge, dataset, method, seed=seed, selection=selection, batch_size=batch_size)
+    with err_console.status("writing the report"):
+        write_report(out, bridge, run)
+    s = run.summary
+    table = Table(title=f"{method} circuit for {s['task']} on {s['model'] or model}: held-out faithfulness")
+    for col in ("method", "fraction", "span edges", "concrete edges", "normalized", "soft", "hard"):
+        table.add_column(col)
+    for m, curve in s["methods"].items():
+        for p in curve["points"]:
+            table.add_row(m, f"{100 * p['fraction']:g}%", f"{p['edges']:,}", f"{p['concrete_edges']:,.0f}",
+                          f"{p['normalized']:.2f}", f"{p['soft']:.2f}", f"{p['hard']:.2f}")
+    console.print(table)
+    c = s["circuit"]
+    console.print(
+        f"model accuracy {s['model_accuracy']:.2f}, metric clean {s['metric_clean']:.3f}, all-ablated "
+        f"{s['metric_ablated']:.3f}; saved circuit: {c['n_edges']:,} span edges, {c['concrete_edges']:,.0f} "
+        f"concrete edges, normalized faithfulness {c['normalized']:.2f}"
+    )
+    console.print(f"wrote {out}/report.html (open it in a browser), summary.json, scores.safetensors, circuit.json, "
+                  "curves.png, circuit.png")
+
+
+def _check_writable(out: Path) -> None:
+    """Fail early (before any model work) when the output directory's parent cannot be written."""
+    import os
+
+    from .report import ReportError
+
+    parent = out.parent if str(out.parent) else Path(".")
+    probe = parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ReportError(f"{out}: cannot write there ({probe} is not a writable directory)")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     app(args=argv if argv is not None else sys.argv[1:])
 

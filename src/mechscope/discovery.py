@@ -8,12 +8,27 @@ positional and non-positional circuits compare.
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 from .attribution import attribute
 from .behaviour import check_compatible, keep_correct, measure_behaviour
 from .data.dataset import DatasetError, PromptPairDataset
-from .evaluation import DEFAULT_FRACTIONS, faithfulness_curve
+from .evaluation import DEFAULT_FRACTIONS, faithfulness_curve, select_circuits
+from .span_circuits import SpanCircuit, SpanGraphScores
+
+
+def prepare(model, dataset: PromptPairDataset, seed: int = 0, discovery_fraction: float = 0.5,
+            only_correct: bool = True, batch_size: int = 16, progress: bool = True):
+    """Measure the model's behaviour, keep the examples it gets right (with `only_correct`) and split
+    them into discovery and evaluation halves. Returns (behaviour summary, discovery, evaluation)."""
+    check_compatible(model, dataset)
+    behaviour = measure_behaviour(model, dataset, batch_size, progress=progress)
+    kept = keep_correct(dataset, behaviour) if only_correct else dataset
+    if len(kept) < 2:
+        raise DatasetError(f"only {len(kept)} examples left after keeping the correct ones; nothing to split")
+    discovery, evaluation = kept.split(discovery_fraction, seed=seed)
+    return behaviour.summary(dataset.metric), discovery, evaluation
 
 
 def compare_methods(
@@ -34,12 +49,8 @@ def compare_methods(
 ) -> tuple[dict, dict]:
     """Returns (summary, scores by method). With `only_correct` the examples the model gets wrong on
     the clean prompt are dropped first (the behaviour summary is of the whole dataset)."""
-    check_compatible(model, dataset)
-    behaviour = measure_behaviour(model, dataset, batch_size, progress=progress)
-    kept = keep_correct(dataset, behaviour) if only_correct else dataset
-    if len(kept) < 2:
-        raise DatasetError(f"only {len(kept)} examples left after keeping the correct ones; nothing to split")
-    discovery, evaluation = kept.split(discovery_fraction, seed=seed)
+    behaviour, discovery, evaluation = prepare(model, dataset, seed, discovery_fraction, only_correct,
+                                               batch_size, progress)
     summary = {
         "model": getattr(model, "mechscope_name", ""),
         "task": dataset.task,
@@ -48,10 +59,10 @@ def compare_methods(
         "selection": selection,
         "seed": seed,
         "n_examples": len(dataset),
-        "n_kept": len(kept),
+        "n_kept": len(discovery) + len(evaluation),
         "n_discovery": len(discovery),
         "n_evaluation": len(evaluation),
-        "behaviour": behaviour.summary(dataset.metric),
+        "behaviour": behaviour,
         "methods": {},
     }
     all_scores = {}
@@ -65,3 +76,96 @@ def compare_methods(
         summary["methods"][method]["concrete_edges_for"] = {f"{t:g}": curve.edges_for(t) for t in targets}
         all_scores[method] = scores
     return summary, all_scores
+
+
+DISPLAY_SIZES = (20, 40, 80, 160, 320)
+
+
+@dataclass
+class CircuitDiscovery:
+    """Everything `mechscope circuit` finds: the summary, the scores, the curves, the circuit it saves
+    (the smallest on the curve whose normalized faithfulness reaches `target`) and smaller circuits of
+    `DISPLAY_SIZES` span edges for the interactive graph."""
+
+    summary: dict
+    scores: dict  # method -> EdgeScores (the chosen method first, then the baseline)
+    curves: dict  # method -> Curve
+    circuit: Any  # SpanCircuit (peap) or Circuit
+    display: list  # SpanCircuit per display size
+    evaluation: PromptPairDataset
+    discovery: PromptPairDataset
+
+
+def discover_circuit(
+    model,
+    dataset: PromptPairDataset,
+    method: str = "peap",
+    *,
+    seed: int = 0,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    selection: str = "greedy",
+    target: float = 0.8,
+    display_sizes: Sequence[int] = DISPLAY_SIZES,
+    steps: int = 5,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> CircuitDiscovery:
+    """Circuit discovery end to end, as `mechscope circuit` runs it: behaviour, discovery / evaluation
+    split (only examples the model gets right), scores with `method` and, for peap, the non-positional
+    EAP baseline, faithfulness curves of both on the held-out half, the circuit to save and the small
+    circuits to draw."""
+    behaviour, discovery, evaluation = prepare(model, dataset, seed, batch_size=batch_size, progress=progress)
+    methods = [method] + (["eap"] if method == "peap" else [])
+    scores, curves, circuits = {}, {}, {}
+    for m in methods:
+        scores[m] = attribute(model, discovery, m, steps=steps, batch_size=batch_size, progress=progress)
+        chosen = select_circuits(scores[m], fractions, selection)
+        curves[m] = faithfulness_curve(model, scores[m], evaluation, fractions=fractions, selection=selection,
+                                       batch_size=batch_size, progress=progress, circuits=chosen)
+        circuits[m] = chosen
+    curve = curves[method]
+    pick = next((i for i, p in enumerate(curve.points) if p.normalized >= target), len(curve.points) - 1)
+    circuit = circuits[method][pick]
+    display = [as_span_circuit(select_circuits(scores[method], [n / _n_total(scores[method])], selection)[0])
+               for n in display_sizes]
+    summary = {
+        "model": getattr(model, "mechscope_name", ""),
+        "task": dataset.task,
+        "metric": dataset.metric,
+        "method": method,
+        "selection": selection,
+        "seed": seed,
+        "n_examples": len(dataset),
+        "n_discovery": len(discovery),
+        "n_evaluation": len(evaluation),
+        "model_accuracy": behaviour["model_accuracy"],
+        "metric_clean": behaviour["metric_clean"],
+        "metric_counterfactual": behaviour["metric_counterfactual"],
+        "metric_model": curve.points[0].metric_model,
+        "metric_ablated": curve.points[0].metric_empty,
+        "concrete_full": curve.concrete_full,
+        "circuit": {"fraction": curve.points[pick].fraction, "target": target, **curve.points[pick].to_dict()},
+        "methods": {
+            m: {
+                "cpr": c.cpr(),
+                "cmd": c.cmd(),
+                "cpr_concrete": c.cpr_concrete(),
+                "cmd_concrete": c.cmd_concrete(),
+                "points": [
+                    {"fraction": p.fraction, "edges": p.n_edges, "concrete_edges": p.concrete_edges,
+                     "soft": p.soft, "hard": p.hard, "normalized": p.normalized}
+                    for p in c.points
+                ],
+            }
+            for m, c in curves.items()
+        },
+    }
+    return CircuitDiscovery(summary, scores, curves, circuit, display, evaluation, discovery)
+
+
+def _n_total(scores) -> int:
+    return SpanGraphScores(scores).n_edges if scores.positional else scores.graph.n_edges
+
+
+def as_span_circuit(circuit):
+    return circuit if isinstance(circuit, SpanCircuit) else SpanCircuit.from_circuit(circuit)

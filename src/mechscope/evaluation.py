@@ -289,12 +289,17 @@ def faithfulness_curve(
     batch_size: int = 16,
     progress: bool = True,
     attention: str = "scored",
+    circuits: Sequence | None = None,
 ) -> Curve:
     """Faithfulness of circuits of `fractions` x all edges, selected from `scores` by `selection`.
 
     Positional (PEAP) scores give span circuits over the span graph (within and crossing edges);
-    `attention="whole"` keeps every crossing edge of the heads in the circuit instead of scoring them."""
-    circuits = select_circuits(scores, fractions, selection, attention)
+    `attention="whole"` keeps every crossing edge of the heads in the circuit instead of scoring them.
+    `circuits`: the circuits already selected for `fractions` (by `select_circuits`), to keep them."""
+    if circuits is None:
+        circuits = select_circuits(scores, fractions, selection, attention)
+    elif len(circuits) != len(fractions):
+        raise ValueError(f"{len(circuits)} circuits for {len(fractions)} fractions")
     for c in circuits:
         c.check_model(model)
     results = _Evaluator(model, dataset, ablation, reference, batch_size).run(circuits, progress)

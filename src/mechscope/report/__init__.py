@@ -1,0 +1,80 @@
+"""Reports of a circuit discovery run: a self-contained HTML page, a JSON summary, the reloadable
+scores and circuit, and PNG figures, written together into one directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import MechscopeError
+from ..fileio import current_umask
+from .data import attention_patterns, circuit_heads, graph_data, top_edges
+from .figures import circuit_png, curves_png
+from .html import render
+
+FILES = ("report.html", "summary.json", "scores.safetensors", "circuit.json", "curves.png", "circuit.png")
+
+
+class ReportError(MechscopeError, OSError):
+    """An output directory that cannot be written."""
+
+
+def report_context(model, run, example_index: int = 0) -> dict:
+    """Everything the page shows, from a `discovery.CircuitDiscovery`."""
+    from .. import __version__
+    from ..models import model_summary
+
+    method = run.summary["method"]
+    scores = run.scores[method]
+    graph = graph_data(scores, run.display, run.evaluation)
+    heads = circuit_heads(graph)
+    ex = run.evaluation.examples[example_index]
+    return {
+        "summary": run.summary,
+        "positional": scores.positional,
+        "schema": " | ".join(run.evaluation.schema.spans),
+        "model_summary": model_summary(model),
+        "graph": graph,
+        "default_size": len(run.display) // 2,
+        "top_edges": top_edges(graph),
+        "attention": attention_patterns(model, run.evaluation, example_index, heads),
+        "example_text": ex.clean_text or model.tokenizer.decode(ex.clean),
+        "version": __version__,
+    }
+
+
+def write_report(out: str | os.PathLike, model, run) -> Path:
+    """Write every file of FILES into `out`, all at once: they are written into a temporary directory
+    beside `out`, which is then renamed into place, so a failure leaves no partial output."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ReportError(f"{out}: exists and is not an empty directory; choose a new --out")
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+        os.chmod(tmp, 0o777 & ~current_umask())
+    except OSError as exc:
+        raise ReportError(f"{out}: cannot write there ({exc.strerror or exc})") from None
+    try:
+        context = report_context(model, run)
+        method = run.summary["method"]
+        (tmp / "report.html").write_text(render(context), encoding="utf-8")
+        (tmp / "summary.json").write_text(json.dumps(run.summary, indent=1))
+        run.scores[method].save(tmp / "scores.safetensors")
+        run.circuit.save(tmp / "circuit.json")
+        curves_png(run.summary, tmp / "curves.png")
+        circuit_png(context["graph"], context["default_size"], tmp / "circuit.png")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+__all__ = ["FILES", "ReportError", "report_context", "write_report"]

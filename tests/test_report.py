@@ -1,0 +1,176 @@
+"""`mechscope circuit`: the report directory, its numbers against the Python API, bad input, and the
+HTML report in a real headless browser (Debian's chromium driven by Playwright), offline."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import mechscope
+from mechscope.cli import app
+from mechscope.discovery import DISPLAY_SIZES, _n_total, as_span_circuit, prepare
+from mechscope.evaluation import evaluate, faithfulness_curve, select_circuits
+from mechscope.report import FILES
+from mechscope.report.data import graph_data
+from mechscope.tasks import make_task
+
+runner = CliRunner()
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory, tiny_model_dirs):
+    out = tmp_path_factory.mktemp("report") / "ioi"
+    result = runner.invoke(app, ["circuit", "--task", "ioi", "--model", str(tiny_model_dirs["llama"]), "--n", "32",
+                                 "--seed", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "held-out faithfulness" in result.output
+    return out
+
+
+def test_circuit_writes_every_file(report_dir):
+    assert sorted(p.name for p in report_dir.iterdir()) == sorted(FILES)
+    assert not list(report_dir.parent.glob(".ioi.*"))  # no temporary directory left
+    for png in ("curves.png", "circuit.png"):
+        assert (report_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (report_dir / "report.html").read_text()
+    for needle in ("http://", "https://", "<link", "src="):
+        assert needle not in page.replace("http://www.w3.org/2000/svg", ""), needle
+
+
+def test_summary_equals_the_python_api(report_dir, tiny_model_dirs):
+    summary = json.loads((report_dir / "summary.json").read_text())
+    for key in ("model", "task", "n_examples", "model_accuracy", "metric_clean", "metric_ablated", "methods"):
+        assert key in summary
+    model = mechscope.load_model(str(tiny_model_dirs["llama"]), device="cpu")
+    data = make_task("ioi", model.tokenizer, 32, seed=1)
+    behaviour, discovery, evaluation = prepare(model, data, seed=1, progress=False)
+    assert summary["n_examples"] == 32 and summary["n_evaluation"] == len(evaluation)
+    assert summary["model_accuracy"] == pytest.approx(behaviour["model_accuracy"])
+    assert summary["metric_clean"] == pytest.approx(behaviour["metric_clean"])
+    for method in ("peap", "eap"):
+        scores = mechscope.attribute(model, discovery, method, progress=False)
+        curve = faithfulness_curve(model, scores, evaluation, selection="greedy", progress=False)
+        points = summary["methods"][method]["points"]
+        assert len(points) == len(curve.points)
+        for got, want in zip(points, curve.points):
+            assert got["fraction"] == want.fraction and got["edges"] == want.n_edges
+            for key in ("soft", "hard", "normalized"):
+                assert got[key] == pytest.approx(getattr(want, key), abs=1e-6), (method, key)
+            assert got["concrete_edges"] == pytest.approx(want.concrete_edges)
+        assert summary["methods"][method]["cpr"] == pytest.approx(curve.cpr(), abs=1e-6)
+        assert summary["methods"][method]["cmd"] == pytest.approx(curve.cmd(), abs=1e-6)
+        if method == "peap":
+            assert summary["metric_ablated"] == pytest.approx(curve.points[0].metric_empty, abs=1e-6)
+            saved = mechscope.EdgeScores.load(report_dir / "scores.safetensors")
+            assert torch.allclose(saved.values, scores.values, atol=1e-7)
+    # The saved circuit reloads and evaluates to the faithfulness the summary reports.
+    circuit = mechscope.load_any_circuit(report_dir / "circuit.json")
+    again = evaluate(model, circuit, evaluation, progress=False)
+    assert again.normalized == pytest.approx(summary["circuit"]["normalized"], abs=1e-6)
+    assert again.concrete_edges == pytest.approx(summary["circuit"]["concrete_edges"])
+
+
+def test_circuit_bad_input_is_one_line_and_leaves_nothing(tmp_path, tiny_model_dirs):
+    model = str(tiny_model_dirs["llama"])
+    data_file = tmp_path / "small.jsonl"
+    tok = mechscope.load_model(model, device="cpu").tokenizer
+    make_task("ioi", tok, 6, seed=0).save(data_file)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    out = tmp_path / "out"
+    cases = [
+        (["--task", "sudoku", "--out", str(out)], "unknown task"),
+        (["--data", str(tmp_path / "missing.jsonl"), "--out", str(out)], "no such"),
+        (["--data", str(data_file), "--n", "50", "--out", str(out)], "larger than the 6 examples"),
+        (["--task", "ioi", "--out", str(blocker / "report")], "cannot write there"),
+        (["--task", "ioi", "--out", str(full)], "not an empty directory"),
+        (["--task", "ioi", "--method", "acdc", "--out", str(out)], "unknown method"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["circuit", "--model", model, *args])
+        assert result.exit_code == 2, (args, result.output)
+        text = result.output.replace("\n", " ")
+        assert message in text, (args, result.output)
+        assert "Traceback" not in result.output
+        assert not out.exists()
+    assert (full / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "full", "small.jsonl"]
+
+
+def test_report_in_a_headless_browser_offline(report_dir, tmp_path):
+    """Opens report.html from disk with every network request blocked and recorded: the circuit graph
+    has the expected nodes, an edge's tooltip shows its score and concrete count, the size control
+    changes the edge count, and a 1280x800 screenshot of the graph is not blank."""
+    from playwright.sync_api import sync_playwright
+
+    assert shutil.which(CHROMIUM), "chromium is missing: run `make setup` (installs it with apt)"
+    scores = mechscope.EdgeScores.load(report_dir / "scores.safetensors")
+    summary = json.loads((report_dir / "summary.json").read_text())
+    model_dir = summary["model"]
+    model = mechscope.load_model(model_dir, device="cpu")
+    data = make_task("ioi", model.tokenizer, 32, seed=1)
+    _, _, evaluation = prepare(model, data, seed=1, progress=False)
+    display = [as_span_circuit(select_circuits(scores, [n / _n_total(scores)], "greedy")[0]) for n in DISPLAY_SIZES]
+    expected = graph_data(scores, display, evaluation)
+    default = len(DISPLAY_SIZES) // 2
+    shown = [e for e in expected["edges"] if e["sizes"] & (1 << default)]
+    expected_nodes = len({e["source"] for e in shown} | {e["target"] for e in shown})
+    assert expected_nodes > 0
+
+    outside: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"])
+        context = browser.new_context(viewport={"width": 1280, "height": 800})
+
+        def guard(route):
+            url = route.request.url
+            if url.startswith(("file:", "data:", "about:")):
+                route.continue_()
+            else:
+                outside.append(url)
+                route.abort()
+
+        context.route("**/*", guard)
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto((report_dir / "report.html").as_uri())
+        page.wait_for_selector("#graph circle.node", state="attached")
+        assert errors == []
+        visible = page.eval_on_selector_all("#graph circle.node", "els => els.filter(e => e.style.display !== 'none').length")
+        assert visible == expected_nodes
+        count = page.locator("#edge-count")
+        assert int(count.get_attribute("data-edges")) == len(shown)
+
+        edge = page.locator("#graph path.edge:visible").first
+        edge.scroll_into_view_if_needed()
+        edge.hover(force=True)
+        tip = page.locator("#tooltip")
+        assert tip.is_visible()
+        assert "score" in tip.inner_text() and "concrete edges" in tip.inner_text()
+
+        before = int(count.get_attribute("data-edges"))
+        page.locator("#size-slider").fill(str(len(DISPLAY_SIZES) - 1))
+        after = int(count.get_attribute("data-edges"))
+        assert after != before
+
+        page.locator("#graph").scroll_into_view_if_needed()
+        shot = page.locator("#graph").screenshot(path=str(tmp_path / "graph.png"))
+        browser.close()
+    assert outside == []
+    from matplotlib.image import imread
+
+    pixels = imread(io.BytesIO(shot), format="png")[..., :3]
+    background = pixels.reshape(-1, 3).mean(0)
+    drawn = (abs(pixels - pixels[0, 0]).sum(-1) > 0.15).mean()
+    assert drawn > 0.005, (drawn, background)
