@@ -41,6 +41,26 @@ def test_circuit_writes_every_file(report_dir):
     page = (report_dir / "report.html").read_text()
     for needle in ("http://", "https://", "<link", "src="):
         assert needle not in page.replace("http://www.w3.org/2000/svg", ""), needle
+    # The embedded data is strict JSON (a browser's JSON.parse rejects NaN).
+    payload = page.split('<script type="application/json" id="report-data">')[1].split("</script>")[0]
+
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    assert json.loads(payload, parse_constant=refuse)["graph"]["nodes"]
+
+
+def test_circuit_with_a_non_positional_method(tmp_path, tiny_model_dirs):
+    out = tmp_path / "eap"
+    result = runner.invoke(app, ["circuit", "--task", "ioi", "--model", str(tiny_model_dirs["gpt2"]), "--n", "24",
+                                 "--method", "eap", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["methods"]) == ["eap"]
+    assert isinstance(mechscope.load_any_circuit(out / "circuit.json"), mechscope.Circuit)
+    page = (out / "report.html").read_text()
+    payload = page.split('<script type="application/json" id="report-data">')[1].split("</script>")[0]
+    assert json.loads(payload)["graph"]["spans"] == ["*"]
 
 
 def test_summary_equals_the_python_api(report_dir, tiny_model_dirs):

@@ -13,7 +13,7 @@ from ..errors import MechscopeError
 from ..fileio import current_umask
 from .data import attention_patterns, circuit_heads, graph_data, top_edges
 from .figures import circuit_png, curves_png
-from .html import render
+from .html import json_safe, render
 
 FILES = ("report.html", "summary.json", "scores.safetensors", "circuit.json", "curves.png", "circuit.png")
 
@@ -63,7 +63,7 @@ def write_report(out: str | os.PathLike, model, run) -> Path:
         context = report_context(model, run)
         method = run.summary["method"]
         (tmp / "report.html").write_text(render(context), encoding="utf-8")
-        (tmp / "summary.json").write_text(json.dumps(run.summary, indent=1))
+        (tmp / "summary.json").write_text(json.dumps(json_safe(run.summary), indent=1, allow_nan=False))
         run.scores[method].save(tmp / "scores.safetensors")
         run.circuit.save(tmp / "circuit.json")
         curves_png(run.summary, tmp / "curves.png")

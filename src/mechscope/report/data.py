@@ -62,17 +62,17 @@ def graph_data(scores, circuits: list[SpanCircuit], evaluation) -> dict:
             for l, h, a, b in c.crossing[kind].nonzero().tolist():
                 key = (kind, l, h, a, b)
                 if key not in edges:
-                    score = crossing_scores[kind][l, h, a, b] if crossing_scores is not None else float("nan")
+                    score = float(crossing_scores[kind][l, h, a, b]) if crossing_scores is not None else None
                     edges[key] = {"source": f"a{l}.g{h // g.group_size}.{kind}@{spans[a]}",
-                                  "target": f"a{l}.h{h}@{spans[b]}", "kind": kind, "score": float(score),
+                                  "target": f"a{l}.h{h}@{spans[b]}", "kind": kind, "score": score,
                                   "concrete": float(counts["pairs"][a, b]), "sizes": 0}
                 edges[key]["sizes"] |= 1 << bit
         for l, h, s in c.crossing["q"].nonzero().tolist():
             key = ("q", l, h, s)
             if key not in edges:
-                score = crossing_scores["q"][l, h, s] if crossing_scores is not None else float("nan")
+                score = float(crossing_scores["q"][l, h, s]) if crossing_scores is not None else None
                 edges[key] = {"source": f"a{l}.h{h}.q@{spans[s]}", "target": f"a{l}.h{h}@{spans[s]}",
-                              "kind": "q", "score": float(score), "concrete": float(counts["tokens"][s]),
+                              "kind": "q", "score": score, "concrete": float(counts["tokens"][s]),
                               "sizes": 0}
             edges[key]["sizes"] |= 1 << bit
     node_names = sorted({e["source"] for e in edges.values()} | {e["target"] for e in edges.values()})
@@ -86,7 +86,8 @@ def graph_data(scores, circuits: list[SpanCircuit], evaluation) -> dict:
         "n_rows": len(used_rows),
         "sizes": [c.n_edges for c in circuits],
         "nodes": nodes,
-        "edges": sorted(edges.values(), key=lambda e: -abs(e["score"]) if e["score"] == e["score"] else 0),
+        # Crossing edges of a non-positional circuit have no score of their own (None).
+        "edges": sorted(edges.values(), key=lambda e: -abs(e["score"]) if e["score"] is not None else 0),
     }
 
 
@@ -122,7 +123,7 @@ def _layout(name: str, spans: list[str], g) -> dict:
 
 def top_edges(graph: dict, k: int = 25) -> list[dict]:
     """The `k` edges of largest |score| among those drawn."""
-    ranked = [e for e in graph["edges"] if e["score"] == e["score"]]
+    ranked = [e for e in graph["edges"] if e["score"] is not None]
     return sorted(ranked, key=lambda e: -abs(e["score"]))[:k]
 
 
@@ -156,6 +157,6 @@ def circuit_heads(graph: dict, limit: int = 12) -> list[tuple[int, int]]:
             parts = comp.split(".")
             if len(parts) == 2 and parts[0].startswith("a") and parts[1].startswith("h"):
                 key = (int(parts[0][1:]), int(parts[1][1:]))
-                s = abs(e["score"]) if e["score"] == e["score"] else 0.0
+                s = abs(e["score"]) if e["score"] is not None else 0.0
                 weight[key] = weight.get(key, 0.0) + s
     return [k for k, _ in sorted(weight.items(), key=lambda kv: -kv[1])[:limit]]

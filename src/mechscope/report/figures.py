@@ -35,11 +35,11 @@ def circuit_png(graph: dict, size_index: int, path: Path) -> None:
     used = {e["source"] for e in edges} | {e["target"] for e in edges}
     n_spans = len(graph["spans"])
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * n_spans), 8), constrained_layout=True)
-    finite = [abs(e["score"]) for e in edges if e["score"] == e["score"]]
+    finite = [abs(e["score"]) for e in edges if e["score"] is not None]
     top = max(finite) if finite else 1.0
     for e in edges:
         (x1, y1), (x2, y2) = pos[e["source"]], pos[e["target"]]
-        score = e["score"] if e["score"] == e["score"] else 0.0
+        score = e["score"] if e["score"] is not None else 0.0
         ax.plot([x1, x2], [y1, y2], color="#2563eb" if score >= 0 else "#dc2626",
                 lw=0.4 + 3 * abs(score) / (top or 1.0), alpha=0.7, ls="-" if e["kind"] == "within" else "--")
     colors = {"input": "#111827", "logits": "#111827", "head": "#7c3aed", "mlp": "#059669", "q": "#f59e0b",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: #1d2330; background: #fafbfc; }
@@ -19,7 +20,7 @@ td, th { border-bottom: 1px solid #eef0f4; padding: 3px 10px 3px 0; text-align: 
 th { color: #5a6275; font-weight: 600; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .charts { display: flex; flex-wrap: wrap; gap: 12px; }
-.chart { width: 400px; height: 260px; }
+.chart { width: 380px; height: 250px; }
 .chart text, #graph text, #attention text { font-size: 11px; fill: #3a4256; }
 .axis line, .axis path { stroke: #9aa3b5; }
 .legend { font-size: 12px; margin: 4px 0; }
@@ -71,7 +72,9 @@ SCRIPT = r"""
     svg.setAttribute('viewBox', `0 0 ${W} ${H}`);
     const methods = Object.keys(data.curves);
     let xs = [], ys = [];
-    methods.forEach(m => data.curves[m].forEach(p => { if (p.concrete_edges > 0) xs.push(p.concrete_edges); ys.push(p[key]); }));
+    const ok = p => p.concrete_edges > 0 && p[key] !== null;
+    methods.forEach(m => data.curves[m].filter(ok).forEach(p => { xs.push(p.concrete_edges); ys.push(p[key]); }));
+    if (!xs.length) return;
     const x0 = Math.log10(Math.min(...xs)), x1 = Math.log10(Math.max(...xs));
     const y0 = Math.min(0, ...ys), y1 = Math.max(1.05, ...ys);
     const X = v => L + (Math.log10(v) - x0) / Math.max(1e-9, x1 - x0) * (W - L - R);
@@ -90,7 +93,7 @@ SCRIPT = r"""
     el('text', {x: (L + W - R) / 2, y: H - 4, 'text-anchor': 'middle'}, svg).textContent = 'concrete token-level edges';
     el('text', {x: L, y: 12}, svg).textContent = label;
     methods.forEach((m, i) => {
-      const pts = data.curves[m].filter(p => p.concrete_edges > 0);
+      const pts = data.curves[m].filter(ok);
       el('path', {d: pts.map((p, j) => (j ? 'L' : 'M') + X(p.concrete_edges) + ' ' + Y(p[key])).join(' '),
                   stroke: COLORS[i], 'stroke-width': 2, fill: 'none', class: 'curve'}, svg);
       pts.forEach(p => {
@@ -109,6 +112,7 @@ SCRIPT = r"""
 
   // ---- the circuit graph ----
   const G = data.graph;
+  G.edges.forEach(e => { if (e.score === null) e.score = NaN; });  // no score of its own
   const svg = document.getElementById('graph');
   const nSpans = G.spans.length;
   const W = 1320, H = 640;
@@ -195,6 +199,17 @@ SCRIPT = r"""
 """
 
 
+def json_safe(obj):
+    """`obj` with every NaN or infinity replaced by None (strict JSON, which a browser's JSON.parse needs)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def _table(rows: list[tuple[str, str]]) -> str:
     return "<table>" + "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows) + "</table>"
@@ -227,12 +242,12 @@ def render(context: dict) -> str:
         f"<td class=num>{e['score']:.4g}</td><td class=num>{e['concrete']:.3g}</td></tr>"
         for e in context["top_edges"]
     )
-    payload = json.dumps({
+    payload = json.dumps(json_safe({
         "curves": {m: c["points"] for m, c in s["methods"].items()},
         "graph": context["graph"],
         "default_size": context["default_size"],
         "attention": context["attention"],
-    }).replace("</", "<\\/")
+    }), allow_nan=False).replace("</", "<\\/")
     title = f"mechscope: {s['method']} circuit for {s['task']} on {s['model']}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
