@@ -302,6 +302,53 @@ def circuit(
                   "curves.png, circuit.png")
 
 
+@app.command()
+@_user_errors
+def schema(
+    data_file: Path = typer.Argument(..., help="Dataset JSONL (its schema, if any, is replaced)."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model for saliency and tokenizer."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output JSONL with the induced schema."),
+    method: str = typer.Option("induce", help="induce (alignment + saliency, offline) | llm (OpenAI-compatible endpoint)"),
+    saliency: str = typer.Option("input_x_gradient", help="input_x_gradient | integrated_gradients | none"),
+    show: int = typer.Option(3, help="How many examples to print with their spans marked."),
+    batch_size: int = typer.Option(16),
+) -> None:
+    """Give a dataset a schema of named spans, induced from the data and the model's token saliency
+    (or proposed by an LLM); prints the schema, examples with spans marked and `valid_fraction=`."""
+    from .data.dataset import DatasetError, PromptPairDataset
+    from .models import load_model
+    from .saliency import token_saliency
+    from .schema_induction import mark_spans
+
+    if method not in ("induce", "llm"):
+        raise DatasetError(f"unknown method '{method}'; choose induce or llm")
+    if saliency not in ("input_x_gradient", "integrated_gradients", "none"):
+        raise DatasetError(f"unknown saliency '{saliency}'; choose input_x_gradient, integrated_gradients or none")
+    dataset = PromptPairDataset.load(data_file)
+    with err_console.status(f"loading {model}"):
+        bridge = load_model(model)
+    sal = None if saliency == "none" else token_saliency(bridge, dataset, saliency, batch_size=batch_size)
+    if method == "induce":
+        from .schema_induction import induce_schema
+
+        result, report = induce_schema(dataset, bridge.tokenizer, sal)
+    else:
+        from .schema_llm import LLMClient, llm_schema
+
+        result, report = llm_schema(dataset, bridge.tokenizer, sal, LLMClient.from_env())
+    console.print(f"schema ({len(report.schema)} spans): " + " | ".join(report.schema.spans), highlight=False)
+    for ex in result.examples[:show]:
+        console.print("  " + mark_spans(ex, result.schema, bridge.tokenizer), highlight=False, markup=False)
+    for i, reason in report.excluded[:5]:
+        console.print(f"  excluded example {i}: {reason}", highlight=False, markup=False)
+    if len(report.excluded) > 5:
+        console.print(f"  ... and {len(report.excluded) - 5} more excluded")
+    if len(result):
+        result.save(out)
+        console.print(f"wrote {len(result)} of {len(dataset)} examples to {out}")
+    print(f"valid_fraction={report.valid_fraction:.4f}")
+
+
 def _check_writable(out: Path) -> None:
     """Fail early (before any model work) when the output directory's parent cannot be written."""
     import os
