@@ -409,11 +409,17 @@ def _induce(dataset, tokenizer, saliency, seqs, bos, anchors, cut_agreement, pat
             names.append(_slot_name(contents))
     schema = Schema(tuple([BOS_SPAN] + _unique(names)))
 
-    kept_examples, kept = [], []
-    for i in fits:
-        starts = [0] + [bos + a for a, _ in ranges[i]]
-        ex = examples[i]
-        new = PromptPair(**{**ex.__dict__, "span_starts": starts})
+    starts = {i: [0] + [bos + a for a, _ in ranges[i]] for i in fits}
+    return assign_schema(dataset, schema, starts, excluded)
+
+
+def assign_schema(dataset: PromptPairDataset, schema: Schema, starts: dict[int, list[int]],
+                  excluded: list[tuple[int, str]]) -> tuple[PromptPairDataset, InductionReport]:
+    """The examples `starts` names, given those span starts under `schema` and validated; the ones
+    that fail validation join `excluded` (index, reason)."""
+    kept_examples, kept, excluded = [], [], list(excluded)
+    for i in sorted(starts):
+        new = PromptPair(**{**dataset.examples[i].__dict__, "span_starts": starts[i]})
         try:
             validate_example(new, schema, f"example {i}")
         except DatasetError as exc:
@@ -422,8 +428,7 @@ def _induce(dataset, tokenizer, saliency, seqs, bos, anchors, cut_agreement, pat
         kept_examples.append(new)
         kept.append(i)
     excluded.sort()
-    report = InductionReport(schema, len(examples), kept, excluded)
-    return dataset._with(kept_examples, schema), report
+    return dataset._with(kept_examples, schema), InductionReport(schema, len(dataset), kept, excluded)
 
 
 def strip_schema(dataset: PromptPairDataset) -> PromptPairDataset:

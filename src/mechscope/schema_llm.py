@@ -23,9 +23,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from .data.dataset import BOS_SPAN, DatasetError, PromptPair, PromptPairDataset, Schema, validate_example
+from .data.dataset import BOS_SPAN, DatasetError, PromptPairDataset, Schema
 from .errors import MechscopeError
-from .schema_induction import InductionReport
+from .schema_induction import InductionReport, assign_schema
 
 SYSTEM = (
     "You segment prompts of an interpretability dataset into named spans. All prompts share one schema: "
@@ -136,18 +136,13 @@ def llm_schema(
             if isinstance(item, dict) and isinstance(item.get("id"), int):
                 assignments[item["id"]] = item.get("segments")
 
-    kept_examples, kept, excluded = [], [], []
-    for i, ex in enumerate(examples):
+    starts, excluded = {}, []
+    for i in range(len(examples)):
         try:
-            starts = _starts(assignments.get(i), tokens[i], names, bos)
-            new = PromptPair(**{**ex.__dict__, "span_starts": starts})
-            validate_example(new, schema, f"example {i}")
+            starts[i] = _starts(assignments.get(i), tokens[i], names, bos)
         except DatasetError as exc:
             excluded.append((i, str(exc)))
-            continue
-        kept_examples.append(new)
-        kept.append(i)
-    return dataset._with(kept_examples, schema), InductionReport(schema, len(examples), kept, excluded)
+    return assign_schema(dataset, schema, starts, excluded)
 
 
 def _starts(segments, tokens: list[str], names: list[str], bos: int) -> list[int]:
