@@ -69,7 +69,7 @@ def _lcs(a: list[int], b: list[int]) -> list[int]:
 
 
 def find_anchors(sequences: list[list[int]], tolerance: float = 0.3, ambiguity: float = 0.2,
-                 first: int | None = None) -> list[int]:
+                 first: int | None = None, banned: set[int] | None = None) -> list[int]:
     """Token ids common to the sequences in order (progressive LCS, outliers skipped).
 
     A token that occurs in a prompt more often than among the anchors can be placed in more than one
@@ -77,7 +77,7 @@ def find_anchors(sequences: list[list[int]], tolerance: float = 0.3, ambiguity: 
     (it plays different roles in different prompts) and the anchors are recomputed without it."""
     if not sequences:
         return []
-    banned: set[int] = set()
+    banned = set(banned or ())
     while True:
         views = [[t for t in s if t not in banned] for s in sequences]
         order = sorted(range(len(views)), key=lambda i: len(views[i]))
@@ -155,6 +155,8 @@ def _words(text: str) -> list[str]:
 
 def _anchor_name(text: str) -> str:
     words = [w.lower() for w in _words(text)]
+    if words and all(w.isdigit() for w in words):
+        return "number"
     if words:
         return "_".join(words[:3])
     stripped = text.strip()
@@ -166,6 +168,8 @@ def _slot_name(contents: list[list[str]]) -> str:
     filled = [c for c in contents if c]
     if not filled:
         return "text"
+    if all(c == filled[0] for c in filled) and len(filled) == len(contents):
+        return _anchor_name("".join(filled[0]))  # the same words everywhere: named like an anchor
     single = all(len(c) == 1 for c in filled)
     texts = ["".join(c).strip() for c in filled]
     if single and all(t[:1].isupper() and t.isalpha() for t in texts):
@@ -221,14 +225,27 @@ def induce_schema(
     # few starts (prompts of different lengths) and keep the finest schema that fits enough prompts.
     by_length = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     starts = sorted({by_length[round(q * (len(seqs) - 1))] for q in (0, 0.2, 0.4, 0.6, 0.8, 1.0)})
-    best = None
+    # Each anchor list is also tried without each of its tokens, since a shared token can still play
+    # different roles in different templates. The winner fits enough prompts and has the most spans,
+    # names and numbers counted twice (separating them is what a schema is for).
+    candidates: list[list[int]] = []
     for first in starts:
         for tol in (tolerance, 1.0):
-            anchors = find_anchors(seqs, tol, first=first)
-            result = _induce(dataset, tokenizer, saliency, seqs, bos, anchors, cut_agreement, pattern_agreement)
-            key = (result[1].valid_fraction >= pattern_agreement, len(result[1].schema), result[1].valid_fraction)
-            if best is None or key > best[0]:
-                best = (key, result)
+            base = find_anchors(seqs, tol, first=first)
+            # Only tokens some prompt holds more often than the anchors do can be misplaced.
+            doubtful = sorted(t for t in set(base) if any(q.count(t) > base.count(t) for q in seqs))
+            for extra in [None] + doubtful:
+                anchors = base if extra is None else find_anchors(seqs, tol, first=first, banned={extra})
+                if anchors not in candidates:
+                    candidates.append(anchors)
+    best = None
+    for anchors in candidates:
+        result = _induce(dataset, tokenizer, saliency, seqs, bos, anchors, cut_agreement, pattern_agreement)
+        spans = result[1].schema.spans
+        typed = sum(n.startswith(("name", "number")) for n in spans)
+        key = (result[1].valid_fraction >= pattern_agreement, len(spans) + typed, result[1].valid_fraction)
+        if best is None or key > best[0]:
+            best = (key, result)
     return best[1]
 
 
