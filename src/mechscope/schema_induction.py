@@ -11,9 +11,9 @@
 3. **Content cuts.** Tokens are classed as names (a capitalised word after a space), numbers (digits)
    or text. When (nearly) every prompt fills a slot with the same sequence of name / number runs and
    text between them, the slot is cut at those runs (e.g. " John went to" -> name | text).
-   **Saliency cuts.** A slot whose most salient token (largest |input x gradient|, at least 1.5x the
-   runner-up) sits at its last (or first) position in most prompts is cut there, so that token gets a span of its own; the final
-   token (where the logits read) always gets its own span, `end`.
+   **Saliency cuts.** A slot whose last (or first) token is, on average over the prompts, at least
+   twice as salient (|input x gradient|) as its other tokens is cut there, so that token gets a span
+   of its own; the final token (where the logits read) always gets its own span, `end`.
 4. **Names** from typical content: an anchor span is named by its words (`and`, `gave_a_drink`) or
    its punctuation (`comma`, `dot`); a slot by what fills it (`name` for capitalised single words,
    `number` for digits, `word` for other single words, `text` otherwise), numbered when repeated.
@@ -206,14 +206,15 @@ def induce_schema(
     tolerance: float = 0.3,
     cut_agreement: float = 0.75,
     pattern_agreement: float = 0.95,
+    cut_ratio: float = 2.0,
 ) -> tuple[PromptPairDataset, InductionReport]:
     """A schema for `dataset`'s prompts (its own schema, if any, is ignored) and the dataset under it,
     with the examples that do not fit excluded (see the report).
 
     tolerance: how much a prompt may shrink the anchor list and still update it (outliers do not); if
     fewer than `pattern_agreement` of the prompts then contain the anchors, they are recomputed from
-    every prompt. cut_agreement: share of prompts whose most salient slot token must sit at the
-    slot's end for a saliency cut. pattern_agreement: share of prompts that must share a slot's
+    every prompt. cut_agreement: share of prompts in which a slot must hold two tokens or more for a
+    saliency cut; cut_ratio: how much more salient its end token must be than the rest, on average. pattern_agreement: share of prompts that must share a slot's
     name / number pattern for a content cut (the others are excluded)."""
     examples = dataset.examples
     if not examples:
@@ -240,7 +241,8 @@ def induce_schema(
                     candidates.append(anchors)
     best = None
     for anchors in candidates:
-        result = _induce(dataset, tokenizer, saliency, seqs, bos, anchors, cut_agreement, pattern_agreement)
+        result = _induce(dataset, tokenizer, saliency, seqs, bos, anchors, cut_agreement, pattern_agreement,
+                         cut_ratio)
         spans = result[1].schema.spans
         typed = sum(n.startswith(("name", "number")) for n in spans)
         key = (result[1].valid_fraction >= pattern_agreement, len(spans) + typed, result[1].valid_fraction)
@@ -249,7 +251,7 @@ def induce_schema(
     return best[1]
 
 
-def _induce(dataset, tokenizer, saliency, seqs, bos, anchors, cut_agreement, pattern_agreement):
+def _induce(dataset, tokenizer, saliency, seqs, bos, anchors, cut_agreement, pattern_agreement, cut_ratio):
     """The rest of `induce_schema` for one anchor list."""
     examples = dataset.examples
     fits = [i for i, s in enumerate(seqs) if len(s) > 0 and _contains(s, anchors)]
@@ -360,29 +362,31 @@ def _induce(dataset, tokenizer, saliency, seqs, bos, anchors, cut_agreement, pat
     excluded += [(i, "its slot contents do not follow the names / numbers pattern of the others") for i in drop]
     fits = [i for i in fits if i not in drop]
     spans, ranges = new_spans, {i: new_ranges[i] for i in fits}
-    # Saliency cuts: a slot whose most salient token is mostly at its last (first) position.
+    # Saliency cuts: a slot whose last (first) token is, averaged over the prompts, at least
+    # `cut_ratio` times as salient as the slot's other tokens gets cut there.
     cuts: list[tuple[int, str]] = []
     if saliency is not None:
         for si, s in enumerate(spans):
             if s["kind"] != "slot":
                 continue
-            at_last = at_first = counted = 0
+            ends = {"first": [0.0, 0.0], "last": [0.0, 0.0]}  # [edge token total, rest mean total]
+            counted = 0
             for i in fits:
                 a, b = ranges[i][si]
                 if b - a < 2:
                     continue
                 values = [abs(float(saliency[i][bos + t])) for t in range(a, b)]
-                top = max(range(len(values)), key=values.__getitem__)
-                runner_up = max(v for t, v in enumerate(values) if t != top)
                 counted += 1
-                if values[top] < 1.5 * runner_up:  # no token stands out in this prompt's slot
-                    continue
-                at_last += top == len(values) - 1
-                at_first += top == 0
-            if counted and at_last >= cut_agreement * counted:
-                cuts.append((si, "last"))
-            elif counted and at_first >= cut_agreement * counted:
-                cuts.append((si, "first"))
+                ends["first"][0] += values[0]
+                ends["first"][1] += sum(values[1:]) / (len(values) - 1)
+                ends["last"][0] += values[-1]
+                ends["last"][1] += sum(values[:-1]) / (len(values) - 1)
+            if counted < cut_agreement * len(fits):
+                continue  # most prompts leave this slot too short to cut
+            ratios = {k: v[0] / max(v[1], 1e-12) for k, v in ends.items()}
+            side = max(ratios, key=ratios.get)
+            if ratios[side] >= cut_ratio:
+                cuts.append((si, side))
     # Apply cuts (and the final token's own span) to the span list and every example's ranges.
     new_spans, new_ranges = [], {i: [] for i in fits}
     cut_of = dict(cuts)
