@@ -12,7 +12,7 @@
    or text. When (nearly) every prompt fills a slot with the same sequence of name / number runs and
    text between them, the slot is cut at those runs (e.g. " John went to" -> name | text).
    **Saliency cuts.** A slot whose last (or first) token is, on average over the prompts, at least
-   twice as salient (|input x gradient|) as its other tokens is cut there, so that token gets a span
+   1.5 times as salient (|input x gradient|) as its other tokens is cut there, so that token gets a span
    of its own; the final token (where the logits read) always gets its own span, `end`.
 4. **Names** from typical content: an anchor span is named by its words (`and`, `gave_a_drink`) or
    its punctuation (`comma`, `dot`); a slot by what fills it (`name` for capitalised single words,
@@ -206,7 +206,7 @@ def induce_schema(
     tolerance: float = 0.3,
     cut_agreement: float = 0.75,
     pattern_agreement: float = 0.95,
-    cut_ratio: float = 2.0,
+    cut_ratio: float = 1.5,
 ) -> tuple[PromptPairDataset, InductionReport]:
     """A schema for `dataset`'s prompts (its own schema, if any, is ignored) and the dataset under it,
     with the examples that do not fit excluded (see the report).
