@@ -47,12 +47,18 @@ def contract(
     if span_of is None:
         parts = [(0, delta.flatten(1), grad.flatten(1))]
     else:
-        flat_span = span_of.reshape(-1).to(delta.device)
+        # A span's tokens are contiguous within each example, so delta[:, b, a:e] is a view whose
+        # (token, d) block flattens without a copy: one product per (example, span), nothing gathered.
         parts = []
-        for s in range(n_spans):
-            tokens = (flat_span == s).nonzero(as_tuple=True)[0]
-            if tokens.numel():
-                parts.append((s, delta.flatten(1, 2)[:, tokens].flatten(1), grad.flatten(1, 2)[:, tokens].flatten(1)))
+        for b, row in enumerate(span_of.tolist()):
+            t = 0
+            while t < len(row):
+                s, e = row[t], t
+                while e < len(row) and row[e] == s:
+                    e += 1
+                if s >= 0:
+                    parts.append((s, delta[:, b, t:e].reshape(n_up, -1), grad[:, b, t:e].reshape(n_down, -1)))
+                t = e
     steps = graph.downstream_read_step.tolist()
     bounds = [round(i * n_down / n_blocks) for i in range(n_blocks + 1)]
     for first, last in zip(bounds[:-1], bounds[1:]):
@@ -60,7 +66,7 @@ def contract(
             continue
         n_before = graph.n_upstream_before(steps[last - 1])
         for s, d_flat, g_flat in parts:
-            out[s, :n_before, first:last] = d_flat[:n_before] @ g_flat[first:last].T
+            out[s, :n_before, first:last] += d_flat[:n_before] @ g_flat[first:last].T
     return out * graph.edge_mask.to(out.device, out.dtype)
 
 
