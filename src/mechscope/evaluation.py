@@ -111,7 +111,9 @@ class _Evaluator:
         bar = tqdm(total=len(ds) * (len(circuits) + 1), desc="evaluating circuits", unit="run", disable=not progress)
         for indices, batch in ds.batches(self.batch_size):
             batch = batch.to(device)
-            clean_up, clean_attn = upstream_and_attention(model, graph, batch.clean, batch.attention_mask)
+            # q, k, v are only needed to ablate crossing edges (span circuits).
+            clean_up, clean_attn = upstream_and_attention(model, graph, batch.clean, batch.attention_mask,
+                                                          attention=positional)
             clean = final_logits(model(batch.clean, attention_mask=batch.attention_mask), batch.last)
             if self.ablation == "counterfactual" and positional:
                 reference, cf_attn = upstream_and_attention(model, graph, batch.counterfactual, batch.attention_mask)

@@ -32,9 +32,10 @@ def upstream_outputs(model, graph: Graph, tokens: torch.Tensor, attention_mask: 
 
 
 @torch.no_grad()
-def upstream_and_attention(model, graph: Graph, tokens, attention_mask) -> tuple[torch.Tensor, dict]:
-    """(upstream outputs [n_up, batch, pos, d], per layer (q, k, v)) on `tokens`."""
-    run = _reference_pass(model, graph, tokens, attention_mask, heads_as_z=False, capture_attention=True)
+def upstream_and_attention(model, graph: Graph, tokens, attention_mask, attention: bool = True) -> tuple[torch.Tensor, dict]:
+    """(upstream outputs [n_up, batch, pos, d], per layer (q, k, v)) on `tokens`; with `attention`
+    False the second is empty (nothing captured)."""
+    run = _reference_pass(model, graph, tokens, attention_mask, heads_as_z=False, capture_attention=attention)
     return run.up, {layer: tuple(t) for layer, t in run.attention.items()}
 
 
@@ -117,14 +118,9 @@ def mean_reference(model, graph: Graph, dataset: PromptPairDataset, batch_size: 
     attn_means: dict[tuple[int, int], _PositionMean] = {}
     for _, batch in dataset.batches(batch_size):
         batch = batch.to(device)
-        with graph_hooks(model, graph, record_up=True, split_inputs=False, stop_at_final=True,
-                         capture_attention=attention) as run:
-            try:
-                model(batch.clean, attention_mask=batch.attention_mask)
-            except StopForward:
-                pass
-        up_mean.add(run.up, batch.attention_mask)
-        for layer, tensors in run.attention.items():
+        up, attn = upstream_and_attention(model, graph, batch.clean, batch.attention_mask, attention)
+        up_mean.add(up, batch.attention_mask)
+        for layer, tensors in attn.items():
             for slot, x in enumerate(tensors):
                 attn_means.setdefault((layer, slot), _PositionMean()).add(x.flatten(2)[None], batch.attention_mask)
     out = up_mean.result()
