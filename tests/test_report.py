@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 import mechscope
 from mechscope.cli import app
-from mechscope.discovery import DISPLAY_SIZES, _n_total, as_span_circuit, prepare
-from mechscope.evaluation import evaluate, faithfulness_curve, select_circuits
+from mechscope.discovery import DISPLAY_SIZES, display_circuits, prepare
+from mechscope.evaluation import evaluate, faithfulness_curve
 from mechscope.report import FILES
 from mechscope.report.data import graph_data
 from mechscope.tasks import make_task
@@ -139,7 +139,7 @@ def test_report_in_a_headless_browser_offline(report_dir, tmp_path):
     model = mechscope.load_model(model_dir, device="cpu")
     data = make_task("ioi", model.tokenizer, 32, seed=1)
     _, _, evaluation = prepare(model, data, seed=1, progress=False)
-    display = [as_span_circuit(select_circuits(scores, [n / _n_total(scores)], "greedy")[0]) for n in DISPLAY_SIZES]
+    display = display_circuits(scores, DISPLAY_SIZES, "greedy")
     expected = graph_data(scores, display, evaluation)
     default = len(DISPLAY_SIZES) // 2
     shown = [e for e in expected["edges"] if e["sizes"] & (1 << default)]

@@ -126,8 +126,7 @@ def discover_circuit(
     curve = curves[method]
     pick = next((i for i, p in enumerate(curve.points) if p.normalized >= target), len(curve.points) - 1)
     circuit = circuits[method][pick]
-    display = [as_span_circuit(select_circuits(scores[method], [n / _n_total(scores[method])], selection)[0])
-               for n in display_sizes]
+    display = display_circuits(scores[method], display_sizes, selection)
     summary = {
         "model": getattr(model, "mechscope_name", ""),
         "task": dataset.task,
@@ -163,8 +162,11 @@ def discover_circuit(
     return CircuitDiscovery(summary, scores, curves, circuit, display, evaluation, discovery)
 
 
-def _n_total(scores) -> int:
-    return SpanGraphScores(scores).n_edges if scores.positional else scores.graph.n_edges
+def display_circuits(scores, sizes: Sequence[int] = DISPLAY_SIZES, selection: str = "greedy") -> list[SpanCircuit]:
+    """Span circuits of `sizes` edges (before pruning) for the report's graph; one selection serves
+    them all (greedy and top-n circuits of growing budgets share one order)."""
+    total = SpanGraphScores(scores).n_edges if scores.positional else scores.graph.n_edges
+    return [as_span_circuit(c) for c in select_circuits(scores, [n / total for n in sizes], selection)]
 
 
 def as_span_circuit(circuit):
