@@ -100,12 +100,17 @@ class Circuit:
 
     def check_model(self, model, source: str = "circuit") -> None:
         """Raise CircuitError unless the circuit was built for a graph of `model`'s shape."""
-        other = Graph.from_model(model)
-        if not self.graph.same_shape(other):
-            raise CircuitError(
-                f"{source} was built for a model with {self.graph.n_layers} layers x {self.graph.n_heads} heads "
-                f"('{self.model or '?'}'), not for this model ({other.n_layers} x {other.n_heads})"
-            )
+        check_graph(self.graph, model, self.model, source)
+
+
+def check_graph(graph: Graph, model, built_for: str = "", source: str = "circuit") -> None:
+    """Raise CircuitError unless `graph` (of a circuit built for model `built_for`) has `model`'s shape."""
+    other = Graph.from_model(model)
+    if not graph.same_shape(other):
+        raise CircuitError(
+            f"{source} was built for a model with {graph.n_layers} layers x {graph.n_heads} heads "
+            f"('{built_for or '?'}'), not for this model ({other.n_layers} x {other.n_heads})"
+        )
 
 
 # ------------------------------------------------------------------------------------------------

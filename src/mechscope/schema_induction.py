@@ -332,7 +332,7 @@ def _induce(dataset, tokenizer, saliency, seqs, bos, anchors, cut_agreement, pat
                 for i in fits:
                     if tuple(k for k, _, _ in pattern_of[i]) != common:
                         drop.add(i)
-                new_spans += [{"kind": "slot", "class": k} for k in common]
+                new_spans += [{"kind": "slot"} for _ in common]
                 for i in fits:
                     if i not in drop:
                         new_ranges[i] += [(a, b) for _, a, b in pattern_of[i]]
@@ -343,9 +343,7 @@ def _induce(dataset, tokenizer, saliency, seqs, bos, anchors, cut_agreement, pat
             head = next((k for k in ("name", "number") if heads.count(k) >= pattern_agreement * len(heads)), None)
             tail = next((k for k in ("name", "number") if tails.count(k) >= pattern_agreement * len(tails)), None)
             if head or tail:
-                parts = ([{"kind": "slot", "class": head}] if head else []) + [{"kind": "slot"}] + (
-                    [{"kind": "slot", "class": tail}] if tail else [])
-                new_spans += parts
+                new_spans += [{"kind": "slot"} for _ in range(1 + bool(head) + bool(tail))]
                 for i in fits:
                     r = pattern_of[i]
                     if (head and (len(r) < 2 or r[0][0] != head)) or (tail and (len(r) < 2 or r[-1][0] != tail)):
@@ -397,8 +395,7 @@ def _induce(dataset, tokenizer, saliency, seqs, bos, anchors, cut_agreement, pat
             for i in fits:
                 new_ranges[i].append(ranges[i][si])
             continue
-        head, tail = dict(s, kind="slot"), dict(s, kind="slot")
-        new_spans += [head, tail]
+        new_spans += [{"kind": "slot"}, {"kind": "slot"}]
         for i in fits:
             a, b = ranges[i][si]
             if b - a == 0:

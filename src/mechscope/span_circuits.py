@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .circuits import Circuit, CircuitError
+from .circuits import Circuit, CircuitError, check_graph
 from .fileio import write_json
 from .graph import Graph
 
@@ -223,7 +223,8 @@ class SpanCircuit:
                    method=data.get("method", ""), info=data.get("info", {}))
 
     def check_model(self, model, source: str = "span circuit") -> None:
-        Circuit(self.graph, torch.zeros(0), model=self.model).check_model(model, source)
+        """Raise CircuitError unless the circuit was built for a graph of `model`'s shape."""
+        check_graph(self.graph, model, self.model, source)
 
 
 def load_any_circuit(path: str | os.PathLike):

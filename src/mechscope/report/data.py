@@ -9,8 +9,8 @@ import torch
 from ..span_circuits import SpanCircuit, span_counts
 
 
-def _edge_scores(scores, circuit: SpanCircuit):
-    """Span-level score lookups for a circuit drawn from `scores` (positional or not)."""
+def _edge_scores(scores):
+    """Span-level score lookups: within [n_spans, n_edges] and crossing (None for non-positional scores)."""
     if scores.positional:
         return scores.values, scores.crossing
     return scores.values[None], None
@@ -22,7 +22,7 @@ def graph_data(scores, circuits: list[SpanCircuit], evaluation) -> dict:
     g = circuits[0].graph
     spans = list(circuits[0].spans)
     counts = span_counts(evaluation, circuits[0].span_map(evaluation), len(spans))
-    within_scores, crossing_scores = _edge_scores(scores, circuits[0])
+    within_scores, crossing_scores = _edge_scores(scores)
     edges: dict[tuple, dict] = {}
     owner_kind = {}
     for l in range(g.n_layers):
