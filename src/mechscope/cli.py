@@ -174,38 +174,22 @@ def curves(
 
     With --methods peap,eap the position-aware circuits (over the task's schema) and the
     non-positional ones are compared on concrete token-level edge counts."""
-    import json
-
-    from .data.dataset import DatasetError, PromptPairDataset
+    from .data.dataset import DatasetError
     from .discovery import compare_methods
-    from .models import load_model
-
     from .evaluation import DEFAULT_FRACTIONS
+    from .fileio import write_json
 
-    if (task is None) == (data_file is None):
-        raise DatasetError("give either --task or --data")
     try:
         sizes = DEFAULT_FRACTIONS if fractions is None else tuple(float(f) for f in fractions.split(","))
     except ValueError:
         raise DatasetError(f"--fractions must be comma-separated numbers, got '{fractions}'") from None
     if not sizes or any(not 0 < f <= 1 for f in sizes) or list(sizes) != sorted(sizes):
         raise DatasetError("--fractions must be increasing numbers in (0, 1]")
-    with err_console.status(f"loading {model}"):
-        bridge = load_model(model)
-    if task is not None:
-        from .tasks import make_task
-
-        dataset = make_task(task, bridge.tokenizer, n, seed=seed)
-        dataset.model = model
-    else:
-        dataset = PromptPairDataset.load(data_file)
+    bridge, dataset = _task_or_data(task, data_file, model, n, seed)
     summary, _ = compare_methods(bridge, dataset, [m.strip() for m in methods.split(",") if m.strip()],
                                  seed=seed, ablation=ablation, steps=steps, batch_size=batch_size,
                                  selection=selection, fractions=sizes)
-    from .fileio import atomic_path
-
-    with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(summary, indent=1))
+    write_json(out, summary)
     _print_summary("behaviour", summary["behaviour"])
     table = Table(title=f"normalized faithfulness on {summary['n_evaluation']} held-out examples")
     table.add_column("method")
@@ -247,39 +231,18 @@ def circuit(
 ) -> None:
     """Find a circuit and write a self-contained HTML report with its faithfulness curves, its graph, its
     top edges and attention patterns, plus summary.json, scores.safetensors, circuit.json and PNGs."""
-    from .data.dataset import DatasetError, PromptPairDataset
+    from .data.dataset import DatasetError
     from .discovery import discover_circuit
-    from .models import load_model
-    from .report import ReportError, write_report
+    from .report import check_output_dir, write_report
 
     if method not in ("peap", "eap", "eap-ig"):
         raise DatasetError(f"unknown method '{method}'; choose peap, eap or eap-ig")
     if selection not in ("greedy", "top_n"):
         raise DatasetError(f"unknown selection '{selection}'; choose greedy or top_n")
-    if (task is None) == (data_file is None):
-        raise DatasetError("give either --task or --data")
     if n is not None and n < 2:
         raise DatasetError("--n must be at least 2 (a discovery and an evaluation half)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ReportError(f"{out}: exists and is not an empty directory; choose a new --out")
-    _check_writable(out)
-    if task is not None:
-        from .tasks import TASKS
-
-        if task not in TASKS:
-            raise DatasetError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
-    dataset = PromptPairDataset.load(data_file) if data_file is not None else None
-    if dataset is not None and n is not None:
-        if n > len(dataset):
-            raise DatasetError(f"--n {n} is larger than the {len(dataset)} examples in {data_file}")
-        dataset = dataset.subset(range(n))
-    with err_console.status(f"loading {model}"):
-        bridge = load_model(model)
-    if dataset is None:
-        from .tasks import make_task
-
-        dataset = make_task(task, bridge.tokenizer, n or 120, seed=seed)
-        dataset.model = model
+    check_output_dir(out)
+    bridge, dataset = _task_or_data(task, data_file, model, n or 120, seed, n_data=n)
     run = discover_circuit(bridge, dataset, method, seed=seed, selection=selection, batch_size=batch_size)
     with err_console.status("writing the report"):
         write_report(out, bridge, run)
@@ -349,18 +312,30 @@ def schema(
     print(f"valid_fraction={report.valid_fraction:.4f}")
 
 
-def _check_writable(out: Path) -> None:
-    """Fail early (before any model work) when the output directory's parent cannot be written."""
-    import os
+def _task_or_data(task, data_file, model: str, n_task: int, seed: int, n_data: int | None = None):
+    """(loaded model, dataset) from --task (`n_task` generated pairs) or --data (its first `n_data`
+    examples, or all); a wrong choice, unknown task or unreadable file fails before the model loads."""
+    from .data.dataset import DatasetError, PromptPairDataset
+    from .models import load_model
+    from .tasks import TASKS, make_task
 
-    from .report import ReportError
-
-    parent = out.parent if str(out.parent) else Path(".")
-    probe = parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ReportError(f"{out}: cannot write there ({probe} is not a writable directory)")
+    if (task is None) == (data_file is None):
+        raise DatasetError("give either --task or --data")
+    dataset = None
+    if task is not None and task not in TASKS:
+        raise DatasetError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
+    if data_file is not None:
+        dataset = PromptPairDataset.load(data_file)
+        if n_data is not None:
+            if n_data > len(dataset):
+                raise DatasetError(f"--n {n_data} is larger than the {len(dataset)} examples in {data_file}")
+            dataset = dataset.subset(range(n_data))
+    with err_console.status(f"loading {model}"):
+        bridge = load_model(model)
+    if dataset is None:
+        dataset = make_task(task, bridge.tokenizer, n_task, seed=seed)
+        dataset.model = model
+    return bridge, dataset
 
 
 def main(argv: Optional[list[str]] = None) -> None:

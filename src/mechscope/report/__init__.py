@@ -46,12 +46,24 @@ def report_context(model, run, example_index: int = 0) -> dict:
     }
 
 
+def check_output_dir(out: str | os.PathLike) -> None:
+    """Raise ReportError unless `out` can become a report directory: new or empty, and inside a
+    writable directory (checked before any model work, and again by `write_report`)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ReportError(f"{out}: exists and is not an empty directory; choose a new --out")
+    probe = out.parent if str(out.parent) else Path(".")
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ReportError(f"{out}: cannot write there ({probe} is not a writable directory)")
+
+
 def write_report(out: str | os.PathLike, model, run) -> Path:
     """Write every file of FILES into `out`, all at once: they are written into a temporary directory
     beside `out`, which is then renamed into place, so a failure leaves no partial output."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ReportError(f"{out}: exists and is not an empty directory; choose a new --out")
+    check_output_dir(out)
     parent = out.parent if str(out.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -77,4 +89,4 @@ def write_report(out: str | os.PathLike, model, run) -> Path:
     return out
 
 
-__all__ = ["FILES", "ReportError", "report_context", "write_report"]
+__all__ = ["FILES", "ReportError", "check_output_dir", "report_context", "write_report"]
