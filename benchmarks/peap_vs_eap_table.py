@@ -7,31 +7,20 @@ README's comparison): concrete edges needed per normalized faithfulness, areas, 
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
+from mechscope.evaluation import edges_to_reach
 
-def reach(curve: dict, target: str) -> str:
-    value = curve["concrete_edges_for"][target]
+
+def reach(curve: dict, target: float, size: str = "concrete_edges") -> str:
+    """Edges (`size`: all concrete edges, or `concrete_within`) needed to reach normalized faithfulness
+    `target`; "<= x" where the smallest circuit already does."""
+    points = [(p[size], p["normalized"]) for p in curve["points"]]
+    value = edges_to_reach(points, target)
     if value is None:
         return "never"
-    first = curve["points"][0]
-    prefix = "<= " if first["normalized"] >= float(target) and abs(value - first["concrete_edges"]) < 1e-6 else ""
-    return f"{prefix}{value:,.0f}"
-
-
-def reach_within(curve: dict, target: float) -> str:
-    """Like the `concrete_edges_for` figures, on the within-position edge count alone."""
-    pts = [(p["concrete_within"], p["normalized"]) for p in curve["points"]]
-    for i, (x, y) in enumerate(pts):
-        if y >= target:
-            if i == 0:
-                return f"<= {x:,.0f}"
-            x0, y0 = pts[i - 1]
-            w = (target - y0) / (y - y0)
-            return f"{math.exp(math.log(x0) + w * (math.log(x) - math.log(x0))):,.0f}"
-    return "never"
+    return f"{'<= ' if points[0][1] >= target else ''}{value:,.0f}"
 
 
 def main(paths: list[str]) -> None:
@@ -41,8 +30,8 @@ def main(paths: list[str]) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for task, s in runs:
         for method, c in s["methods"].items():
-            print(f"| {task} | {s['n_evaluation']} | {method.upper()} | {reach(c, '0.5')} | {reach(c, '0.8')} | "
-                  f"{reach(c, '0.9')} | {reach_within(c, 0.8)} | {c['cpr_concrete']:.3f} | {c['cmd_concrete']:.3f} |")
+            print(f"| {task} | {s['n_evaluation']} | {method.upper()} | {reach(c, 0.5)} | {reach(c, 0.8)} | "
+                  f"{reach(c, 0.9)} | {reach(c, 0.8, 'concrete_within')} | {c['cpr_concrete']:.3f} | {c['cmd_concrete']:.3f} |")
     print()
     fractions = next(iter(runs[0][1]["methods"].values()))["points"]
     print("| task | method | " + " | ".join(f"{100 * p['fraction']:g}%" for p in fractions) + " |")

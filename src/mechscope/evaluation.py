@@ -225,17 +225,8 @@ class Curve:
         return _trapezoid(self.concrete_fractions(), [abs(1 - p.normalized) for p in self.points])
 
     def edges_for(self, target: float) -> float | None:
-        """Concrete edges at which normalized faithfulness first reaches `target` (linear interpolation
-        between curve points on a log axis), or None if it never does."""
-        pts = [(p.concrete_edges, p.normalized) for p in self.points]
-        for i, (x, y) in enumerate(pts):
-            if y >= target:
-                if i == 0:
-                    return x
-                x0, y0 = pts[i - 1]
-                w = (target - y0) / (y - y0)
-                return float(math.exp(math.log(x0) + w * (math.log(x) - math.log(x0))))
-        return None
+        """Concrete edges at which normalized faithfulness first reaches `target` (see edges_to_reach)."""
+        return edges_to_reach([(p.concrete_edges, p.normalized) for p in self.points], target)
 
     def to_dict(self) -> dict:
         out = {
@@ -249,6 +240,20 @@ class Curve:
             out.update(concrete_full=self.concrete_full, cpr_concrete=self.cpr_concrete(),
                        cmd_concrete=self.cmd_concrete())
         return out
+
+
+def edges_to_reach(points: Sequence[tuple[float, float]], target: float) -> float | None:
+    """The size x at which a curve of (size, faithfulness) points, sizes ascending, first reaches
+    `target`: linear interpolation between points on a log size axis; the first size if the first point
+    already reaches it; None if no point does."""
+    for i, (x, y) in enumerate(points):
+        if y >= target:
+            if i == 0:
+                return x
+            x0, y0 = points[i - 1]
+            w = (target - y0) / (y - y0)
+            return float(math.exp(math.log(x0) + w * (math.log(x) - math.log(x0))))
+    return None
 
 
 def _trapezoid(x: Sequence[float], y: Sequence[float]) -> float:
