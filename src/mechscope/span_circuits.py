@@ -407,18 +407,17 @@ def span_top_order(scores, budget: int, attention: str = "scored") -> list[tuple
     sg = scores if isinstance(scores, SpanGraphScores) else SpanGraphScores(scores)
     flat = [sg.within.flatten(), sg.crossing["k"].flatten(), sg.crossing["v"].flatten(), sg.crossing["q"].flatten()]
     allv = torch.cat(flat)
-    top = allv.argsort(descending=True, stable=True)[: min(budget, sg.n_edges)].tolist()
-    sizes = [t.numel() for t in flat]
+    top = allv.argsort(descending=True, stable=True)[: min(budget, sg.n_edges)]
     shapes = [sg.within.shape, sg.crossing["k"].shape, sg.crossing["v"].shape, sg.crossing["q"].shape]
-    out = []
-    for i in top:
-        part = 0
-        while i >= sizes[part]:
-            i -= sizes[part]
-            part += 1
-        idx = list(torch.unravel_index(torch.tensor(i), shapes[part]))
-        idx = [int(x) for x in idx]
-        out.append((("w", "k", "v", "q")[part], *idx))
+    ends = torch.tensor([t.numel() for t in flat]).cumsum(0)
+    part_of = torch.bucketize(top, ends, right=True)  # which of the four tensors each index is in
+    out: list = [None] * len(top)
+    for part, (kind, shape) in enumerate(zip(("w", "k", "v", "q"), shapes)):
+        rows = (part_of == part).nonzero().flatten()
+        local = top[rows] - (ends[part - 1] if part else 0)
+        coords = torch.stack(torch.unravel_index(local, shape), 1).tolist()
+        for row, idx in zip(rows.tolist(), coords):
+            out[row] = (kind, *idx)
     return out
 
 
