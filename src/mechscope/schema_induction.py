@@ -219,8 +219,7 @@ def induce_schema(
     examples = dataset.examples
     if not examples:
         raise DatasetError("cannot induce a schema for an empty dataset")
-    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
-    bos = 1 if all(ex.clean and ex.clean[0] in specials for ex in examples) else 0
+    bos = bos_length(examples, tokenizer)
     seqs = [list(ex.clean[bos:]) for ex in examples]
     # The progressive LCS depends on where it starts when prompts come from several templates: try a
     # few starts (prompts of different lengths) and keep the finest schema that fits enough prompts.
@@ -447,6 +446,12 @@ def assign_schema(dataset: PromptPairDataset, schema: Schema, starts: dict[int, 
         kept.append(i)
     excluded.sort()
     return dataset._with(kept_examples, schema), InductionReport(schema, len(dataset), kept, excluded)
+
+
+def bos_length(examples, tokenizer) -> int:
+    """1 when every prompt starts with a special (BOS) token, which then forms the `bos` span; else 0."""
+    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
+    return 1 if all(ex.clean and ex.clean[0] in specials for ex in examples) else 0
 
 
 def strip_schema(dataset: PromptPairDataset) -> PromptPairDataset:

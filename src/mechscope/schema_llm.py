@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from .data.dataset import BOS_SPAN, DatasetError, PromptPairDataset, Schema
 from .errors import MechscopeError
-from .schema_induction import InductionReport, assign_schema
+from .schema_induction import InductionReport, assign_schema, bos_length
 
 SYSTEM = (
     "You segment prompts of an interpretability dataset into named spans. All prompts share one schema: "
@@ -112,8 +112,7 @@ def llm_schema(
     examples = dataset.examples
     if not examples:
         raise DatasetError("cannot find a schema for an empty dataset")
-    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
-    bos = 1 if all(ex.clean and ex.clean[0] in specials for ex in examples) else 0
+    bos = bos_length(examples, tokenizer)
     tokens = [_texts(tokenizer, ex.clean[bos:]) for ex in examples]
     step = max(1, len(examples) // n_samples)
     samples = [_marked(tokens[i], None if saliency is None else saliency[i][bos:]) for i in range(0, len(examples), step)]
