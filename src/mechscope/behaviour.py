@@ -26,10 +26,13 @@ def check_compatible(model, dataset: PromptPairDataset, source: str = "dataset")
             "regenerate or convert it with this model"
         )
     dataset.validate(n_ctx=model.cfg.n_ctx, source=source)
-    vocab = model.cfg.d_vocab
+    vocab_in = model.cfg.d_vocab
+    vocab_out = getattr(model.cfg, "d_vocab_out", -1)
+    vocab_out = vocab_out if vocab_out and vocab_out > 0 else vocab_in  # answers index the output vocabulary
     for i, ex in enumerate(dataset.examples):
         for name in ("clean", "counterfactual", "correct", "wrong"):
             ids = getattr(ex, name)
+            vocab = vocab_in if name in ("clean", "counterfactual") else vocab_out
             if ids and max(ids) >= vocab:
                 raise DatasetError(f"{source}: example {i}, field '{name}': token id {max(ids)} >= vocab size {vocab}")
 

@@ -40,3 +40,28 @@ def write_json(path: str | os.PathLike, data) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=1))
     return path
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike, error=OSError) -> Iterator[Path]:
+    """Yield a temporary directory beside `out` (which must be new or empty); on success rename it to
+    `out`, so a failure leaves no partial output. `error` is the exception class raised when the
+    directory cannot be made."""
+    import shutil
+
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+        os.chmod(tmp, 0o777 & ~current_umask())
+    except OSError as exc:
+        raise error(f"{out}: cannot write there ({exc.strerror or exc})") from None
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

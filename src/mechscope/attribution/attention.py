@@ -60,11 +60,18 @@ def scores(q: torch.Tensor, k: torch.Tensor, scale: float, soft_cap: float | Non
     return s
 
 
-def allowed_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[b, 1, t, t'] True where query t may attend to key t' (causal, key not padding)."""
+def is_causal(model) -> bool:
+    """Whether the model's attention is causal (decoder LMs) or bidirectional (compiled tracr models)."""
+    return getattr(model.cfg, "attention_dir", "causal") != "bidirectional"
+
+
+def allowed_mask(attention_mask: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """[b, 1, t, t'] True where query t may attend to key t' (causal unless told, key not padding)."""
     t = attention_mask.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=attention_mask.device).tril()
-    return causal[None, None] & attention_mask.bool()[:, None, None, :]
+    order = torch.ones(t, t, dtype=torch.bool, device=attention_mask.device)
+    if causal:
+        order = order.tril()
+    return order[None, None] & attention_mask.bool()[:, None, None, :]
 
 
 def mixed_head_outputs(live, reference, keep_q, keep_k, keep_v, allowed, scale, soft_cap) -> torch.Tensor:

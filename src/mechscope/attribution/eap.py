@@ -108,8 +108,9 @@ def batch_gradients_and_deltas(
             reference = reference_outputs(model, graph, batch, ablation, clean_up, mean)
             delta = reference - clean_up
             clean_in, ref_in = clean_up[0], reference[0]
-        # Padding sits after each example's last token, so causal attention gives it exactly zero
-        # gradient: it adds nothing to any score and needs no masking here.
+        # Padding sits after each example's last token and is masked as a key, so (causal or
+        # bidirectional attention) it gets exactly zero gradient: it adds nothing to any score and
+        # needs no masking here.
         if method == "eap-ig":
             grad = torch.zeros(
                 graph.n_downstream, *clean_up.shape[1:], dtype=clean_up.dtype, device=clean_up.device

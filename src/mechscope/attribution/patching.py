@@ -27,8 +27,10 @@ def exact_scores(
     mean: MeanReference | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    absolute: bool = False,
 ) -> torch.Tensor:
-    """[n_edges] exact scores; edges not in `edges` are NaN."""
+    """[n_edges] exact scores; edges not in `edges` are NaN. With `absolute`, the mean over examples
+    of |M(edge ablated) - M(clean)|, so effects of opposite sign in different examples do not cancel."""
     edges = torch.arange(graph.n_edges) if edges is None else torch.as_tensor(edges).flatten()
     device = model.cfg.device
     total = torch.zeros(len(edges), dtype=torch.float64)
@@ -47,7 +49,8 @@ def exact_scores(
                 patched = final_logits(model(batch.clean, attention_mask=batch.attention_mask), batch.last)
             keep[u, v] = 1.0
             m = compute_metric(dataset.metric, patched, batch, clean_logits=clean_final)
-            total[i] += (m - base).double().sum().cpu()
+            change = (m - base).double()
+            total[i] += (change.abs() if absolute else change).sum().cpu()
             bar.update(len(batch.last))
     bar.close()
     out = torch.full((graph.n_edges,), float("nan"))

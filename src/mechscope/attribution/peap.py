@@ -28,7 +28,7 @@ import torch
 from ..data.dataset import Batch
 from ..graph import Graph
 from ..metrics import compute_metric, final_logits
-from .attention import allowed_mask, attention_scale, per_query_head, qkv_hook_names, score_soft_cap, scores
+from .attention import allowed_mask, attention_scale, is_causal, per_query_head, qkv_hook_names, score_soft_cap, scores
 
 
 def _capture(model, batch: Batch, tokens: torch.Tensor, metric: str | None):
@@ -102,7 +102,7 @@ def crossing_from_runs(model, attention_mask, clean, cf, z, gz) -> dict[str, tor
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
     b, t = attention_mask.shape
     scale, cap = attention_scale(model), score_soft_cap(model)
-    allowed = allowed_mask(attention_mask)  # [b, 1, t, t']
+    allowed = allowed_mask(attention_mask, is_causal(model))  # [b, 1, t, t']
     out = {
         "k": torch.zeros(b, n_layers, n_heads, t, t, dtype=torch.float64),
         "v": torch.zeros(b, n_layers, n_heads, t, t, dtype=torch.float64),
@@ -171,6 +171,8 @@ def within_max(graph: Graph, delta: torch.Tensor, grad: torch.Tensor, span_of: t
     d_tok, g_tok = delta.flatten(1, 2), grad.flatten(1, 2)  # [u, bt, d], [v, bt, d]
     for s in range(n_spans):
         tokens = (flat == s).nonzero(as_tuple=True)[0]
+        if tokens.numel() == 0:  # a span empty in every example of the batch
+            continue
         for part in tokens.split(chunk):
             prod = torch.bmm(d_tok[:, part].transpose(0, 1), g_tok[:, part].permute(1, 2, 0))  # [n, u, v]
             pick = prod.abs().argmax(0, keepdim=True)

@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 
 from ..graph import Graph
-from .attention import allowed_mask, mixed_head_outputs, qkv_hook_names
+from .attention import allowed_mask, is_causal, mixed_head_outputs, qkv_hook_names
 
 
 def prepare_model(model, split_inputs: bool = True) -> None:
@@ -368,7 +368,7 @@ def graph_hooks(
     if crossing:
         if attention_mask is None:
             raise ValueError("crossing-edge ablation needs the batch's attention_mask")
-        run.allowed = allowed_mask(attention_mask)
+        run.allowed = allowed_mask(attention_mask, is_causal(model))
     with model.hooks(fwd_hooks=run.hooks()):
         yield run
 
@@ -429,9 +429,10 @@ def unembed(model, resid: torch.Tensor) -> torch.Tensor:
     kind = (model.cfg.normalization_type or "").upper()
     if kind.startswith("LN"):
         resid = resid - resid.mean(-1, keepdim=True)
-    elif not kind.startswith("RMS"):
+    elif kind and not kind.startswith("RMS"):
         raise NotImplementedError(f"normalization '{model.cfg.normalization_type}' is not supported here")
-    normed = resid * (resid.pow(2).mean(-1, keepdim=True) + float(model.cfg.eps)).rsqrt()
+    # No normalisation (compiled tracr models): the logits are the residual stream times W_U.
+    normed = resid * (resid.pow(2).mean(-1, keepdim=True) + float(model.cfg.eps)).rsqrt() if kind else resid
     logits = normed @ model.W_U.to(normed.dtype)
     b_U = getattr(model, "b_U", None)
     if b_U is not None:
@@ -450,6 +451,8 @@ def norm_backward(model, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tenso
     square), each with the model's eps.
     """
     kind = (model.cfg.normalization_type or "").upper()
+    if not kind:  # no normalisation: the identity
+        return grad_out
     eps = float(model.cfg.eps)
     x = x[None].to(grad_out.dtype)
     if kind.startswith("LN"):

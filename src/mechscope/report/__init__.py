@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import MechscopeError
-from ..fileio import current_umask
+from ..fileio import atomic_dir
 from .data import attention_patterns, circuit_heads, graph_data, top_edges
 from .figures import circuit_png, curves_png
 from .html import json_safe, render
@@ -64,14 +62,7 @@ def write_report(out: str | os.PathLike, model, run) -> Path:
     beside `out`, which is then renamed into place, so a failure leaves no partial output."""
     out = Path(out)
     check_output_dir(out)
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-        os.chmod(tmp, 0o777 & ~current_umask())
-    except OSError as exc:
-        raise ReportError(f"{out}: cannot write there ({exc.strerror or exc})") from None
-    try:
+    with atomic_dir(out, ReportError) as tmp:
         context = report_context(model, run)
         method = run.summary["method"]
         (tmp / "report.html").write_text(render(context), encoding="utf-8")
@@ -80,12 +71,6 @@ def write_report(out: str | os.PathLike, model, run) -> Path:
         run.circuit.save(tmp / "circuit.json")
         curves_png(run.summary, tmp / "curves.png")
         circuit_png(context["graph"], context["default_size"], tmp / "circuit.png")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
