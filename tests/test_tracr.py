@@ -102,7 +102,7 @@ def test_reverse_ground_truth_follows_the_program():
 
 def test_length_counterfactuals_compute_the_shorter_length():
     cp = compiled("length")
-    ds = make_tracr_task(cp, n=24, seed=1)
+    ds = make_tracr_task(cp, n=24, seed=1, pad_counterfactuals=SUITE["length"].pad_counterfactuals)
     for ex in ds.examples:
         cf = cp.tokenizer.convert_ids_to_tokens(ex.counterfactual)[1:]
         real = [t for t in cf if t != PAD]

@@ -353,21 +353,14 @@ def benchmark_tracr(
 ) -> None:
     """Compile RASP programs with tracr (circuits known by construction), score every edge with each
     method, and report node- and edge-level ROC AUC against the ground-truth circuits."""
-    from .data.dataset import DatasetError
     from .report import check_output_dir
-    from .tracr.benchmark import METHODS, run_benchmark
+    from .tracr.benchmark import check_choices, run_benchmark
     from .tracr.programs import SUITE
-    from .tracr.report import write_benchmark
+    from .tracr.report import fmt_auroc, write_benchmark
 
     chosen = [p.strip() for p in programs.split(",") if p.strip()] if programs else list(SUITE)
-    unknown = [p for p in chosen if p not in SUITE]
-    if unknown:
-        raise DatasetError(f"unknown program(s) {', '.join(unknown)}; the suite has {', '.join(SUITE)}")
     wanted = [m.strip() for m in methods.split(",") if m.strip()]
-    if not wanted or any(m not in METHODS for m in wanted):
-        raise DatasetError(f"unknown method in '{methods}'; choose from {', '.join(METHODS)}")
-    if n < 2:
-        raise DatasetError("--n must be at least 2")
+    check_choices(chosen, wanted, n)  # before any compilation, like the output directory
     if out is not None:
         check_output_dir(out)
 
@@ -376,17 +369,18 @@ def benchmark_tracr(
         err_console.print(f"{r.program}: {r.n_edges} graph edges, {r.truth['n_edges']} in the circuit; edge AUROC {aucs}")
 
     summary = run_benchmark(chosen, n=n, seed=seed, methods=wanted, progress=done)
-    fmt = lambda x: "n/a" if x != x else f"{x:.3f}"  # noqa: E731 (NaN when a class is empty)
     table = Table(title="ROC AUC against the compiled ground truth (edge / node; whole-program edge)")
     table.add_column("program")
     for m in wanted:
         table.add_column(m)
+
+    def cells(auc):  # auc(key, method) -> AUROC
+        return [f"{fmt_auroc(auc('edge_auroc', m))} / {fmt_auroc(auc('node_auroc', m))}; "
+                f"{fmt_auroc(auc('program_edge_auroc', m))}" for m in wanted]
+
     for r in summary["programs"]:
-        table.add_row(r["program"], *[f"{fmt(r['edge_auroc'][m])} / {fmt(r['node_auroc'][m])}; "
-                                      f"{fmt(r['program_edge_auroc'][m])}" for m in wanted])
-    means = summary["means"]
-    table.add_row("mean", *[f"{fmt(means[m]['edge_auroc'])} / {fmt(means[m]['node_auroc'])}; "
-                            f"{fmt(means[m]['program_edge_auroc'])}" for m in wanted])
+        table.add_row(r["program"], *cells(lambda key, m, r=r: r[key][m]))
+    table.add_row("mean", *cells(lambda key, m: summary["means"][m][key]))
     console.print(table)
     if out is not None:
         write_benchmark(out, summary)

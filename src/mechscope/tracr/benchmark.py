@@ -22,14 +22,30 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attribution import attribute
+from ..errors import MechscopeError
 from ..attribution.patching import exact_scores
 from ..graph import Graph
 from .compile import CompiledProgram, compile_program
-from .ground_truth import GroundTruth, downstream_owner, ground_truth, varying_directions
+from .ground_truth import GroundTruth, ground_truth, varying_directions
 from .programs import SUITE
 from .tasks import make_tracr_task
 
 METHODS = ("eap", "eap-ig", "peap", "exact")
+
+
+class BenchmarkError(MechscopeError, ValueError):
+    """An unknown program or method, or too few examples."""
+
+
+def check_choices(programs, methods, n: int) -> None:
+    """Raise BenchmarkError unless every program is in the suite, every method known and n >= 2."""
+    unknown = [p for p in programs if p not in SUITE]
+    if unknown:
+        raise BenchmarkError(f"unknown program(s) {', '.join(unknown)}; the suite has {', '.join(SUITE)}")
+    if not methods or any(m not in METHODS for m in methods):
+        raise BenchmarkError(f"unknown method in {', '.join(methods) or 'an empty list'}; choose from {', '.join(METHODS)}")
+    if n < 2:
+        raise BenchmarkError("--n must be at least 2")
 
 
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -51,7 +67,7 @@ def method_edge_scores(compiled: CompiledProgram, dataset, method: str, batch_si
     model = compiled.model
     if method == "exact":
         return exact_scores(model, Graph.from_model(model), dataset, batch_size=batch_size, progress=False,
-                            absolute=True).abs()
+                            absolute=True)
     if method == "peap":
         scores = attribute(model, dataset, "peap", batch_size=batch_size, progress=False, aggregation="max")
         return scores.values.abs().amax(0)
@@ -63,10 +79,10 @@ def node_scores(graph: Graph, edge_scores: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(graph.n_upstream, dtype=torch.float64)
     s = edge_scores.double().abs()
     out.index_add_(0, graph.edge_up, s)
-    owner = torch.tensor([downstream_owner(graph, v) for v in range(graph.n_downstream)])
-    has = owner >= 0
     into = torch.zeros(graph.n_downstream, dtype=torch.float64).index_add_(0, graph.edge_down, s)
-    out.index_add_(0, owner[has], into[has])
+    for v, owners in enumerate(graph.downstream_owner()):  # a shared k/v input counts for each head
+        for u in owners:
+            out[u] += into[v]
     return out
 
 
@@ -93,7 +109,8 @@ def benchmark_program(name: str, n: int = 48, seed: int = 0, methods=METHODS, ba
 
     spec = SUITE[name]
     compiled = compile_program(spec.build(), spec.vocab, spec.max_seq_len, name=name)
-    dataset = make_tracr_task(compiled, n=n, seed=seed, unique=spec.unique_tokens)
+    dataset = make_tracr_task(compiled, n=n, seed=seed, unique=spec.unique_tokens,
+                              pad_counterfactuals=spec.pad_counterfactuals)
     program_truth = ground_truth(compiled)
     batch = dataset.batch()
     varying = varying_directions(compiled, batch.clean, batch.counterfactual, batch.attention_mask)
@@ -126,10 +143,8 @@ def mean_over_programs(results: list[ProgramResult], key: str, method: str) -> f
 
 def run_benchmark(programs=None, n: int = 48, seed: int = 0, methods=METHODS, progress=None) -> dict:
     """Every program of the suite (or `programs`); returns a JSON-ready summary."""
-    programs = list(programs or SUITE)
-    unknown = [p for p in programs if p not in SUITE]
-    if unknown:
-        raise ValueError(f"unknown program(s) {unknown}; the suite has {', '.join(SUITE)}")
+    programs, methods = list(programs or SUITE), list(methods)
+    check_choices(programs, methods, n)
     results = []
     for name in programs:
         results.append(benchmark_program(name, n=n, seed=seed, methods=methods))

@@ -77,7 +77,7 @@ class CompiledTokenizer:
             raise ValueError(f"value {e.args[0]!r} is not in the compiled vocabulary {sorted(map(str, self.encoding_map))}") from None
 
     def decode(self, ids) -> str:
-        return " ".join(str(self.decoding_map[int(i)]) for i in ids)
+        return " ".join(self.convert_ids_to_tokens(ids))
 
     def convert_ids_to_tokens(self, ids) -> list[str]:
         return [str(self.decoding_map[int(i)]) for i in ids]
@@ -201,3 +201,4 @@ class ProgramSpec:
     max_seq_len: int
     description: str
     unique_tokens: bool = False  # the program is defined on inputs without repeated tokens only
+    pad_counterfactuals: bool = False  # equal-length inputs share one output: counterfactuals pad instead

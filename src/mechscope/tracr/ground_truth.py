@@ -48,20 +48,20 @@ class GroundTruth:
     nodes: torch.Tensor  # [n_upstream] bool (the input node is never counted)
     edge_reads: dict[int, set[str]] = field(default_factory=dict)  # edge -> the directions it carries
     writes: dict[int, set[str]] = field(default_factory=dict)  # upstream node -> directions it writes
-    used: torch.Tensor | None = None  # [n_upstream] bool: heads and MLPs the compiled program has
 
     def restrict(self, varying: set[str]) -> "GroundTruth":
         """The circuit of a contrast in which only the `varying` directions change: edges that carry
         a varying direction into a node whose own output varies (or into the logits)."""
         edges = torch.zeros_like(self.edges)
         reads = {}
+        owners = self.graph.downstream_owner()  # [] for the logits
         for e, dirs in self.edge_reads.items():
             live = dirs & varying
-            owner = downstream_owner(self.graph, int(self.graph.edge_down[e]))
-            if live and (owner < 0 or self.writes.get(owner, set()) & varying):
+            owner = owners[int(self.graph.edge_down[e])]
+            if live and (not owner or any(self.writes.get(u, set()) & varying for u in owner)):
                 edges[e] = True
                 reads[e] = live
-        return GroundTruth(self.graph, edges, _nodes_of(self.graph, edges), reads, self.writes, self.used)
+        return GroundTruth(self.graph, edges, _nodes_of(self.graph, edges), reads, self.writes)
 
     def edge_names(self) -> list[str]:
         return [self.graph.edge_name(int(e)) for e in self.edges.nonzero().flatten()]
@@ -72,19 +72,6 @@ class GroundTruth:
     def summary(self) -> dict:
         return {"n_edges": int(self.edges.sum()), "n_nodes": int(self.nodes.sum()),
                 "edges": self.edge_names(), "nodes": self.node_names()}
-
-
-def downstream_owner(graph: Graph, index: int) -> int:
-    """Upstream index of the node a downstream input belongs to (-1 for the logits). Compiled models
-    have one key-value group per head."""
-    name = graph.downstream_names[index]
-    if name == "logits":
-        return -1
-    part = name.split(".")
-    layer = int(part[0][1:])
-    if part[0].startswith("m"):
-        return graph.mlp_index(layer)
-    return graph.head_index(layer, int(part[1][1:]))
 
 
 def _nodes_of(graph: Graph, edges: torch.Tensor) -> torch.Tensor:
@@ -101,7 +88,6 @@ def ground_truth(compiled: CompiledProgram) -> GroundTruth:
     graph = Graph.from_model(compiled.model)
     writers: dict[str, list[int]] = {}
     readers: list[tuple[int, set[str]]] = []  # (downstream index, directions read)
-    used = torch.zeros(graph.n_upstream, dtype=torch.bool)
     input_dirs = [l for l in compiled.residual_labels if l.startswith(("tokens:", "indices:")) or l == "one"]
     for d in input_dirs:
         writers.setdefault(d, []).append(0)
@@ -109,14 +95,12 @@ def ground_truth(compiled: CompiledProgram) -> GroundTruth:
         layer = int(module.split("/")[1].split("_")[1])
         if isinstance(block, transformers.MLP):
             u = graph.mlp_index(layer)
-            used[u] = True
             readers.append((graph.mlp_in_index(layer), _names(block.fst.input_space)))
             for d in _names(block.snd.output_space):
                 writers.setdefault(d, []).append(u)
             continue
         for h, head in enumerate(block.as_multi().heads()):
             u = graph.head_index(layer, h)
-            used[u] = True
             readers.append((graph.q_slice(layer).start + h, _names(head.w_qk.left_space)))
             readers.append((graph.k_slice(layer).start + h, _names(head.w_qk.right_space)))
             readers.append((graph.v_slice(layer).start + h, _names(head.w_ov.input_space)))
@@ -125,8 +109,7 @@ def ground_truth(compiled: CompiledProgram) -> GroundTruth:
     out_dirs = {compiled.residual_labels[i] for i in compiled.model.W_U.abs().sum(1).nonzero().flatten().tolist()}
     readers.append((graph.logits_index, out_dirs))
 
-    index = torch.full((graph.n_upstream, graph.n_downstream), -1, dtype=torch.long)
-    index[graph.edge_up, graph.edge_down] = torch.arange(graph.n_edges)
+    index = graph.dense(torch.arange(graph.n_edges), fill=-1)  # [n_up, n_down] edge index, -1: no edge
     edges = torch.zeros(graph.n_edges, dtype=torch.bool)
     edge_reads: dict[int, set[str]] = {}
     for v, dirs in readers:
@@ -140,7 +123,7 @@ def ground_truth(compiled: CompiledProgram) -> GroundTruth:
     for d, us in writers.items():
         for u in us:
             writes.setdefault(u, set()).add(d)
-    return GroundTruth(graph, edges, _nodes_of(graph, edges), edge_reads, writes, used)
+    return GroundTruth(graph, edges, _nodes_of(graph, edges), edge_reads, writes)
 
 
 @torch.no_grad()

@@ -70,7 +70,7 @@ SUITE: dict[str, ProgramSpec] = {
     "sort_unique": ProgramSpec(_sort_unique, (1, 2, 3, 4, 5), 5, "sort (inputs without repeated tokens)", unique_tokens=True),
     "frac_prevs": ProgramSpec(_frac_prevs, ("x", "y"), 5, "fraction of tokens so far that are 'x'"),
     "hist": ProgramSpec(_hist, ("a", "b", "c"), 5, "how often each token occurs"),
-    "length": ProgramSpec(_length, ("a", "b", "c"), 5, "the input's length"),
+    "length": ProgramSpec(_length, ("a", "b", "c"), 5, "the input's length", pad_counterfactuals=True),
     "shuffle_dyck2": ProgramSpec(_shuffle_dyck2, ("(", ")", "{", "}"), 4, "1 if both bracket types balance (shuffled)"),
     "prev_equal": ProgramSpec(_prev_equal, ("a", "b", "c"), 5, "whether each token repeats the previous one (ours)"),
     "first_frac": ProgramSpec(_first_frac, ("a", "b", "c"), 5, "fraction of tokens so far equal to the first (ours)"),

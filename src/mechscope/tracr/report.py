@@ -15,7 +15,8 @@ from ..report.html import CSS, json_safe
 FILES = ("report.html", "benchmark.json")
 
 
-def _fmt(x) -> str:
+def fmt_auroc(x) -> str:
+    """Three decimals, or n/a for a missing (NaN) AUROC (a class was empty)."""
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
@@ -56,7 +57,7 @@ def render_benchmark(summary: dict) -> str:
 <style>{CSS}</style></head><body>
 <header><h1>Circuit finders against compiled ground truth (tracr)</h1>
 <p>{len(summary['programs'])} programs, {summary['n_examples']} prompt pairs each, seed {summary['seed']};
-best method {html.escape(best)}: mean edge-level AUROC {_fmt(summary['best_mean_edge_auroc'])}</p></header>
+best method {html.escape(best)}: mean edge-level AUROC {fmt_auroc(summary['best_mean_edge_auroc'])}</p></header>
 <main>
 <section><h2>How to read this</h2><p class="note">Each program is compiled by tracr into a transformer whose
 circuit is known by construction. A method scores every edge of the model's graph on clean /

@@ -6,10 +6,11 @@ output directions at the last position (the output value itself for a numerical 
 schema gives every position its own span (`bos`, `p1`, ..., `p{max_seq_len}`; positions past an
 example's length are empty spans), so PEAP scores stay per position.
 
-The `length` program's output is the same for every input of one length, so its counterfactuals
-replace the first k tokens by the compiler's PAD token: the selectors of a tracr model match no PAD
-key, so the last position then computes the length of the n - k real tokens (tested against the RASP
-program on the shorter input).
+A program whose output is the same for every input of one length (`length`) gets
+`pad_counterfactuals`: its counterfactuals replace the first k tokens by the compiler's PAD token.
+The selectors of a tracr model match no PAD key, so the last position then computes the program on
+the n - k real tokens; the counterfactual's output is the RASP program's on those tokens (the model
+is tested to agree).
 """
 
 from __future__ import annotations
@@ -52,20 +53,22 @@ def _answer_ids(compiled: CompiledProgram, clean_out, cf_out) -> tuple[list[int]
 
 
 def make_tracr_task(compiled: CompiledProgram, n: int = 64, seed: int = 0, unique: bool = False,
-                    min_len: int = 2) -> PromptPairDataset:
-    """`n` clean / counterfactual pairs whose last-position outputs differ."""
+                    min_len: int = 2, pad_counterfactuals: bool = False) -> PromptPairDataset:
+    """`n` clean / counterfactual pairs whose last-position outputs differ. With `pad_counterfactuals`
+    each counterfactual is its clean input with the first k tokens turned into PAD."""
     rng = random.Random(seed)
     tok = compiled.tokenizer
     max_len = compiled.max_seq_len
     examples = []
     lengths = list(range(min_len, max_len + 1))
-    if compiled.name == "length":
-        for _ in range(n):
-            length = rng.choice(lengths)
-            clean = [rng.choice(sorted(compiled.vocab, key=str)) for _ in range(length)]
-            k = rng.randrange(1, length)
-            cf = [PAD] * k + clean[k:]
-            examples.append(_pair(compiled, clean, cf, length, length - k, max_len))
+    if pad_counterfactuals:
+        vocab = sorted(compiled.vocab, key=str)
+        while len(examples) < n:
+            clean = [rng.choice(vocab) for _ in range(rng.choice(lengths))]
+            k = rng.randrange(1, len(clean))
+            y, z = _last_output(compiled, clean), _last_output(compiled, clean[k:])
+            if _key(y) != _key(z):
+                examples.append(_pair(compiled, clean, [PAD] * k + clean[k:], y, z, max_len))
         return _dataset(compiled, examples, tok)
     pools = {}
     for length in lengths:
