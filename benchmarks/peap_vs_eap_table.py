@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from mechscope.evaluation import edges_to_reach
+from mechscope.circuits.evaluation import edges_to_reach
 
 
 def reach(curve: dict, target: float, size: str = "concrete_edges") -> str:

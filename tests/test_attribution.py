@@ -13,9 +13,9 @@ from mechscope.attribution import attribute
 from mechscope.attribution.references import upstream_outputs
 from mechscope.attribution.runner import Ablation, graph_hooks
 from mechscope.attribution.scores import EdgeScores, ScoresError
-from mechscope.circuits import Circuit, CircuitError, prune_circuit
+from mechscope.circuits.circuit import Circuit, CircuitError, prune_circuit
 from mechscope.data import DatasetError, PromptPairDataset, make_pair, schema_for, single_token, tokenizer_fingerprint
-from mechscope.evaluation import evaluate, faithfulness_curve
+from mechscope.circuits.evaluation import evaluate, faithfulness_curve
 from mechscope.graph import Graph
 from mechscope.metrics import compute_metric, final_logits
 

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 import mechscope
 from mechscope.cli import app
-from mechscope.discovery import DISPLAY_SIZES, display_circuits, prepare
-from mechscope.evaluation import evaluate, faithfulness_curve
+from mechscope.circuits.discovery import DISPLAY_SIZES, display_circuits, prepare
+from mechscope.circuits.evaluation import evaluate, faithfulness_curve
 from mechscope.report import FILES
 from mechscope.report.data import graph_data
 from mechscope.tasks import make_task

@@ -8,7 +8,7 @@ import torch
 from test_attribution import ioi_like
 
 from mechscope.metrics import compute_metric, final_logits
-from mechscope.saliency import aggregate_by_span, token_saliency
+from mechscope.schemas.saliency import aggregate_by_span, token_saliency
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from mechscope.cli import app
 from mechscope.data import PromptPairDataset, make_pair
 from mechscope.data.peap_csv import load_peap_csv
-from mechscope.schema_induction import induce_schema, mark_spans, strip_schema
-from mechscope.schema_llm import LLMClient, LLMError, llm_schema
+from mechscope.schemas.induction import induce_schema, mark_spans, strip_schema
+from mechscope.schemas.llm import LLMClient, LLMError, llm_schema
 from mechscope.tasks import make_task
 
 PEER = Path(__file__).resolve().parents[2] / "shared" / "data" / "peap"
@@ -176,7 +176,7 @@ def test_llm_backend_errors_are_clear(fake_llm, smollm2_tokenizer, monkeypatch):
     data = make_task("ioi", smollm2_tokenizer, 2, seed=0)
     with pytest.raises(LLMError, match="request failed"):
         llm_schema(data, smollm2_tokenizer, None, LLMClient("http://127.0.0.1:9/v1", timeout=2))
-    from mechscope.schema_llm import parse_json_answer
+    from mechscope.schemas.llm import parse_json_answer
 
     with pytest.raises(LLMError, match="no JSON object"):
         parse_json_answer("I cannot help with that.")

@@ -12,11 +12,11 @@ from mechscope.attribution.attention import attention_scale, qkv_hook_names, sco
 from mechscope.attribution.peap import batch_span_of
 from mechscope.attribution.references import upstream_and_attention
 from mechscope.attribution.runner import Ablation, AttentionAblation, graph_hooks
-from mechscope.circuits import Circuit, CircuitError
-from mechscope.evaluation import _Evaluator, evaluate, faithfulness_curve
+from mechscope.circuits.circuit import Circuit, CircuitError
+from mechscope.circuits.evaluation import _Evaluator, evaluate, faithfulness_curve
 from mechscope.graph import Graph
 from mechscope.metrics import final_logits
-from mechscope.span_circuits import (
+from mechscope.circuits.span_circuit import (
     SpanCircuit,
     SpanGraphScores,
     load_any_circuit,

@@ -19,10 +19,10 @@ from mechscope.behaviour import measure_behaviour  # noqa: E402
 from mechscope.cli import app  # noqa: E402
 from mechscope.graph import Graph  # noqa: E402
 from mechscope.metrics import final_logits  # noqa: E402
-from mechscope.tracr import PAD, SUITE, compile_program, ground_truth, make_tracr_task  # noqa: E402
-from mechscope.tracr.benchmark import auroc, benchmark_program, node_scores  # noqa: E402
-from mechscope.tracr.ground_truth import varying_directions  # noqa: E402
-from mechscope.tracr.tasks import all_inputs  # noqa: E402
+from mechscope.toys.tracr import PAD, SUITE, compile_program, ground_truth, make_tracr_task  # noqa: E402
+from mechscope.toys.tracr.benchmark import auroc, benchmark_program, node_scores  # noqa: E402
+from mechscope.toys.tracr.ground_truth import varying_directions  # noqa: E402
+from mechscope.toys.tracr.tasks import all_inputs  # noqa: E402
 
 runner = CliRunner()
 _COMPILED = {}

@@ -10,13 +10,13 @@
 
 from .attribution import attribute
 from .attribution.scores import EdgeScores
-from .circuits import Circuit
+from .circuits.circuit import Circuit
 from .data import PromptPairDataset, Schema
 from .errors import MechscopeError
-from .evaluation import evaluate, faithfulness_curve
+from .circuits.evaluation import evaluate, faithfulness_curve
 from .graph import Graph
 from .models import DEFAULT_MODEL, REGISTRY, load_model, model_summary
-from .span_circuits import SpanCircuit, load_any_circuit
+from .circuits.span_circuit import SpanCircuit, load_any_circuit
 
 __version__ = "0.1.0"
 

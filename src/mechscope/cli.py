@@ -175,8 +175,8 @@ def curves(
     With --methods peap,eap the position-aware circuits (over the task's schema) and the
     non-positional ones are compared on concrete token-level edge counts."""
     from .data.dataset import DatasetError
-    from .discovery import compare_methods
-    from .evaluation import DEFAULT_FRACTIONS
+    from .circuits.discovery import compare_methods
+    from .circuits.evaluation import DEFAULT_FRACTIONS
     from .fileio import write_json
 
     try:
@@ -232,7 +232,7 @@ def circuit(
     """Find a circuit and write a self-contained HTML report with its faithfulness curves, its graph, its
     top edges and attention patterns, plus summary.json, scores.safetensors, circuit.json and PNGs."""
     from .data.dataset import DatasetError
-    from .discovery import discover_circuit
+    from .circuits.discovery import discover_circuit
     from .report import check_output_dir, write_report
 
     if method not in ("peap", "eap", "eap-ig"):
@@ -280,8 +280,8 @@ def schema(
     (or proposed by an LLM); prints the schema, examples with spans marked and `valid_fraction=`."""
     from .data.dataset import DatasetError, PromptPairDataset
     from .models import load_model
-    from .saliency import token_saliency
-    from .schema_induction import mark_spans
+    from .schemas.saliency import token_saliency
+    from .schemas.induction import mark_spans
 
     if method not in ("induce", "llm"):
         raise DatasetError(f"unknown method '{method}'; choose induce or llm")
@@ -292,11 +292,11 @@ def schema(
         bridge = load_model(model)
     sal = None if saliency == "none" else token_saliency(bridge, dataset, saliency, batch_size=batch_size)
     if method == "induce":
-        from .schema_induction import induce_schema
+        from .schemas.induction import induce_schema
 
         result, report = induce_schema(dataset, bridge.tokenizer, sal)
     else:
-        from .schema_llm import LLMClient, llm_schema
+        from .schemas.llm import LLMClient, llm_schema
 
         result, report = llm_schema(dataset, bridge.tokenizer, sal, LLMClient.from_env())
     console.print(f"schema ({len(report.schema)} spans): " + " | ".join(report.schema.spans), highlight=False)
@@ -354,9 +354,9 @@ def benchmark_tracr(
     """Compile RASP programs with tracr (circuits known by construction), score every edge with each
     method, and report node- and edge-level ROC AUC against the ground-truth circuits."""
     from .report import check_output_dir
-    from .tracr.benchmark import check_choices, run_benchmark
-    from .tracr.programs import SUITE
-    from .tracr.report import fmt_auroc, write_benchmark
+    from .toys.tracr.benchmark import check_choices, run_benchmark
+    from .toys.tracr.programs import SUITE
+    from .toys.tracr.report import fmt_auroc, write_benchmark
 
     chosen = [p.strip() for p in programs.split(",") if p.strip()] if programs else list(SUITE)
     wanted = [m.strip() for m in methods.split(",") if m.strip()]

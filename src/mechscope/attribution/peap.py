@@ -216,7 +216,7 @@ def concrete_counts(dataset, n_spans: int) -> dict[str, torch.Tensor]:
     """Token-level edges a span edge stands for, averaged over examples (method.md §4):
     within: [span] = |S|; crossing: [key span, query span] = number of (t', t) with t' <= t;
     last: [span] = fraction of examples whose last token (where the logits read) lies in the span."""
-    from ..span_circuits import span_counts
+    from ..circuits.span_circuit import span_counts
 
     counts = span_counts(dataset, list(range(n_spans)), n_spans)
     return {"within": counts["tokens"], "crossing": counts["pairs"], "last": counts["last"]}

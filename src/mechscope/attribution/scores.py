@@ -66,26 +66,26 @@ class EdgeScores:
     # forms researchers reach for. Positional (PEAP) scores give span circuits over the span graph.
     def top_n(self, n: int, prune: bool = True):
         if self.positional:
-            from ..span_circuits import span_top_n
+            from ..circuits.span_circuit import span_top_n
 
             return span_top_n(self, n)
-        from ..circuits import top_n
+        from ..circuits.circuit import top_n
 
         return top_n(self, n, prune=prune)
 
     def threshold(self, value: float, prune: bool = True):
         if self.positional:
             raise NotImplementedError("threshold selection of span circuits: use top_n or greedy")
-        from ..circuits import threshold
+        from ..circuits.circuit import threshold
 
         return threshold(self, value, prune=prune)
 
     def greedy(self, n: int, attention: str = "scored"):
         if self.positional:
-            from ..span_circuits import span_greedy
+            from ..circuits.span_circuit import span_greedy
 
             return span_greedy(self, n, attention)
-        from ..circuits import greedy
+        from ..circuits.circuit import greedy
 
         return greedy(self, n)
 

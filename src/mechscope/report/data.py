@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..span_circuits import SpanCircuit, span_counts
+from ..circuits.span_circuit import SpanCircuit, span_counts
 
 
 def _edge_scores(scores):

@@ -23,9 +23,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from .data.dataset import BOS_SPAN, DatasetError, PromptPairDataset, Schema
-from .errors import MechscopeError
-from .schema_induction import InductionReport, assign_schema, bos_length
+from ..data.dataset import BOS_SPAN, DatasetError, PromptPairDataset, Schema
+from ..errors import MechscopeError
+from .induction import InductionReport, assign_schema, bos_length
 
 SYSTEM = (
     "You segment prompts of an interpretability dataset into named spans. All prompts share one schema: "

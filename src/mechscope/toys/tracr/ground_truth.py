@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..graph import Graph
+from ...graph import Graph
 from .compile import BOS, CompiledProgram
 
 CONSTANT = ("one", f"tokens:{BOS}")

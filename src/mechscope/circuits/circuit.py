@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from .errors import MechscopeError
-from .fileio import write_json
-from .graph import Graph
+from ..errors import MechscopeError
+from ..fileio import write_json
+from ..graph import Graph
 
 
 class CircuitError(MechscopeError, ValueError):

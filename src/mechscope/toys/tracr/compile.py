@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..errors import MechscopeError
+from ...errors import MechscopeError
 from .model import CompiledConfig, CompiledTransformer
 
 BOS = "BOS"

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .behaviour import check_compatible
-from .data.dataset import PromptPairDataset
-from .metrics import compute_metric, final_logits
+from ..behaviour import check_compatible
+from ..data.dataset import PromptPairDataset
+from ..metrics import compute_metric, final_logits
 
 METHODS = ("input_x_gradient", "integrated_gradients")
 BASELINES = ("zero", "counterfactual")

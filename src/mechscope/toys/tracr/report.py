@@ -8,9 +8,9 @@ import json
 import math
 from pathlib import Path
 
-from ..fileio import atomic_dir
-from ..report import ReportError, check_output_dir
-from ..report.html import CSS, json_safe
+from ...fileio import atomic_dir
+from ...report import ReportError, check_output_dir
+from ...report.html import CSS, json_safe
 
 FILES = ("report.html", "benchmark.json")
 

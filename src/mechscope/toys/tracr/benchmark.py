@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attribution import attribute
-from ..errors import MechscopeError
-from ..attribution.patching import exact_scores
-from ..graph import Graph
+from ...attribution import attribute
+from ...errors import MechscopeError
+from ...attribution.patching import exact_scores
+from ...graph import Graph
 from .compile import CompiledProgram, compile_program
 from .ground_truth import GroundTruth, ground_truth, varying_directions
 from .programs import SUITE
@@ -105,7 +105,7 @@ class ProgramResult:
 
 
 def benchmark_program(name: str, n: int = 48, seed: int = 0, methods=METHODS, batch_size: int = 64) -> ProgramResult:
-    from ..behaviour import measure_behaviour
+    from ...behaviour import measure_behaviour
 
     spec = SUITE[name]
     compiled = compile_program(spec.build(), spec.vocab, spec.max_seq_len, name=name)

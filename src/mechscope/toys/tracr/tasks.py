@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import random
 
-from ..data.dataset import PromptPair, PromptPairDataset, Schema, tokenizer_fingerprint
+from ...data.dataset import PromptPair, PromptPairDataset, Schema, tokenizer_fingerprint
 from .compile import PAD, CompiledProgram
 
 

@@ -27,7 +27,7 @@ import re
 import statistics
 from dataclasses import dataclass, field
 
-from .data.dataset import BOS_SPAN, DatasetError, PromptPair, PromptPairDataset, Schema, validate_example
+from ..data.dataset import BOS_SPAN, DatasetError, PromptPair, PromptPairDataset, Schema, validate_example
 
 
 @dataclass

@@ -17,22 +17,22 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .attribution.attention import attention_scale, check_supported, score_soft_cap
-from .attribution.peap import batch_span_of
-from .attribution.references import (
+from ..attribution.attention import attention_scale, check_supported, score_soft_cap
+from ..attribution.peap import batch_span_of
+from ..attribution.references import (
     attention_references,
     check_ablation,
     mean_reference,
     reference_outputs,
     upstream_and_attention,
 )
-from .attribution.runner import Ablation, AttentionAblation, graph_hooks
-from .behaviour import check_compatible
-from .circuits import Circuit
-from .data.dataset import PromptPairDataset
-from .graph import Graph
-from .metrics import accuracy, compute_metric, final_logits
-from .span_circuits import (
+from ..attribution.runner import Ablation, AttentionAblation, graph_hooks
+from ..behaviour import check_compatible
+from .circuit import Circuit
+from ..data.dataset import PromptPairDataset
+from ..graph import Graph
+from ..metrics import accuracy, compute_metric, final_logits
+from .span_circuit import (
     ALL_TOKENS,
     SpanCircuit,
     SpanGraphScores,

@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .attribution import attribute
-from .behaviour import check_compatible, keep_correct, measure_behaviour
-from .data.dataset import DatasetError, PromptPairDataset
+from ..attribution import attribute
+from ..behaviour import check_compatible, keep_correct, measure_behaviour
+from ..data.dataset import DatasetError, PromptPairDataset
 from .evaluation import DEFAULT_FRACTIONS, faithfulness_curve, select_circuits
-from .span_circuits import SpanCircuit, SpanGraphScores
+from .span_circuit import SpanCircuit, SpanGraphScores
 
 
 def prepare(model, dataset: PromptPairDataset, seed: int = 0, discovery_fraction: float = 0.5,

@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from .circuits import Circuit, CircuitError, check_graph
-from .fileio import write_json
-from .graph import Graph
+from .circuit import Circuit, CircuitError, check_graph
+from ..fileio import write_json
+from ..graph import Graph
 
 ALL_TOKENS = "*"
 ATTENTION_MODES = ("scored", "whole")

@@ -1,0 +1,1 @@
+"""Models whose mechanism is known: compiled tracr programs (ground-truth circuits)."""
