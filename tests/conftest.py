@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import tiny
+import torch
 
 PROMPTS = [
     "When Mary and John went to the store, John gave a drink to",
@@ -11,6 +12,16 @@ PROMPTS = [
     "The designer was good friends with the analyst because she liked everyone. The pronoun she refers to the",
     "Alice and Bob",
 ]
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run where CUDA is present and are skipped elsewhere (CI has no GPU)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .devices import HOST, model_device
 from .data.dataset import DatasetError, PromptPairDataset, tokenizer_fingerprint
 from .metrics import accuracy, compute_metric, final_logits, top1_accuracy
 
@@ -64,7 +65,7 @@ def measure_behaviour(model, dataset: PromptPairDataset, batch_size: int = 16, p
     For the `kl` metric the clean value is 0 by definition and the counterfactual one is KL from clean.
     """
     check_compatible(model, dataset)
-    device = model.cfg.device
+    device = model_device(model)
     cols = {k: [] for k in ("clean", "cf", "correct", "top1")}
     bar = tqdm(total=len(dataset), desc="model behaviour", unit="ex", disable=not progress)
     for _, batch in dataset.batches(batch_size):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .devices import HOST
 from .errors import MechscopeError
 
 
@@ -68,8 +69,8 @@ class Graph:
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         put("upstream_names", tuple(up))
         put("downstream_names", tuple(down))
-        put("upstream_write_step", torch.tensor(up_step))
-        put("downstream_read_step", torch.tensor(down_step))
+        put("upstream_write_step", torch.tensor(up_step, device=HOST))
+        put("downstream_read_step", torch.tensor(down_step, device=HOST))
         mask = self.upstream_write_step[:, None] <= self.downstream_read_step[None, :]
         put("edge_mask", mask)
         up_idx, down_idx = mask.nonzero(as_tuple=True)

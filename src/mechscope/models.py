@@ -36,6 +36,7 @@ from typing import Callable
 
 import torch
 
+from .devices import model_device, resolve_device
 from .errors import ModelLoadError, ModelNotInstalledError, UnknownModelError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -305,10 +306,6 @@ def resolve_spec(spec: str) -> tuple[str, Path | str]:
     )
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_hf(location: Path | str, dtype: torch.dtype = torch.float32):
     """Load the plain transformers model and tokenizer (eager attention) from a directory or hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -340,22 +337,26 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
 ):
-    """Load `spec` as a `TransformerBridge` in TransformerLens compatibility mode.
+    """Load `spec` as a `TransformerBridge` in TransformerLens compatibility mode, with every weight
+    on `device` (default: CUDA when available, else the CPU).
 
     >>> model = load_model("smollm2-135m")
     >>> model.to_str_tokens("When Mary and John went to the store")
     """
     from transformer_lens.model_bridge import TransformerBridge
 
+    device = resolve_device(device)
     kind, location = resolve_spec(spec)
     hf_model, tokenizer = load_hf(location, dtype=dtype)
     # Counted before compatibility mode, which unties the unembedding when it centres it.
     n_params = count_parameters(hf_model)
-    device = str(device or default_device())
+    # The bridge does not move a model it is handed, so the weights go to the device first; the
+    # compatibility-mode folding below then happens there too.
+    hf_model.to(device)
     with warnings.catch_warnings(), _quiet_loggers():
         warnings.simplefilter("ignore")
         bridge = TransformerBridge.boot_transformers(
-            str(location), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+            str(location), hf_model=hf_model, tokenizer=tokenizer, device=str(device), dtype=dtype
         )
         # center_unembed=False keeps the logits equal to the model's own (not shifted by a
         # per-position constant), so metrics read from raw logits match transformers exactly.
@@ -364,6 +365,8 @@ def load_model(
         # and skipping the fold saves a copy of every attention weight at each load.
         bridge.enable_compatibility_mode(disable_warnings=True, center_unembed=False, fold_value_biases=False)
     bridge.eval()
+    if model_device(bridge) != device:
+        raise ModelLoadError(f"model '{spec}' ended up on {model_device(bridge)}, not on {device}")
     bridge.mechscope_name = spec if kind in ("registry", "hub") else str(Path(spec).resolve())
     bridge.mechscope_n_params = n_params
     bridge.mechscope_architecture = type(hf_model).__name__

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from ..devices import HOST, model_device
 from ..behaviour import check_compatible
 from ..data.dataset import PromptPairDataset
 from ..graph import Graph
@@ -71,8 +72,8 @@ def attribute(
         if positional and ablation != "counterfactual":
             raise ValueError("peap crossing edges are implemented for the counterfactual reference only")
         n_spans = len(dataset.schema) if positional else 1
-        total = torch.zeros(n_spans, graph.n_upstream, graph.n_downstream, dtype=torch.float64)
-        device = model.cfg.device
+        total = torch.zeros(n_spans, graph.n_upstream, graph.n_downstream, dtype=torch.float64, device=HOST)
+        device = model_device(model)
         bar = tqdm(total=len(dataset), desc=f"{method} attribution", unit="ex", disable=not progress)
         for indices, batch in dataset.batches(batch_size):
             batch = batch.to(device)
@@ -80,16 +81,16 @@ def attribute(
             out = batch_gradients_and_deltas(model, graph, batch, dataset.metric, grad_method, steps,
                                              ablation, mean, crossing=positional)
             delta, grad = out[:2]
-            span_of = batch_span_of(dataset, indices, batch.clean.shape[1]) if positional else None
+            span_of = batch_span_of(dataset, indices, batch.clean.shape[1], device) if positional else None
             if aggregation == "max":
                 total = signed_absmax(total, within_max(graph, delta, grad, span_of, n_spans))
                 part = crossing_max(out[2], span_of, n_spans)
-                crossing = {k: signed_absmax(crossing[k], v) if k in crossing else v for k, v in part.items()}
+                crossing = {k: signed_absmax(crossing[k], v.cpu()) if k in crossing else v.cpu() for k, v in part.items()}
             else:
                 total += contract(graph, delta, grad, span_of, n_spans).double().cpu()
                 if positional:
                     part = aggregate_crossing(out[2], span_of, n_spans)
-                    crossing = {k: crossing.get(k, 0) + v for k, v in part.items()}
+                    crossing = {k: crossing.get(k, 0) + v.cpu() for k, v in part.items()}
             bar.update(len(batch.last))
         bar.close()
         scale = 1.0 if aggregation == "max" else 1.0 / len(dataset)

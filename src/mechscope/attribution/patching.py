@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from ..devices import HOST, model_device
 from ..data.dataset import PromptPairDataset
 from ..graph import Graph
 from ..metrics import compute_metric, final_logits
@@ -31,9 +32,9 @@ def exact_scores(
 ) -> torch.Tensor:
     """[n_edges] exact scores; edges not in `edges` are NaN. With `absolute`, the mean over examples
     of |M(edge ablated) - M(clean)|, so effects of opposite sign in different examples do not cancel."""
-    edges = torch.arange(graph.n_edges) if edges is None else torch.as_tensor(edges).flatten()
-    device = model.cfg.device
-    total = torch.zeros(len(edges), dtype=torch.float64)
+    edges = torch.arange(graph.n_edges, device=HOST) if edges is None else torch.as_tensor(edges, device=HOST).flatten()
+    device = model_device(model)
+    total = torch.zeros(len(edges), dtype=torch.float64, device=HOST)
     bar = tqdm(total=len(edges) * len(dataset), desc="exact patching", unit="edge-ex", disable=not progress)
     for _, batch in dataset.batches(batch_size):
         batch = batch.to(device)
@@ -53,6 +54,6 @@ def exact_scores(
             total[i] += (change.abs() if absolute else change).sum().cpu()
             bar.update(len(batch.last))
     bar.close()
-    out = torch.full((graph.n_edges,), float("nan"))
+    out = torch.full((graph.n_edges,), float("nan"), device=HOST)
     out[edges] = (total / len(dataset)).float()
     return out

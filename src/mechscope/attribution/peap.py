@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..data.dataset import Batch
+from ..devices import HOST
 from ..graph import Graph
 from ..metrics import compute_metric, final_logits
 from .attention import allowed_mask, attention_scale, is_causal, per_query_head, qkv_hook_names, score_soft_cap, scores
@@ -103,10 +104,12 @@ def crossing_from_runs(model, attention_mask, clean, cf, z, gz) -> dict[str, tor
     b, t = attention_mask.shape
     scale, cap = attention_scale(model), score_soft_cap(model)
     allowed = allowed_mask(attention_mask, is_causal(model))  # [b, 1, t, t']
+    # Kept on the model's device: moving each layer to the host would wait for the GPU 3x a layer.
+    dev = attention_mask.device
     out = {
-        "k": torch.zeros(b, n_layers, n_heads, t, t, dtype=torch.float64),
-        "v": torch.zeros(b, n_layers, n_heads, t, t, dtype=torch.float64),
-        "q": torch.zeros(b, n_layers, n_heads, t, dtype=torch.float64),
+        "k": torch.zeros(b, n_layers, n_heads, t, t, dtype=torch.float64, device=dev),
+        "v": torch.zeros(b, n_layers, n_heads, t, t, dtype=torch.float64, device=dev),
+        "q": torch.zeros(b, n_layers, n_heads, t, dtype=torch.float64, device=dev),
     }
     for l in range(n_layers):
         (q, k, v), (q2, k2, v2) = clean[l], cf[l]
@@ -124,20 +127,20 @@ def crossing_from_runs(model, attention_mask, clean, cf, z, gz) -> dict[str, tor
         r = torch.exp((s_k - s).masked_fill(~allowed, 0.0))
         norm = 1.0 - p + p * r
         key = (1.0 / norm - 1.0) * zg + p * (r - 1.0) / norm * vg
-        out["k"][:, l] = key.masked_fill(~allowed, 0.0).cpu()
+        out["k"][:, l] = key.masked_fill(~allowed, 0.0)
         # Value at t' replaced: z[t] moves by p[t, t'] (v'[t'] - v[t']).
         dvg = torch.einsum("bhjd,bhtd->bhtj", v2 - v, gzl)
-        out["v"][:, l] = (p * dvg).masked_fill(~allowed, 0.0).cpu()
+        out["v"][:, l] = (p * dvg).masked_fill(~allowed, 0.0)
         # Query at t replaced: row t is recomputed.
         s_q = scores(q2, k, scale, cap).masked_fill(~allowed, float("-inf"))
         dz = (s_q.softmax(-1) - p) @ v
-        out["q"][:, l] = (dz * gzl).sum(-1).masked_fill(~attention_mask.bool()[:, None, :], 0.0).cpu()
+        out["q"][:, l] = (dz * gzl).sum(-1).masked_fill(~attention_mask.bool()[:, None, :], 0.0)
     return out
 
 
 def span_one_hot(span_of: torch.Tensor, n_spans: int) -> torch.Tensor:
     """[batch, pos] span ids (-1 for padding) -> [batch, pos, n_spans] float one-hot."""
-    out = torch.zeros(*span_of.shape, n_spans, dtype=torch.float64)
+    out = torch.zeros(*span_of.shape, n_spans, dtype=torch.float64, device=span_of.device)
     real = span_of >= 0
     out[real, span_of[real]] = 1.0
     return out
@@ -166,7 +169,7 @@ def within_max(graph: Graph, delta: torch.Tensor, grad: torch.Tensor, span_of: t
                chunk: int = 32) -> torch.Tensor:
     """Per span, the token-level within-position score of largest magnitude (signed), over the tokens
     of the batch: [n_spans, n_up, n_down]. delta [n_up, b, t, d], grad [n_down, b, t, d]."""
-    out = torch.zeros(n_spans, delta.shape[0], grad.shape[0], dtype=torch.float64)
+    out = torch.zeros(n_spans, delta.shape[0], grad.shape[0], dtype=torch.float64, device=HOST)
     flat = span_of.reshape(-1)
     d_tok, g_tok = delta.flatten(1, 2), grad.flatten(1, 2)  # [u, bt, d], [v, bt, d]
     for s in range(n_spans):
@@ -183,9 +186,10 @@ def within_max(graph: Graph, delta: torch.Tensor, grad: torch.Tensor, span_of: t
 def crossing_max(scores: dict[str, torch.Tensor], span_of: torch.Tensor, n_spans: int) -> dict[str, torch.Tensor]:
     """Per span pair, the token-level crossing score of largest magnitude (signed) in the batch."""
     L, H = scores["q"].shape[1:3]
-    out = {"k": torch.zeros(L, H, n_spans, n_spans, dtype=torch.float64),
-           "v": torch.zeros(L, H, n_spans, n_spans, dtype=torch.float64),
-           "q": torch.zeros(L, H, n_spans, dtype=torch.float64)}
+    dev = scores["q"].device
+    out = {"k": torch.zeros(L, H, n_spans, n_spans, dtype=torch.float64, device=dev),
+           "v": torch.zeros(L, H, n_spans, n_spans, dtype=torch.float64, device=dev),
+           "q": torch.zeros(L, H, n_spans, dtype=torch.float64, device=dev)}
     for s in range(n_spans):
         query = span_of == s  # [b, t]
         if not bool(query.any()):
@@ -203,13 +207,13 @@ def crossing_max(scores: dict[str, torch.Tensor], span_of: torch.Tensor, n_spans
     return out
 
 
-def batch_span_of(dataset, indices, width: int) -> torch.Tensor:
-    """[batch, width] span id of every token of the examples `indices` (-1 for padding)."""
-    out = torch.full((len(indices), width), -1, dtype=torch.long)
+def batch_span_of(dataset, indices, width: int, device: torch.device | str = HOST) -> torch.Tensor:
+    """[batch, width] span id of every token of the examples `indices` (-1 for padding), on `device`."""
+    out = torch.full((len(indices), width), -1, dtype=torch.long, device=HOST)
     for row, i in enumerate(indices):
         ids = dataset.examples[i].span_of_positions()
-        out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return out
+        out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long, device=HOST)
+    return out.to(device)
 
 
 def concrete_counts(dataset, n_spans: int) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..devices import HOST, model_device
 from ..data.dataset import Batch, PromptPairDataset
 from ..graph import Graph
 from .runner import StopForward, graph_hooks
@@ -113,7 +114,7 @@ def mean_reference(model, graph: Graph, dataset: PromptPairDataset, batch_size: 
                    attention: bool = False) -> MeanReference:
     """Mean upstream outputs over the clean prompts of `dataset`, per position and overall (and, with
     `attention`, the means of every layer's queries, keys and values)."""
-    device = model.cfg.device
+    device = model_device(model)
     up_mean = _PositionMean()
     attn_means: dict[tuple[int, int], _PositionMean] = {}
     for _, batch in dataset.batches(batch_size):

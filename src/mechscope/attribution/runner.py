@@ -387,7 +387,7 @@ def downstream_grads(run: GraphRun, metric_sum: torch.Tensor, model=None) -> tor
     ref = items[0][1]
     b, t, d = ref.shape[0], ref.shape[1], ref.shape[-1]
     out = torch.empty(run.graph.n_downstream, b, t, d, dtype=ref.dtype, device=ref.device)
-    filled = torch.zeros(run.graph.n_downstream, dtype=torch.bool)
+    filled = torch.zeros(run.graph.n_downstream, dtype=torch.bool, device=ref.device)
     for (first, tensor), grad in zip(items, grads[: len(items)]):
         width = 1 if tensor.dim() == 3 else tensor.shape[2]
         if grad is None:

@@ -53,7 +53,7 @@ class EdgeScores:
     def node_scores(self) -> torch.Tensor:
         """[n_upstream]: a node's score is the sum of its outgoing edges' scores (dM/dz_u is the sum of
         the gradients at every input it feeds)."""
-        out = torch.zeros(self.graph.n_upstream, dtype=self.values.dtype)
+        out = torch.zeros(self.graph.n_upstream, dtype=self.values.dtype, device=HOST)
         out.index_add_(0, self.graph.edge_up, self.edge_scores().cpu())
         return out
 

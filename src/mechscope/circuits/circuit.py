@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..devices import HOST
 from ..errors import MechscopeError
 from ..fileio import write_json
 from ..graph import Graph
@@ -47,7 +48,7 @@ class Circuit:
 
     def nodes(self) -> list[str]:
         """Upstream nodes with at least one circuit edge, by name."""
-        used = torch.zeros(self.graph.n_upstream, dtype=torch.bool)
+        used = torch.zeros(self.graph.n_upstream, dtype=torch.bool, device=HOST)
         used[self.graph.edge_up[self.edges]] = True
         return [self.graph.upstream_names[i] for i in used.nonzero().flatten().tolist()]
 
@@ -56,11 +57,11 @@ class Circuit:
 
     @classmethod
     def full(cls, graph: Graph, **kw) -> "Circuit":
-        return cls(graph, torch.ones(graph.n_edges, dtype=torch.bool), **kw)
+        return cls(graph, torch.ones(graph.n_edges, dtype=torch.bool, device=HOST), **kw)
 
     @classmethod
     def empty(cls, graph: Graph, **kw) -> "Circuit":
-        return cls(graph, torch.zeros(graph.n_edges, dtype=torch.bool), **kw)
+        return cls(graph, torch.zeros(graph.n_edges, dtype=torch.bool, device=HOST), **kw)
 
     # ---------------------------------------------------------------------------------------------
 
@@ -91,7 +92,7 @@ class Circuit:
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise CircuitError(f"{path}: not a mechscope circuit file ({type(exc).__name__}: {exc})") from None
         index = {graph.edge_name(e): e for e in range(graph.n_edges)}
-        edges = torch.zeros(graph.n_edges, dtype=torch.bool)
+        edges = torch.zeros(graph.n_edges, dtype=torch.bool, device=HOST)
         for name in names:
             if name not in index:
                 raise CircuitError(f"{path}: edge '{name}' is not in a graph of this shape")
@@ -125,7 +126,7 @@ def _abs_scores(scores) -> torch.Tensor:
 def top_n(scores, n: int, prune: bool = True) -> Circuit:
     s = _abs_scores(scores)
     n = max(0, min(int(n), s.numel()))
-    edges = torch.zeros(s.numel(), dtype=torch.bool)
+    edges = torch.zeros(s.numel(), dtype=torch.bool, device=HOST)
     edges[s.argsort(descending=True, stable=True)[:n]] = True
     c = Circuit(scores.graph, edges, model=scores.model, method=scores.method, info={"selection": "top_n", "n": n})
     return prune_circuit(c) if prune else c
@@ -149,7 +150,7 @@ def greedy(scores, n: int) -> Circuit:
     for e, v in enumerate(edge_down):
         for o in owners[v] or [-1]:
             by_owner.setdefault(o, []).append(e)
-    chosen = torch.zeros(g.n_edges, dtype=torch.bool)
+    chosen = torch.zeros(g.n_edges, dtype=torch.bool, device=HOST)
     in_circuit: set[int] = set()
     heap: list[tuple[float, int]] = []
 
@@ -184,14 +185,14 @@ def prune_circuit(circuit: Circuit) -> Circuit:
         for o in os_:
             inputs_of[o].append(v)
     # Forward: which upstream nodes receive, through circuit edges, something from the input.
-    alive = torch.zeros(g.n_upstream, dtype=torch.bool)
+    alive = torch.zeros(g.n_upstream, dtype=torch.bool, device=HOST)
     alive[0] = True
     for u in range(1, g.n_upstream):
         vs = inputs_of[u]
         alive[u] = bool((keep[:, vs] & alive[:, None]).any())
     # Backward: which upstream nodes feed, through circuit edges, the logits.
-    reaches = torch.zeros(g.n_upstream, dtype=torch.bool)
-    down_reaches = torch.zeros(g.n_downstream, dtype=torch.bool)
+    reaches = torch.zeros(g.n_upstream, dtype=torch.bool, device=HOST)
+    down_reaches = torch.zeros(g.n_downstream, dtype=torch.bool, device=HOST)
     down_reaches[g.logits_index] = True
     for u in range(g.n_upstream - 1, -1, -1):
         reaches[u] = bool((keep[u] & down_reaches).any())

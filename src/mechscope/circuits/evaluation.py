@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..devices import HOST, model_device
 from ..attribution.attention import attention_scale, check_supported, score_soft_cap
 from ..attribution.peap import batch_span_of
 from ..attribution.references import (
@@ -99,14 +100,15 @@ class _Evaluator:
     @torch.no_grad()
     def run(self, circuits: Sequence[Circuit | SpanCircuit], progress: bool = True) -> list[Faithfulness]:
         model, graph, ds = self.model, self.graph, self.dataset
-        device = model.cfg.device
+        device = model_device(model)
         totals = [_Totals() for _ in circuits]
         model_t, empty_t = _Totals(), _Totals()
         positional = any(isinstance(c, SpanCircuit) for c in circuits)
         if positional:
             check_supported(model)
         keeps = [c.keep_matrix().to(device) if isinstance(c, Circuit) else None for c in circuits]
-        maps = [torch.tensor(c.span_map(ds) + [-1]) if isinstance(c, SpanCircuit) else None for c in circuits]
+        maps = [torch.tensor(c.span_map(ds) + [-1], device=device) if isinstance(c, SpanCircuit) else None
+                for c in circuits]
         mean = self.mean(positional)
         bar = tqdm(total=len(ds) * (len(circuits) + 1), desc="evaluating circuits", unit="run", disable=not progress)
         for indices, batch in ds.batches(self.batch_size):
@@ -121,7 +123,7 @@ class _Evaluator:
                 reference, cf_attn = reference_outputs(model, graph, batch, self.ablation, clean_up, mean), None
             attn_ref = attention_references(model, graph, batch, self.ablation, clean_attn, mean, cf_attn) \
                 if positional else None
-            span_of = batch_span_of(ds, indices, batch.clean.shape[1]) if positional else None
+            span_of = batch_span_of(ds, indices, batch.clean.shape[1], device) if positional else None
             top = clean.argmax(-1)
 
             def score(ablation: Ablation, into: _Totals) -> None:
@@ -144,7 +146,7 @@ class _Evaluator:
                     attention = AttentionAblation(
                         keep_k, keep_v, keep_q, attn_ref, attention_scale(model), score_soft_cap(model)
                     ) if keep_k else None
-                    score(Ablation(within.to(device), reference, mapping[span_of].to(device), attention), into)
+                    score(Ablation(within, reference, mapping[span_of], attention), into)
                 bar.update(len(top))
         bar.close()
         n = len(ds)

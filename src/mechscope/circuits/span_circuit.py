@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..devices import HOST
 from .circuit import Circuit, CircuitError, check_graph
 from ..fileio import write_json
 from ..graph import Graph
@@ -79,24 +80,24 @@ class SpanCircuit:
         kept (dead ones are dropped by `prune`, as they carry reference values either way)."""
         g = circuit.graph
         c = _full_crossing(g, 1)
-        out = cls(g, (ALL_TOKENS,), circuit.edges[None].clone(), c, torch.ones(1, dtype=torch.bool),
+        out = cls(g, (ALL_TOKENS,), circuit.edges[None].clone(), c, torch.ones(1, dtype=torch.bool, device=HOST),
                   model=circuit.model, method=circuit.method, info=dict(circuit.info, positional=False))
         return prune_span_circuit(out)
 
     @classmethod
     def full(cls, graph: Graph, spans, logit_spans: torch.Tensor | None = None, **kw) -> "SpanCircuit":
         n = len(spans)
-        logit_spans = torch.ones(n, dtype=torch.bool) if logit_spans is None else logit_spans.bool()
-        within = torch.ones(n, graph.n_edges, dtype=torch.bool)
+        logit_spans = torch.ones(n, dtype=torch.bool, device=HOST) if logit_spans is None else logit_spans.bool()
+        within = torch.ones(n, graph.n_edges, dtype=torch.bool, device=HOST)
         within[:, graph.edge_down == graph.logits_index] &= logit_spans[:, None]
         return cls(graph, tuple(spans), within, _full_crossing(graph, n), logit_spans, **kw)
 
     @classmethod
     def empty(cls, graph: Graph, spans, logit_spans: torch.Tensor | None = None, **kw) -> "SpanCircuit":
         n = len(spans)
-        logit_spans = torch.ones(n, dtype=torch.bool) if logit_spans is None else logit_spans.bool()
+        logit_spans = torch.ones(n, dtype=torch.bool, device=HOST) if logit_spans is None else logit_spans.bool()
         crossing = {k: torch.zeros_like(v) for k, v in _full_crossing(graph, n).items()}
-        return cls(graph, tuple(spans), torch.zeros(n, graph.n_edges, dtype=torch.bool), crossing, logit_spans, **kw)
+        return cls(graph, tuple(spans), torch.zeros(n, graph.n_edges, dtype=torch.bool, device=HOST), crossing, logit_spans, **kw)
 
     # ---------------------------------------------------------------------------------------------
 
@@ -129,7 +130,7 @@ class SpanCircuit:
         """Keep masks for a batch whose tokens lie in circuit spans `span_of` [b, t] (-1: padding):
         (within [S, n_up, n_down] float, crossing keep dicts per layer that ablates any crossing edge)."""
         g = self.graph
-        within = g.dense(self.within.float())
+        within = g.dense(self.within.float()).to(span_of.device)  # on the batch's device, like the masks
         sp = span_of.clamp(min=0)
         keep_k, keep_v, keep_q = {}, {}, {}
         valid = _valid_pairs(self.n_spans)
@@ -137,6 +138,7 @@ class SpanCircuit:
             k, v, q = self.crossing["k"][l], self.crossing["v"][l], self.crossing["q"][l]
             if bool((k | ~valid).all()) and bool((v | ~valid).all()) and bool(q.all()):
                 continue
+            k, v, q = k.to(sp.device), v.to(sp.device), q.to(sp.device)
             # [head, key span, query span] -> [batch, head, t (query), t' (key)]
             keep_k[l] = k.transpose(1, 2)[:, sp[:, :, None], sp[:, None, :]].permute(1, 0, 2, 3).float()
             keep_v[l] = v.transpose(1, 2)[:, sp[:, :, None], sp[:, None, :]].permute(1, 0, 2, 3).float()
@@ -193,7 +195,7 @@ class SpanCircuit:
             span_index = {s: i for i, s in enumerate(spans)}
             edge_index = {graph.edge_name(e): e for e in range(graph.n_edges)}
             n = len(spans)
-            within = torch.zeros(n, graph.n_edges, dtype=torch.bool)
+            within = torch.zeros(n, graph.n_edges, dtype=torch.bool, device=HOST)
             for span, names in data["within"].items():
                 for name in names:
                     if name not in edge_index:
@@ -210,7 +212,7 @@ class SpanCircuit:
                     crossing["q"][l, h, span_index[src_span]] = True
                 else:
                     crossing[kind][l, h, span_index[src_span], span_index[dst_span]] = True
-            logit_spans = torch.zeros(n, dtype=torch.bool)
+            logit_spans = torch.zeros(n, dtype=torch.bool, device=HOST)
             for s in data["logit_spans"]:
                 logit_spans[span_index[s]] = True
         except FileNotFoundError:
@@ -239,27 +241,27 @@ def load_any_circuit(path: str | os.PathLike):
 def _full_crossing(graph: Graph, n_spans: int) -> dict[str, torch.Tensor]:
     valid = _valid_pairs(n_spans)
     kv = valid.expand(graph.n_layers, graph.n_heads, n_spans, n_spans).clone()
-    return {"k": kv, "v": kv.clone(), "q": torch.ones(graph.n_layers, graph.n_heads, n_spans, dtype=torch.bool)}
+    return {"k": kv, "v": kv.clone(), "q": torch.ones(graph.n_layers, graph.n_heads, n_spans, dtype=torch.bool, device=HOST)}
 
 
 def _valid_pairs(n_spans: int) -> torch.Tensor:
     """[key span, query span]: True where key span <= query span (keys precede their queries)."""
-    return torch.ones(n_spans, n_spans, dtype=torch.bool).triu()
+    return torch.ones(n_spans, n_spans, dtype=torch.bool, device=HOST).triu()
 
 
 def span_counts(dataset, span_map: list[int], n_spans: int) -> dict[str, torch.Tensor]:
     """Per circuit span, averaged over examples: tokens [S], last tokens [S] (the logits' position)
     and causal (t', t) pairs [key span, query span]."""
-    tokens = torch.zeros(n_spans, dtype=torch.float64)
-    last = torch.zeros(n_spans, dtype=torch.float64)
-    pairs = torch.zeros(n_spans, n_spans, dtype=torch.float64)
-    mapping = torch.tensor(span_map, dtype=torch.long)
+    tokens = torch.zeros(n_spans, dtype=torch.float64, device=HOST)
+    last = torch.zeros(n_spans, dtype=torch.float64, device=HOST)
+    pairs = torch.zeros(n_spans, n_spans, dtype=torch.float64, device=HOST)
+    mapping = torch.tensor(span_map, dtype=torch.long, device=HOST)
     for ex in dataset.examples:
-        spans = mapping[torch.tensor(ex.span_of_positions())]
+        spans = mapping[torch.tensor(ex.span_of_positions(), device=HOST)]
         onehot = torch.nn.functional.one_hot(spans, n_spans).double()  # [t, s]
         tokens += onehot.sum(0)
         last += onehot[-1]
-        causal = torch.ones(len(spans), len(spans), dtype=torch.float64).tril()  # [t, t']
+        causal = torch.ones(len(spans), len(spans), dtype=torch.float64, device=HOST).tril()  # [t, t']
         pairs += torch.einsum("jk,tj,tq->kq", onehot, causal, onehot)
     n = max(1, len(dataset))
     return {"tokens": tokens / n, "last": last / n, "pairs": pairs / n}
@@ -280,7 +282,7 @@ class SpanGraphScores:
         self.graph, self.spans = g, tuple(scores.spans)
         n = len(self.spans)
         last = scores.concrete.get("last")
-        self.logit_spans = (last > 0) if last is not None else torch.ones(n, dtype=torch.bool)
+        self.logit_spans = (last > 0) if last is not None else torch.ones(n, dtype=torch.bool, device=HOST)
         within = scores.values.abs().double().nan_to_num(nan=-1.0)  # [S, E]
         logit_edge = g.edge_down == g.logits_index
         within[:, logit_edge] = torch.where(self.logit_spans[:, None], within[:, logit_edge], float("-inf"))
@@ -316,8 +318,8 @@ def span_greedy_order(scores, budget: int, attention: str = "scored") -> list[tu
     dense = g.dense(sg.within, fill=float("-inf"))  # [S, n_up, n_down]
     ranked = dense.transpose(1, 2).argsort(dim=-1, descending=True, stable=True)  # [S, n_down, n_up]
     ranked_scores = dense.transpose(1, 2).gather(-1, ranked)
-    edge_id = torch.full((n_up, g.n_downstream), -1, dtype=torch.long)
-    edge_id[g.edge_up, g.edge_down] = torch.arange(g.n_edges)
+    edge_id = torch.full((n_up, g.n_downstream), -1, dtype=torch.long, device=HOST)
+    edge_id[g.edge_up, g.edge_down] = torch.arange(g.n_edges, device=HOST)
     ranked_l, ranked_s = ranked.tolist(), ranked_scores.tolist()
     edge_id_l = edge_id.tolist()
     q_scores, k_scores, v_scores = (sg.crossing[k].tolist() for k in ("q", "k", "v"))
@@ -409,7 +411,7 @@ def span_top_order(scores, budget: int, attention: str = "scored") -> list[tuple
     allv = torch.cat(flat)
     top = allv.argsort(descending=True, stable=True)[: min(budget, sg.n_edges)]
     shapes = [sg.within.shape, sg.crossing["k"].shape, sg.crossing["v"].shape, sg.crossing["q"].shape]
-    ends = torch.tensor([t.numel() for t in flat]).cumsum(0)
+    ends = torch.tensor([t.numel() for t in flat], device=HOST).cumsum(0)
     part_of = torch.bucketize(top, ends, right=True)  # which of the four tensors each index is in
     out: list = [None] * len(top)
     for part, (kind, shape) in enumerate(zip(("w", "k", "v", "q"), shapes)):
@@ -427,7 +429,7 @@ def circuit_from_order(scores, order: list[tuple], attention: str = "scored", pr
     `attention="whole"`), pruned to the edges on a path from the input to the logits."""
     sg = scores if isinstance(scores, SpanGraphScores) else SpanGraphScores(scores)
     g, n = sg.graph, len(sg.spans)
-    within = torch.zeros(n, g.n_edges, dtype=torch.bool)
+    within = torch.zeros(n, g.n_edges, dtype=torch.bool, device=HOST)
     crossing = {k: torch.zeros_like(v) for k, v in _full_crossing(g, n).items()}
     for item in order:
         if item[0] == "w":
@@ -457,8 +459,8 @@ def prune_span_circuit(circuit: SpanCircuit) -> SpanCircuit:
     W = g.dense(circuit.within)  # [S, n_up, n_down] bool
     ck, cv, cq = circuit.crossing["k"], circuit.crossing["v"], circuit.crossing["q"]
     gs = g.group_size
-    alive_up = torch.zeros(g.n_upstream, n, dtype=torch.bool)
-    alive_down = torch.zeros(g.n_downstream, n, dtype=torch.bool)
+    alive_up = torch.zeros(g.n_upstream, n, dtype=torch.bool, device=HOST)
+    alive_down = torch.zeros(g.n_downstream, n, dtype=torch.bool, device=HOST)
     alive_up[0] = True
 
     def reads(lo: int, hi: int, step: int) -> None:
@@ -482,8 +484,8 @@ def prune_span_circuit(circuit: SpanCircuit) -> SpanCircuit:
         alive_up[g.mlp_index(l)] = alive_down[g.mlp_in_index(l)]
     reads(g.logits_index, g.logits_index + 1, 2 * g.n_layers)
 
-    reach_up = torch.zeros(g.n_upstream, n, dtype=torch.bool)
-    reach_down = torch.zeros(g.n_downstream, n, dtype=torch.bool)
+    reach_up = torch.zeros(g.n_upstream, n, dtype=torch.bool, device=HOST)
+    reach_down = torch.zeros(g.n_downstream, n, dtype=torch.bool, device=HOST)
     reach_down[g.logits_index] = circuit.logit_spans
 
     def writes(lo: int, hi: int) -> None:

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from ..devices import HOST
 from ..errors import MechscopeError
 from ..fileio import atomic_path
 
@@ -181,10 +182,10 @@ class Batch:
 
 def _pad(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(1, max((len(r) for r in rows), default=0))
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    ids = torch.full((len(rows), width), value, dtype=torch.long, device=HOST)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool, device=HOST)
     for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long, device=HOST)
         mask[i, : len(r)] = True
     return ids, mask
 
@@ -243,7 +244,7 @@ class PromptPairDataset:
     def split(self, fraction: float = 0.5, seed: int = 0) -> tuple["PromptPairDataset", "PromptPairDataset"]:
         """Shuffle with `seed` and split into (first `fraction`, rest), e.g. discovery / evaluation."""
         g = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(self), generator=g).tolist()
+        order = torch.randperm(len(self), generator=g, device=HOST).tolist()
         cut = int(round(fraction * len(self)))
         return self.subset(order[:cut]), self.subset(order[cut:])
 
@@ -255,7 +256,7 @@ class PromptPairDataset:
         cf, _ = _pad([e.counterfactual for e in exs], self.pad_token_id)
         correct, cmask = _pad([e.correct for e in exs], 0)
         wrong, wmask = _pad([e.wrong for e in exs], 0)
-        last = torch.tensor([len(e.clean) - 1 for e in exs], dtype=torch.long)
+        last = torch.tensor([len(e.clean) - 1 for e in exs], dtype=torch.long, device=HOST)
         return Batch(clean, cf, attn, last, correct, cmask, wrong, wmask)
 
     def batches(self, batch_size: int) -> Iterable[tuple[list[int], Batch]]:

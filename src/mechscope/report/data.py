@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..circuits.span_circuit import SpanCircuit, span_counts
+from ..devices import model_device
 
 
 def _edge_scores(scores):
@@ -132,7 +133,7 @@ def attention_patterns(model, dataset, index: int, heads: list[tuple[int, int]])
     """Attention patterns [query, key] of `heads` ((layer, head) pairs) on example `index`'s clean
     prompt, with its tokens and span names."""
     ex = dataset.examples[index]
-    tokens = torch.tensor([ex.clean])
+    tokens = torch.tensor([ex.clean], device=model_device(model))
     layers = sorted({l for l, _ in heads})
     names = [f"blocks.{l}.attn.hook_pattern" for l in layers]
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)

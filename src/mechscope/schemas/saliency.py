@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from ..devices import HOST, model_device
 from ..behaviour import check_compatible
 from ..data.dataset import PromptPairDataset
 from ..metrics import compute_metric, final_logits
@@ -44,7 +45,7 @@ def token_saliency(
     if baseline not in BASELINES:
         raise ValueError(f"unknown baseline '{baseline}'; choose one of {', '.join(BASELINES)}")
     check_compatible(model, dataset)
-    device = model.cfg.device
+    device = model_device(model)
     out: list[torch.Tensor | None] = [None] * len(dataset)
     bar = tqdm(total=len(dataset), desc=f"saliency ({method})", unit="ex", disable=not progress)
     for indices, batch in dataset.batches(batch_size):
@@ -96,11 +97,11 @@ def _metric_grad(model, batch, embeddings: torch.Tensor, metric: str) -> torch.T
 def aggregate_by_span(dataset: PromptPairDataset, saliency: list[torch.Tensor], reduce: str = "mean") -> dict:
     """Mean (or mean absolute, `reduce="abs"`) saliency per span of the schema over all its tokens."""
     n = len(dataset.schema)
-    total = torch.zeros(n, dtype=torch.float64)
-    count = torch.zeros(n, dtype=torch.float64)
+    total = torch.zeros(n, dtype=torch.float64, device=HOST)
+    count = torch.zeros(n, dtype=torch.float64, device=HOST)
     for ex, s in zip(dataset.examples, saliency):
-        values = s.double().abs() if reduce == "abs" else s.double()
-        spans = torch.tensor(ex.span_of_positions())
+        values = s.double().cpu().abs() if reduce == "abs" else s.double().cpu()
+        spans = torch.tensor(ex.span_of_positions(), device=HOST)
         total.index_add_(0, spans, values)
         count.index_add_(0, spans, torch.ones_like(values))
     mean = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))

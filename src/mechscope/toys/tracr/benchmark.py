@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...devices import HOST, resolve_device
 from ...attribution import attribute
 from ...errors import MechscopeError
 from ...attribution.patching import exact_scores
@@ -76,10 +77,10 @@ def method_edge_scores(compiled: CompiledProgram, dataset, method: str, batch_si
 
 def node_scores(graph: Graph, edge_scores: torch.Tensor) -> torch.Tensor:
     """[n_upstream]: sum of |score| over each node's outgoing edges and the edges into its inputs."""
-    out = torch.zeros(graph.n_upstream, dtype=torch.float64)
+    out = torch.zeros(graph.n_upstream, dtype=torch.float64, device=HOST)
     s = edge_scores.double().abs()
     out.index_add_(0, graph.edge_up, s)
-    into = torch.zeros(graph.n_downstream, dtype=torch.float64).index_add_(0, graph.edge_down, s)
+    into = torch.zeros(graph.n_downstream, dtype=torch.float64, device=HOST).index_add_(0, graph.edge_down, s)
     for v, owners in enumerate(graph.downstream_owner()):  # a shared k/v input counts for each head
         for u in owners:
             out[u] += into[v]
@@ -104,11 +105,15 @@ class ProgramResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def benchmark_program(name: str, n: int = 48, seed: int = 0, methods=METHODS, batch_size: int = 64) -> ProgramResult:
+def benchmark_program(name: str, n: int = 48, seed: int = 0, methods=METHODS, batch_size: int = 64,
+                      device: str | torch.device | None = "cpu") -> ProgramResult:
+    """Compile program `name`, make its task and score every method against the ground truth; the
+    compiled model runs on `device` (None: CUDA when available)."""
     from ...behaviour import measure_behaviour
 
     spec = SUITE[name]
     compiled = compile_program(spec.build(), spec.vocab, spec.max_seq_len, name=name)
+    compiled.model.to(resolve_device(device))
     dataset = make_tracr_task(compiled, n=n, seed=seed, unique=spec.unique_tokens,
                               pad_counterfactuals=spec.pad_counterfactuals)
     program_truth = ground_truth(compiled)
@@ -141,13 +146,14 @@ def mean_over_programs(results: list[ProgramResult], key: str, method: str) -> f
     return sum(values) / len(values) if values else float("nan")
 
 
-def run_benchmark(programs=None, n: int = 48, seed: int = 0, methods=METHODS, progress=None) -> dict:
+def run_benchmark(programs=None, n: int = 48, seed: int = 0, methods=METHODS, progress=None,
+                  device: str | torch.device | None = "cpu") -> dict:
     """Every program of the suite (or `programs`); returns a JSON-ready summary."""
     programs, methods = list(programs or SUITE), list(methods)
     check_choices(programs, methods, n)
     results = []
     for name in programs:
-        results.append(benchmark_program(name, n=n, seed=seed, methods=methods))
+        results.append(benchmark_program(name, n=n, seed=seed, methods=methods, device=device))
         if progress is not None:
             progress(results[-1])
     means = {m: {"edge_auroc": mean_over_programs(results, "edge_auroc", m),

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ...devices import HOST
 from ...errors import MechscopeError
 from .model import CompiledConfig, CompiledTransformer
 
@@ -172,7 +173,7 @@ def _import_assembled(assembled, sink, name: str, dtype) -> tuple[CompiledTransf
     model = CompiledTransformer(cfg, tokenizer)
     model.mechscope_name = f"tracr-{name}"
     h, e = mc.num_heads, mc.key_size
-    as_t = lambda a: torch.tensor(a, dtype=dtype)  # noqa: E731
+    as_t = lambda a: torch.tensor(a, dtype=dtype, device=HOST)  # noqa: E731 (compiled on the host, moved later)
     with torch.no_grad():
         model.W_E.copy_(as_t(params["token_embed"]["embeddings"]))
         model.W_pos.copy_(as_t(params["pos_embed"]["embeddings"]))

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...devices import HOST
 from ...graph import Graph
 from .compile import BOS, CompiledProgram
 
@@ -75,7 +76,7 @@ class GroundTruth:
 
 
 def _nodes_of(graph: Graph, edges: torch.Tensor) -> torch.Tensor:
-    nodes = torch.zeros(graph.n_upstream, dtype=torch.bool)
+    nodes = torch.zeros(graph.n_upstream, dtype=torch.bool, device=HOST)
     nodes[graph.edge_up[edges]] = True
     nodes[0] = False  # the input node is in every circuit; it is not scored
     return nodes
@@ -109,8 +110,8 @@ def ground_truth(compiled: CompiledProgram) -> GroundTruth:
     out_dirs = {compiled.residual_labels[i] for i in compiled.model.W_U.abs().sum(1).nonzero().flatten().tolist()}
     readers.append((graph.logits_index, out_dirs))
 
-    index = graph.dense(torch.arange(graph.n_edges), fill=-1)  # [n_up, n_down] edge index, -1: no edge
-    edges = torch.zeros(graph.n_edges, dtype=torch.bool)
+    index = graph.dense(torch.arange(graph.n_edges, device=HOST), fill=-1)  # [n_up, n_down] edge index, -1: no edge
+    edges = torch.zeros(graph.n_edges, dtype=torch.bool, device=HOST)
     edge_reads: dict[int, set[str]] = {}
     for v, dirs in readers:
         for d in dirs - set(CONSTANT):
@@ -139,6 +140,6 @@ def varying_directions(compiled: CompiledProgram, clean: torch.Tensor, counterfa
         model(counterfactual, attention_mask=attention_mask)
     diff = (final[0] - final[1]).abs()
     if attention_mask is not None:
-        diff = diff * attention_mask[..., None].to(diff.dtype)
+        diff = diff * attention_mask[..., None].to(diff)  # dtype and device of the model's stream
     changed = diff.flatten(0, 1).amax(0) > tol
     return {compiled.residual_labels[i] for i in changed.nonzero().flatten().tolist()}

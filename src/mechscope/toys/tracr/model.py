@@ -67,7 +67,7 @@ class _Attention(nn.Module):
     def __init__(self, cfg: CompiledConfig):
         super().__init__()
         h, d, e = cfg.n_heads, cfg.d_model, cfg.d_head
-        kw = dict(dtype=cfg.dtype)
+        kw = dict(dtype=cfg.dtype, device=cfg.device)
         self.W_Q = nn.Parameter(torch.zeros(h, d, e, **kw))
         self.W_K = nn.Parameter(torch.zeros(h, d, e, **kw))
         self.W_V = nn.Parameter(torch.zeros(h, d, e, **kw))
@@ -83,7 +83,7 @@ class _Attention(nn.Module):
 class _MLP(nn.Module):
     def __init__(self, cfg: CompiledConfig):
         super().__init__()
-        kw = dict(dtype=cfg.dtype)
+        kw = dict(dtype=cfg.dtype, device=cfg.device)
         self.W_in = nn.Parameter(torch.zeros(cfg.d_model, cfg.d_mlp, **kw))
         self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp, **kw))
         self.W_out = nn.Parameter(torch.zeros(cfg.d_mlp, cfg.d_model, **kw))
@@ -113,7 +113,7 @@ class CompiledTransformer(HookedRootModule):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
-        kw = dict(dtype=cfg.dtype)
+        kw = dict(dtype=cfg.dtype, device=cfg.device)
         self.W_E = nn.Parameter(torch.zeros(cfg.d_vocab, cfg.d_model, **kw))
         self.W_pos = nn.Parameter(torch.zeros(cfg.n_ctx, cfg.d_model, **kw))
         self.W_U = nn.Parameter(torch.zeros(cfg.d_model, cfg.d_vocab_out, **kw))
