@@ -1,4 +1,4 @@
-"""How well EAP and EAP-IG rank edges compared with exact patching (method.md §3).
+"""How well EAP and EAP-IG rank edges compared with exact patching (docs/method.md §3).
 
 On a tiny random Llama every edge is patched exactly; on SmolLM2 (IOI) a subset of edges is: the
 --top edges of largest |EAP| score plus --random others drawn with the seed. Prints the Spearman rank

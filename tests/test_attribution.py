@@ -1,4 +1,4 @@
-"""Edge attribution (EAP, EAP-IG, exact), circuits and faithfulness on tiny models (method.md §3-§6)."""
+"""Edge attribution (EAP, EAP-IG, exact), circuits and faithfulness on tiny models (docs/method.md §3-§6)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_graph_counts_for_grouped_query_attention():
 
 def check_full_and_empty_circuits(model, data, empty_tol, min_gap: float) -> None:
     """The full circuit reproduces the model's logits; with every edge ablated to the counterfactual
-    the run equals the model on the counterfactual prompt (method.md §6)."""
+    the run equals the model on the counterfactual prompt (docs/method.md §6)."""
     graph = Graph.from_model(model)
     b = data.batch()
     with torch.no_grad():

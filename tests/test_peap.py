@@ -1,4 +1,4 @@
-"""PEAP (method.md §3-§4): within-position scores per span and exact crossing-edge scores."""
+"""PEAP (docs/method.md §3-§4): within-position scores per span and exact crossing-edge scores."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The PEAP CSV loader (../shared/method.md §8): modes, span re-derivation, answers and bad input."""
+"""The PEAP CSV loader (docs/method.md §8): modes, span re-derivation, answers and bad input."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from mechscope.data.peap_csv import (
     load_peap_csv,
 )
 
-PEAP = Path(__file__).resolve().parents[2] / "shared" / "data" / "peap"
+PEAP = Path(__file__).resolve().parent / "data" / "peap"  # excerpts of the PEAP authors' files; see NOTICE.md there
 
 SPANS = ["start", "IO", "and", "S1", "event", "punct", "S2", "rest"]
 CLEAN_SEGMENTS = [
@@ -380,7 +380,7 @@ def test_counterfactual_file_required(tmp_path, tiny_tokenizer):
 
 
 # ------------------------------------------------------------------------------------------------
-# the shared peer files, with SmolLM2's tokenizer
+# the PEAP authors' files (excerpts in tests/data/peap), with SmolLM2's tokenizer
 # ------------------------------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from mechscope.schemas.induction import induce_schema, mark_spans, strip_schema
 from mechscope.schemas.llm import LLMClient, LLMError, llm_schema
 from mechscope.tasks import make_task
 
-PEER = Path(__file__).resolve().parents[2] / "shared" / "data" / "peap"
+PEER = Path(__file__).resolve().parent / "data" / "peap"  # excerpts of the PEAP authors' files; see NOTICE.md there
 
 
 @pytest.mark.parametrize("task", ["ioi", "greater-than", "winobias"])

@@ -1,4 +1,4 @@
-"""Span circuits (PEAP, method.md §4-§6): selection, pruning, projection, exact evaluation with crossing
+"""Span circuits (PEAP, docs/method.md §4-§6): selection, pruning, projection, exact evaluation with crossing
 edges ablated inside attention, concrete edge counts, save/reload."""
 
 from __future__ import annotations

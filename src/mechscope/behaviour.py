@@ -2,7 +2,7 @@
 a summary, and the filter that keeps the examples the model gets right.
 
 Reported before any circuit work so a reader can see whether there is behaviour to explain
-(../shared/method.md §6).
+(docs/method.md §6).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The computational graph of a transformer (../shared/method.md §2).
+"""The computational graph of a transformer (docs/method.md §2).
 
 Upstream nodes write to the residual stream: the input embedding, every attention head (its
 `hook_result`) and every MLP (`hook_mlp_out`). Downstream nodes read it: every head's query input,
@@ -85,7 +85,7 @@ class Graph:
         if getattr(cfg, "use_normalization_before_and_after", False):
             raise GraphError(
                 "models with a norm after each sublayer (Gemma 2/3) need the frozen-norm linearisation "
-                "of method.md §2, which is not implemented yet"
+                "of docs/method.md §2, which is not implemented yet"
             )
         n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
         return cls(

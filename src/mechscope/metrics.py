@@ -1,4 +1,4 @@
-"""Task metrics on final-position logits (../shared/method.md §1).
+"""Task metrics on final-position logits (docs/method.md §1).
 
 Every metric takes `logits` of shape [batch, vocab] (the logits at each example's last token) and the
 answer tensors of a `Batch` (padded with masks, so examples may have different numbers of correct and

@@ -13,7 +13,7 @@ GGUF weights are dequantized once and cached as a plain Hugging Face directory (
 and renamed into place, so an interrupted or failed conversion never leaves a half-written entry.
 
 The returned bridge is in TransformerLens compatibility mode: hook names and shapes are those of
-../shared/method.md §1 and LayerNorm scales are folded into the following weights. The unembedding is
+docs/method.md §1 and LayerNorm scales are folded into the following weights. The unembedding is
 left uncentred, so the bridge's logits are the model's own logits, not shifted by a constant, and value
 biases stay in the heads (GPT-2 has them; Llama-style models do not).
 """

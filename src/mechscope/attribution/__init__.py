@@ -1,6 +1,6 @@
 """Edge attribution: `attribute(model, dataset, method=...)` -> `EdgeScores`.
 
-Methods: `eap`, `eap-ig` (../shared/method.md §3) and `exact` (one patched forward per edge; slow,
+Methods: `eap`, `eap-ig` (docs/method.md §3) and `exact` (one patched forward per edge; slow,
 for validation on small models or a subset of edges).
 """
 
@@ -46,7 +46,7 @@ def attribute(
 
     steps: interpolation points for eap-ig. ablation: counterfactual | mean | zero; `reference` is the
     set the mean is taken over (default: `dataset`). edges: for `exact`, the edge indices to patch
-    (others get NaN); default all edges. aggregation (peap, method.md §4): how token-level scores
+    (others get NaN); default all edges. aggregation (peap, docs/method.md §4): how token-level scores
     become span-level ones: `sum` over tokens and examples divided by the number of examples (the
     default; sums over spans to EAP), `mean` over the token-level instances, or `max` (the instance of
     largest magnitude, signed).

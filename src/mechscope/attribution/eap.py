@@ -1,4 +1,4 @@
-"""Edge attribution patching: EAP and EAP-IG (../shared/method.md §3).
+"""Edge attribution patching: EAP and EAP-IG (docs/method.md §3).
 
     score(u -> v) = sum over positions t of (ref_u[t] - z_u[t]) . dM/d(in_v)[t],  averaged over examples
 

@@ -1,4 +1,4 @@
-"""Exact edge patching (../shared/method.md §3): the change in M when one edge is ablated.
+"""Exact edge patching (docs/method.md §3): the change in M when one edge is ablated.
 
 One forward pass per edge and batch, so it is for validating the estimators on small models (or a
 subset of edges on a real one) and as a slow baseline. Scores are means over examples of

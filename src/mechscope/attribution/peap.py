@@ -1,4 +1,4 @@
-"""Position-aware edge attribution patching, PEAP (../shared/method.md §3, §4; Haklay et al. 2025).
+"""Position-aware edge attribution patching, PEAP (docs/method.md §3, §4; Haklay et al. 2025).
 
 Within-position edges u@t -> v@t keep the EAP product per position; summed over the tokens of each span
 of the schema (and over examples, divided by their number) they give span-level scores whose sum over
@@ -217,7 +217,7 @@ def batch_span_of(dataset, indices, width: int, device: torch.device | str = HOS
 
 
 def concrete_counts(dataset, n_spans: int) -> dict[str, torch.Tensor]:
-    """Token-level edges a span edge stands for, averaged over examples (method.md §4):
+    """Token-level edges a span edge stands for, averaged over examples (docs/method.md §4):
     within: [span] = |S|; crossing: [key span, query span] = number of (t', t) with t' <= t;
     last: [span] = fraction of examples whose last token (where the logits read) lies in the span."""
     from ..circuits.span_circuit import span_counts

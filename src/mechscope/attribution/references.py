@@ -1,4 +1,4 @@
-"""Ablation references (../shared/method.md §3): what an ablated edge carries instead of the clean value.
+"""Ablation references (docs/method.md §3): what an ablated edge carries instead of the clean value.
 
 * `counterfactual`: the upstream node's output on the paired counterfactual prompt x';
 * `mean`: its mean output over a reference set, per position (averaged over the reference examples

@@ -1,4 +1,4 @@
-"""Run a TransformerBridge as a computational graph (../shared/method.md §2).
+"""Run a TransformerBridge as a computational graph (docs/method.md §2).
 
 One forward pass with hooks that can
   * record every upstream node's output: `up[u, b, t, :]`, shape [n_upstream, batch, pos, d_model]

@@ -1,4 +1,4 @@
-"""Circuits: sets of edges chosen from scores (../shared/method.md §5), saved as JSON.
+"""Circuits: sets of edges chosen from scores (docs/method.md §5), saved as JSON.
 
 * `top_n` / `threshold`: the edges of largest |score|, or |score| above a value;
 * `greedy` (as in PEAP): grow from the logits, each time adding the highest-|score| edge whose child

@@ -1,4 +1,4 @@
-"""Faithfulness of circuits by exact edge ablation (../shared/method.md §6).
+"""Faithfulness of circuits by exact edge ablation (docs/method.md §6).
 
 The model runs on the clean prompt with every edge outside the circuit patched to its reference value.
   soft       F = mean M(C) / mean M(model)                          (PEAP)
@@ -58,7 +58,7 @@ class Faithfulness:
     model_accuracy: float
     n_examples: int
     fraction: float | None = None
-    # Token-level edges the circuit stands for, averaged over the evaluation examples (method.md §4):
+    # Token-level edges the circuit stands for, averaged over the evaluation examples (docs/method.md §4):
     # within-position and crossing (inside attention) edges. A non-positional circuit keeps every
     # crossing edge of its live heads.
     concrete_edges: float | None = None

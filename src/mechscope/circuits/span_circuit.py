@@ -1,4 +1,4 @@
-"""Span circuits: position-aware circuits over a schema's spans (../shared/method.md §2, §4-§6).
+"""Span circuits: position-aware circuits over a schema's spans (docs/method.md §2, §4-§6).
 
 The span graph repeats the computational graph per span of the schema:
 

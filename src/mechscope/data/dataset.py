@@ -1,4 +1,4 @@
-"""Prompt-pair datasets with a schema of named spans (../shared/method.md §1).
+"""Prompt-pair datasets with a schema of named spans (docs/method.md §1).
 
 A `PromptPairDataset` holds, for every example, the clean and counterfactual token ids (same length
 within a pair; pairs may differ in length), the correct and wrong answer token ids (one or several),

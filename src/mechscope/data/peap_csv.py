@@ -1,4 +1,4 @@
-"""Load prompt-pair datasets from PEAP CSV files (../shared/method.md §8).
+"""Load prompt-pair datasets from PEAP CSV files (docs/method.md §8).
 
 The format
 ----------

@@ -1,4 +1,5 @@
-"""Schema induction without an LLM (issue 7): named spans from the data and the model's saliency.
+"""Schema induction without an LLM (issue 7; docs/method.md §9): named spans from the data and the
+model's saliency.
 
 1. **Anchors.** Tokens shared by (nearly) every prompt, in the same order: a progressive longest
    common subsequence over the clean prompts' token ids (after the BOS token). A prompt that would

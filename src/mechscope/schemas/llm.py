@@ -1,4 +1,5 @@
-"""An LLM proposes the schema (optional backend of issue 7), behind any OpenAI-compatible chat endpoint.
+"""An LLM proposes the schema (optional backend of issue 7; docs/method.md §9), behind any
+OpenAI-compatible chat endpoint.
 
 Configuration by environment variables:
   MECHSCOPE_LLM_BASE_URL  e.g. http://localhost:8000/v1 (required)

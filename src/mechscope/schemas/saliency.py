@@ -1,4 +1,4 @@
-"""Token saliency: how much each input token contributes to the task metric (issue 7).
+"""Token saliency: how much each input token contributes to the task metric (issue 7; docs/method.md §9).
 
 * `input_x_gradient`: s_t = e_t . dM/de_t, with e_t the token embedding at position t (`hook_embed`)
   and M the dataset's metric on the clean prompt. It is the first-order change of M when e_t is

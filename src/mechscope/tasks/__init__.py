@@ -1,4 +1,4 @@
-"""Built-in tasks: generators of clean / counterfactual prompt-pair datasets (../shared/method.md §7).
+"""Built-in tasks: generators of clean / counterfactual prompt-pair datasets (docs/method.md §7).
 
 Each generator takes a Hugging Face tokenizer, the number of examples and a seed, and returns a
 `PromptPairDataset` whose prompts, answers and span boundaries fit that tokenizer: words that are not

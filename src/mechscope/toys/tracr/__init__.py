@@ -1,5 +1,5 @@
 """Compiled transformers with known circuits (tracr) and a benchmark of mechscope's circuit finders
-on them. Needs the `tracr` extra (tracr-pypi, jax, dm-haiku)."""
+on them (docs/method.md §10). Needs the `tracr` extra (tracr-pypi, jax, dm-haiku)."""
 
 from .compile import BOS, PAD, CompiledProgram, CompiledTokenizer, TracrError, compile_program
 from .ground_truth import GroundTruth, ground_truth, varying_directions
