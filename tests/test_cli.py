@@ -64,3 +64,20 @@ def test_curves_bad_fractions_is_a_one_line_error(tmp_path, tiny_model_dirs):
                                  "--fractions", "0.5,0.1", "--out", str(out)])
     assert result.exit_code == 2 and "--fractions must be increasing" in result.output
     assert not out.exists()
+
+
+def test_every_model_verb_takes_a_device(tmp_path, tiny_model_dirs):
+    import torch
+
+    for verb in (["demo"], ["data"], ["curves"], ["circuit"], ["schema"], ["benchmark", "tracr"]):
+        assert "--device" in runner.invoke(app, [*verb, "--help"]).output, verb
+    out = tmp_path / "d.jsonl"
+    model = str(tiny_model_dirs["llama"])
+    result = runner.invoke(app, ["data", "ioi", "--model", model, "--n", "4", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    bad = ["floppy"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        result = runner.invoke(app, ["data", "ioi", "--model", model, "--n", "4", "--device", device,
+                                     "--out", str(tmp_path / "e.jsonl")])
+        assert result.exit_code == 2 and "device" in result.output and "Traceback" not in result.output, result.output
+        assert not (tmp_path / "e.jsonl").exists()

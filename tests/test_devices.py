@@ -19,7 +19,6 @@ import mechscope
 from mechscope.behaviour import keep_correct, measure_behaviour
 from mechscope.circuits.discovery import discover_circuit
 from mechscope.circuits.evaluation import faithfulness_curve
-from mechscope.circuits.span_circuit import SpanCircuit
 from mechscope.devices import DeviceError, model_device, resolve_device
 from mechscope.schemas.induction import induce_schema
 from mechscope.schemas.saliency import token_saliency

@@ -180,3 +180,22 @@ def test_span_aggregations_match_token_level_brute_force(tiny_model, data):
         assert torch.allclose(got_max.double(), want_max, atol=1e-6, rtol=1e-4), key
     with pytest.raises(ValueError, match="aggregation"):
         attribute(tiny_model, sub, "eap", aggregation="max", progress=False)
+
+
+def test_span_contraction_by_gather_equals_the_per_example_views(tiny_model, data):
+    # The GPU default (tokens gathered per span) and the CPU default (one view per example and span)
+    # must give the same span sums; both run here on the CPU.
+    from mechscope.attribution.eap import batch_gradients_and_deltas, contract
+    from mechscope.attribution.peap import batch_span_of
+    from mechscope.graph import Graph
+
+    graph = Graph.from_model(tiny_model)
+    indices = list(range(len(data)))
+    batch = data.batch(indices)
+    delta, grad = batch_gradients_and_deltas(tiny_model, graph, batch, data.metric)
+    span_of = batch_span_of(data, indices, batch.clean.shape[1])
+    n = len(data.schema)
+    views = contract(graph, delta, grad, span_of, n, gather=False)
+    gathered = contract(graph, delta, grad, span_of, n, gather=True)
+    assert views.abs().sum() > 0
+    torch.testing.assert_close(gathered, views, rtol=1e-5, atol=1e-6)

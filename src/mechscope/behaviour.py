@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .devices import HOST, model_device
+from .devices import model_device
 from .data.dataset import DatasetError, PromptPairDataset, tokenizer_fingerprint
 from .metrics import accuracy, compute_metric, final_logits, top1_accuracy
 

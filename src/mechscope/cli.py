@@ -23,6 +23,10 @@ err_console = Console(stderr=True)
 IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
 
 
+def _device_option():
+    return typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu).")
+
+
 def _user_errors(fn):
     """Turn a MechscopeError into a one-line message and exit status 2."""
 
@@ -65,6 +69,7 @@ def models() -> None:
 @_user_errors
 def demo(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model alias, .gguf, directory or hub id."),
+    device: Optional[str] = _device_option(),
     prompt: str = typer.Option(IOI_PROMPT, help="Prompt whose next token to predict."),
     top_k: int = typer.Option(5, help="How many candidate next tokens to show."),
 ) -> None:
@@ -74,7 +79,7 @@ def demo(
     from .models import load_model, model_summary
 
     with err_console.status(f"loading {model}"):
-        bridge = load_model(model)
+        bridge = load_model(model, device=device)
     summary = model_summary(bridge)
     table = Table(title=f"Model {summary['name']}", show_header=False)
     for key, value in summary.items():
@@ -106,6 +111,7 @@ def _print_summary(title: str, summary: dict) -> None:
 def data(
     task: Optional[str] = typer.Argument(None, help="Built-in task: ioi, greater-than, winobias, induction."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model whose tokenizer and behaviour to use."),
+    device: Optional[str] = _device_option(),
     n: int = typer.Option(200, "--n", help="Number of examples to generate."),
     seed: int = typer.Option(0, help="Random seed of the generator."),
     out: Path = typer.Option(..., "--out", "-o", help="Output JSONL file."),
@@ -127,7 +133,7 @@ def data(
     if from_csv is not None and (counterfactual is None) == (not swap_pronouns):
         raise DatasetError("--from-csv needs one of --counterfactual FILE (row-aligned) or --swap-pronouns")
     with err_console.status(f"loading {model}"):
-        bridge = load_model(model)
+        bridge = load_model(model, device=device)
     if task is not None:
         from .tasks import make_task
 
@@ -160,6 +166,7 @@ def curves(
     task: Optional[str] = typer.Option(None, "--task", help="Built-in task to generate."),
     data_file: Optional[Path] = typer.Option(None, "--data", help="A dataset JSONL instead of --task."),
     model: str = typer.Option("smollm2-135m", "--model", "-m"),
+    device: Optional[str] = _device_option(),
     methods: str = typer.Option("eap,eap-ig", help="Comma-separated attribution methods."),
     n: int = typer.Option(200, "--n", help="Examples to generate (with --task)."),
     seed: int = typer.Option(0),
@@ -185,7 +192,7 @@ def curves(
         raise DatasetError(f"--fractions must be comma-separated numbers, got '{fractions}'") from None
     if not sizes or any(not 0 < f <= 1 for f in sizes) or list(sizes) != sorted(sizes):
         raise DatasetError("--fractions must be increasing numbers in (0, 1]")
-    bridge, dataset = _task_or_data(task, data_file, model, n, seed)
+    bridge, dataset = _task_or_data(task, data_file, model, n, seed, device=device)
     summary, _ = compare_methods(bridge, dataset, [m.strip() for m in methods.split(",") if m.strip()],
                                  seed=seed, ablation=ablation, steps=steps, batch_size=batch_size,
                                  selection=selection, fractions=sizes)
@@ -222,6 +229,7 @@ def circuit(
     task: Optional[str] = typer.Option(None, "--task", help="Built-in task: ioi, greater-than, winobias, induction."),
     data_file: Optional[Path] = typer.Option(None, "--data", help="A dataset JSONL instead of --task."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model alias, .gguf, directory or hub id."),
+    device: Optional[str] = _device_option(),
     method: str = typer.Option("peap", help="peap (position-aware, with the EAP baseline) | eap | eap-ig"),
     n: Optional[int] = typer.Option(None, "--n", help="Examples: generated with --task (default 120), the first N of --data."),
     seed: int = typer.Option(0, help="Seed of the task generator and of the discovery / evaluation split."),
@@ -242,7 +250,7 @@ def circuit(
     if n is not None and n < 2:
         raise DatasetError("--n must be at least 2 (a discovery and an evaluation half)")
     check_output_dir(out)
-    bridge, dataset = _task_or_data(task, data_file, model, n or 120, seed, n_data=n)
+    bridge, dataset = _task_or_data(task, data_file, model, n or 120, seed, n_data=n, device=device)
     run = discover_circuit(bridge, dataset, method, seed=seed, selection=selection, batch_size=batch_size)
     with err_console.status("writing the report"):
         write_report(out, bridge, run)
@@ -270,6 +278,7 @@ def circuit(
 def schema(
     data_file: Path = typer.Argument(..., help="Dataset JSONL (its schema, if any, is replaced)."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model for saliency and tokenizer."),
+    device: Optional[str] = _device_option(),
     out: Path = typer.Option(..., "--out", "-o", help="Output JSONL with the induced schema."),
     method: str = typer.Option("induce", help="induce (alignment + saliency, offline) | llm (OpenAI-compatible endpoint)"),
     saliency: str = typer.Option("input_x_gradient", help="input_x_gradient | integrated_gradients | none"),
@@ -289,7 +298,7 @@ def schema(
         raise DatasetError(f"unknown saliency '{saliency}'; choose input_x_gradient, integrated_gradients or none")
     dataset = PromptPairDataset.load(data_file)
     with err_console.status(f"loading {model}"):
-        bridge = load_model(model)
+        bridge = load_model(model, device=device)
     sal = None if saliency == "none" else token_saliency(bridge, dataset, saliency, batch_size=batch_size)
     if method == "induce":
         from .schemas.induction import induce_schema
@@ -312,7 +321,8 @@ def schema(
     print(f"valid_fraction={report.valid_fraction:.4f}")
 
 
-def _task_or_data(task, data_file, model: str, n_task: int, seed: int, n_data: int | None = None):
+def _task_or_data(task, data_file, model: str, n_task: int, seed: int, n_data: int | None = None,
+                  device: str | None = None):
     """(loaded model, dataset) from --task (`n_task` generated pairs) or --data (its first `n_data`
     examples, or all); a wrong choice, unknown task or unreadable file fails before the model loads."""
     from .data.dataset import DatasetError, PromptPairDataset
@@ -331,7 +341,7 @@ def _task_or_data(task, data_file, model: str, n_task: int, seed: int, n_data: i
                 raise DatasetError(f"--n {n_data} is larger than the {len(dataset)} examples in {data_file}")
             dataset = dataset.subset(range(n_data))
     with err_console.status(f"loading {model}"):
-        bridge = load_model(model)
+        bridge = load_model(model, device=device)
     if dataset is None:
         dataset = make_task(task, bridge.tokenizer, n_task, seed=seed)
         dataset.model = model
@@ -350,10 +360,12 @@ def benchmark_tracr(
     n: int = typer.Option(48, "--n", help="Prompt pairs per program."),
     seed: int = typer.Option(0, help="Seed of the task generator."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="New directory for report.html and benchmark.json."),
+    device: Optional[str] = _device_option(),
 ) -> None:
     """Compile RASP programs with tracr (circuits known by construction), score every edge with each
     method, and report node- and edge-level ROC AUC against the ground-truth circuits."""
     from .report import check_output_dir
+    from .devices import resolve_device
     from .toys.tracr.benchmark import check_choices, run_benchmark
     from .toys.tracr.programs import SUITE
     from .toys.tracr.report import fmt_auroc, write_benchmark
@@ -361,6 +373,7 @@ def benchmark_tracr(
     chosen = [p.strip() for p in programs.split(",") if p.strip()] if programs else list(SUITE)
     wanted = [m.strip() for m in methods.split(",") if m.strip()]
     check_choices(chosen, wanted, n)  # before any compilation, like the output directory
+    resolve_device(device)
     if out is not None:
         check_output_dir(out)
 
@@ -368,7 +381,7 @@ def benchmark_tracr(
         aucs = "  ".join(f"{m} {r.edge_auroc[m]:.3f}" for m in wanted)
         err_console.print(f"{r.program}: {r.n_edges} graph edges, {r.truth['n_edges']} in the circuit; edge AUROC {aucs}")
 
-    summary = run_benchmark(chosen, n=n, seed=seed, methods=wanted, progress=done)
+    summary = run_benchmark(chosen, n=n, seed=seed, methods=wanted, progress=done, device=device)
     table = Table(title="ROC AUC against the compiled ground truth (edge / node; whole-program edge)")
     table.add_column("program")
     for m in wanted:

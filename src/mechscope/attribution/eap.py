@@ -31,6 +31,7 @@ def contract(
     span_of: torch.Tensor | None = None,
     n_spans: int = 1,
     n_blocks: int = 4,
+    gather: bool | None = None,
 ) -> torch.Tensor:
     """Sum over (batch, pos, d) of delta[u, b, t, :] . grad[v, b, t, :], per span.
 
@@ -41,11 +42,30 @@ def contract(
     Downstream nodes are cut into `n_blocks` consecutive blocks, each multiplied only with the upstream
     nodes written before its last reader: close to the triangular half of the full product while
     staying a few large matrix products (many thin ones would re-read delta each time).
+
+    Per span, the tokens are either gathered into one block (`gather`; the default on accelerators,
+    where launches are the cost) or taken as one view per (example, span) (the default on the CPU,
+    where copies of delta and grad are the cost). Both give the same sums.
     """
     n_up, n_down = delta.shape[0], grad.shape[0]
     out = torch.zeros(n_spans, n_up, n_down, dtype=delta.dtype, device=delta.device)
     if span_of is None:
         parts = [(0, delta.flatten(1), grad.flatten(1))]
+    elif gather if gather is not None else delta.device.type != "cpu":
+        # One product per (example, span) is thousands of small launches at batch 64 on a GPU; one
+        # gather of the tokens sorted by span leaves one product per span.
+        flat = span_of.reshape(-1).to(delta.device)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat[flat >= 0], minlength=n_spans).tolist()
+        start = int((flat < 0).sum())  # padding (-1) sorts first
+        d_sorted = delta.flatten(1, 2)[:, order]  # [n_up, tokens, d]
+        g_sorted = grad.flatten(1, 2)[:, order]
+        parts = []
+        for s, c in enumerate(counts):
+            if c:
+                parts.append((s, d_sorted[:, start:start + c].reshape(n_up, -1),
+                              g_sorted[:, start:start + c].reshape(n_down, -1)))
+            start += c
     else:
         # A span's tokens are contiguous within each example, so delta[:, b, a:e] is a view whose
         # (token, d) block flattens without a copy: one product per (example, span), nothing gathered.

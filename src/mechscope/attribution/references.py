@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..devices import HOST, model_device
+from ..devices import model_device
 from ..data.dataset import Batch, PromptPairDataset
 from ..graph import Graph
 from .runner import StopForward, graph_hooks

@@ -396,13 +396,25 @@ def downstream_grads(run: GraphRun, metric_sum: torch.Tensor, model=None) -> tor
         filled[first : first + width] = True
     # The bridge assembles W_Q etc. for all layers on each access, so read each once.
     weights = {"q": model.W_Q, "k": model.W_K, "v": model.W_V} if projected else {}  # [layer, head, d, d_head]
+    # A layer's q, k and v inputs are consecutive downstream nodes reading the same normed residual:
+    # one product and one norm backward per layer serve all three (fewer, larger kernels).
+    by_layer: dict[int, list] = {}
     for (first, (layer, kind, _)), grad in zip(projected, grads[len(items):]):
-        if grad is None:
-            continue
-        weight = weights[kind][layer]
-        normed = torch.einsum("bthe,hde->hbtd", grad, weight.to(grad.dtype))  # node-major, like `out`
-        out[first : first + grad.shape[2]] = norm_backward(model, run.norm_inputs[layer], normed)
-        filled[first : first + grad.shape[2]] = True
+        if grad is not None:
+            by_layer.setdefault(layer, []).append((first, grad, weights[kind][layer]))
+    for layer, parts in by_layer.items():
+        parts.sort(key=lambda part: part[0])
+        first, width = parts[0][0], sum(g.shape[2] for _, g, _ in parts)
+        if first + width != parts[-1][0] + parts[-1][1].shape[2]:  # not one run of nodes: one at a time
+            chunks = [(f, [(g, w)]) for f, g, w in parts]
+        else:
+            chunks = [(first, [(g, w) for _, g, w in parts])]
+        for start, pieces in chunks:
+            grad = torch.cat([g for g, _ in pieces], dim=2)  # [b, t, nodes, d_head]
+            weight = torch.cat([w for _, w in pieces]).to(grad.dtype)  # [nodes, d, d_head]
+            normed = torch.einsum("bthe,hde->hbtd", grad, weight)  # node-major, like `out`
+            out[start : start + grad.shape[2]] = norm_backward(model, run.norm_inputs[layer], normed)
+            filled[start : start + grad.shape[2]] = True
     if not filled.all():
         out[~filled] = 0.0
     return out

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..devices import HOST
 from ..errors import MechscopeError
 from ..fileio import atomic_path
 from ..graph import Graph

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..devices import HOST, model_device
+from ..devices import model_device
 from ..attribution.attention import attention_scale, check_supported, score_soft_cap
 from ..attribution.peap import batch_span_of
 from ..attribution.references import (
