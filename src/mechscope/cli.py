@@ -169,7 +169,7 @@ def data(
 
         dataset = text_dataset(rows, bridge.tokenizer, from_jsonl, n_ctx=bridge.cfg.n_ctx, metric=metric)
         console.print(f"read {len(dataset)} prompt pairs from {from_jsonl}; schema: "
-                      + " | ".join(dataset.schema.spans), highlight=False)
+                      + " | ".join(dataset.schema.spans), highlight=False, soft_wrap=True)
     else:
         from .data.peap_csv import load_peap_csv
 
