@@ -168,7 +168,7 @@ def test_faithfulness_curve_end_points(tiny_model, tiny_data):
     assert abs(last.normalized - 1) < 1e-4 and abs(last.soft - 1) < 1e-4 and last.hard == 1.0
     empty = evaluate(tiny_model, Circuit.empty(scores.graph), tiny_data, progress=False)
     assert abs(empty.normalized) < 1e-4
-    assert 0 <= curve.cmd() and curve.cpr() == pytest.approx(
+    assert 0 <= curve.cmd and curve.cpr == pytest.approx(
         sum((b.fraction - a.fraction) * (a.normalized + b.normalized) / 2 for a, b in zip(curve.points, curve.points[1:]))
     )
 

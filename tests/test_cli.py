@@ -27,7 +27,7 @@ def test_data_bad_input_gives_one_line_error_and_writes_nothing(tmp_path, tiny_m
         (["data", "sudoku", "--model", model, "--out", str(out)], "unknown task"),
         (["data", "--from-csv", str(tmp_path / "missing.csv"), "--counterfactual", str(tmp_path / "m2.csv"),
           "--model", model, "--out", str(out)], "no such CSV file"),
-        (["data", "--model", model, "--out", str(out)], "give either a TASK or --from-csv"),
+        (["data", "--model", model, "--out", str(out)], "give one of a TASK, --from-csv"),
         (["data", "ioi", "--model", "no-such-model", "--out", str(out)], "unknown model"),
     ]
     for args, message in cases:

@@ -83,8 +83,8 @@ def test_summary_equals_the_python_api(report_dir, tiny_model_dirs):
             for key in ("soft", "hard", "normalized"):
                 assert got[key] == pytest.approx(getattr(want, key), abs=1e-6), (method, key)
             assert got["concrete_edges"] == pytest.approx(want.concrete_edges)
-        assert summary["methods"][method]["cpr"] == pytest.approx(curve.cpr(), abs=1e-6)
-        assert summary["methods"][method]["cmd"] == pytest.approx(curve.cmd(), abs=1e-6)
+        assert summary["methods"][method]["cpr"] == pytest.approx(curve.cpr, abs=1e-6)
+        assert summary["methods"][method]["cmd"] == pytest.approx(curve.cmd, abs=1e-6)
         if method == "peap":
             assert summary["metric_ablated"] == pytest.approx(curve.points[0].metric_empty, abs=1e-6)
             saved = mechscope.EdgeScores.load(report_dir / "scores.safetensors")

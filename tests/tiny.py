@@ -35,7 +35,8 @@ def corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = 700):
+def build_tokenizer(vocab_size: int = 700, extra_lines: tuple[str, ...] = ()):
+    """The BPE tokenizer of `corpus()` (plus `extra_lines`, for tests of a task of their own)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -49,7 +50,7 @@ def build_tokenizer(vocab_size: int = 700):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus() + list(extra_lines), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
     )

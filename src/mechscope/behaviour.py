@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .devices import model_device
 from .data.dataset import DatasetError, PromptPairDataset, tokenizer_fingerprint
-from .metrics import accuracy, compute_metric, final_logits, top1_accuracy
+from .metrics import Metric, accuracy, compute_metric, final_logits, metric_name, resolve_metric, top1_accuracy
 
 
 def check_compatible(model, dataset: PromptPairDataset, source: str = "dataset") -> None:
@@ -47,10 +47,10 @@ class Behaviour:
     correct: torch.Tensor  # accuracy on the clean prompt (best correct answer beats every wrong one)
     top1: torch.Tensor  # argmax of the clean run is a correct answer
 
-    def summary(self, metric: str) -> dict:
+    def summary(self, metric: Metric) -> dict:
         return {
             "n_examples": int(self.correct.numel()),
-            "metric": metric,
+            "metric": metric_name(metric),
             "model_accuracy": float(self.correct.float().mean()),
             "top1_accuracy": float(self.top1.float().mean()),
             "metric_clean": float(self.metric_clean.mean()),
@@ -59,12 +59,16 @@ class Behaviour:
 
 
 @torch.no_grad()
-def measure_behaviour(model, dataset: PromptPairDataset, batch_size: int = 16, progress: bool = True) -> Behaviour:
-    """Run clean and counterfactual prompts through `model` and score them with the dataset's metric.
+def measure_behaviour(model, dataset: PromptPairDataset, batch_size: int = 16, progress: bool = True,
+                      metric: Metric | None = None) -> Behaviour:
+    """Run clean and counterfactual prompts through `model` and score them with `metric` (a name or a
+    function fn(logits, batch) -> [batch]; default the dataset's metric). Accuracy, and so
+    `keep_correct`, compares the answers' logits whatever the metric.
 
     For the `kl` metric the clean value is 0 by definition and the counterfactual one is KL from clean.
     """
     check_compatible(model, dataset)
+    metric = resolve_metric(metric, dataset)
     device = model_device(model)
     cols = {k: [] for k in ("clean", "cf", "correct", "top1")}
     bar = tqdm(total=len(dataset), desc="model behaviour", unit="ex", disable=not progress)
@@ -72,8 +76,8 @@ def measure_behaviour(model, dataset: PromptPairDataset, batch_size: int = 16, p
         batch = batch.to(device)
         clean = final_logits(model(batch.clean, attention_mask=batch.attention_mask), batch.last).float()
         cf = final_logits(model(batch.counterfactual, attention_mask=batch.attention_mask), batch.last).float()
-        cols["clean"].append(compute_metric(dataset.metric, clean, batch, clean_logits=clean))
-        cols["cf"].append(compute_metric(dataset.metric, cf, batch, clean_logits=clean))
+        cols["clean"].append(compute_metric(metric, clean, batch, clean_logits=clean))
+        cols["cf"].append(compute_metric(metric, cf, batch, clean_logits=clean))
         cols["correct"].append(accuracy(clean, batch))
         cols["top1"].append(top1_accuracy(clean, batch))
         bar.update(len(batch.last))

@@ -1,12 +1,14 @@
 """`mechscope <verb>`: a thin command-line layer over the library.
 
-Errors a user can cause (`MechscopeError`) are printed on one line and exit with status 2.
+Errors a user can cause (`MechscopeError`) are printed on one line and exit with status 2; warnings
+about results (`MechscopeWarning`) are printed as `warning:` lines at the end of the command.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import MechscopeError
+from .errors import MechscopeError, MechscopeWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mechanistic interpretability workbench.")
 console = Console()
@@ -28,15 +30,32 @@ def _device_option():
 
 
 def _user_errors(fn):
-    """Turn a MechscopeError into a one-line message and exit status 2."""
+    """Turn a MechscopeError into a one-line message and exit status 2; print each distinct
+    MechscopeWarning once, as a `warning:` line, when the command ends (other warnings as usual)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except MechscopeError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=2)
+        seen: list[str] = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", MechscopeWarning)
+            show = warnings.showwarning
+
+            def collect(message, category, *rest, **kw):
+                if issubclass(category, MechscopeWarning):
+                    if str(message) not in seen:
+                        seen.append(str(message))
+                else:
+                    show(message, category, *rest, **kw)
+
+            warnings.showwarning = collect
+            try:
+                return fn(*args, **kwargs)
+            except MechscopeError as exc:
+                err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+                raise typer.Exit(code=2)
+            finally:
+                for message in seen:
+                    err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
     return wrapper
 
@@ -116,6 +135,11 @@ def data(
     seed: int = typer.Option(0, help="Random seed of the generator."),
     out: Path = typer.Option(..., "--out", "-o", help="Output JSONL file."),
     from_csv: Optional[Path] = typer.Option(None, "--from-csv", help="Clean prompts in the PEAP CSV format."),
+    from_jsonl: Optional[Path] = typer.Option(
+        None, "--from-jsonl", help="Prompt pairs as text: one JSON object per line with clean, counterfactual, "
+        "correct, wrong (see docs: 'Datasets: the formats')."
+    ),
+    metric: str = typer.Option("logit_diff", help="Metric of a --from-jsonl dataset: logit_diff | prob_diff | kl | accuracy."),
     counterfactual: Optional[Path] = typer.Option(None, "--counterfactual", help="Counterfactual PEAP CSV."),
     swap_pronouns: bool = typer.Option(
         False, "--swap-pronouns", help="With --from-csv and no --counterfactual: swap he/she to make one."
@@ -123,21 +147,35 @@ def data(
     only_correct: bool = typer.Option(False, "--only-correct", help="Keep only examples the model gets right."),
     batch_size: int = typer.Option(16, help="Examples per forward pass."),
 ) -> None:
-    """Build a prompt-pair dataset (a built-in task or peer CSVs), report the model's behaviour, save it."""
+    """Build a prompt-pair dataset (a built-in task, peer CSVs or a text JSONL), report the model's
+    behaviour, save it as a tokenized dataset JSONL."""
     from .behaviour import keep_correct, measure_behaviour
-    from .data.dataset import DatasetError
+    from .data.dataset import METRICS, DatasetError
     from .models import load_model
 
-    if (task is None) == (from_csv is None):
-        raise DatasetError("give either a TASK or --from-csv (with --counterfactual), not both or neither")
+    if sum(x is not None for x in (task, from_csv, from_jsonl)) != 1:
+        raise DatasetError("give one of a TASK, --from-csv (with --counterfactual) or --from-jsonl")
     if from_csv is not None and (counterfactual is None) == (not swap_pronouns):
         raise DatasetError("--from-csv needs one of --counterfactual FILE (row-aligned) or --swap-pronouns")
+    if metric not in METRICS:
+        raise DatasetError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
+    rows = None
+    if from_jsonl is not None:
+        from .data.text_jsonl import read_text_jsonl
+
+        rows = read_text_jsonl(from_jsonl)  # before the model loads: structure errors come first
     with err_console.status(f"loading {model}"):
         bridge = load_model(model, device=device)
     if task is not None:
         from .tasks import make_task
 
         dataset = make_task(task, bridge.tokenizer, n, seed=seed)
+    elif rows is not None:
+        from .data.text_jsonl import text_dataset
+
+        dataset = text_dataset(rows, bridge.tokenizer, from_jsonl, n_ctx=bridge.cfg.n_ctx, metric=metric)
+        console.print(f"read {len(dataset)} prompt pairs from {from_jsonl}; schema: "
+                      + " | ".join(dataset.schema.spans), highlight=False, soft_wrap=True)
     else:
         from .data.peap_csv import load_peap_csv
 
@@ -164,7 +202,7 @@ def data(
 @_user_errors
 def curves(
     task: Optional[str] = typer.Option(None, "--task", help="Built-in task to generate."),
-    data_file: Optional[Path] = typer.Option(None, "--data", help="A dataset JSONL instead of --task."),
+    data_file: Optional[Path] = typer.Option(None, "--data", help="A dataset JSONL (tokenized or text) instead of --task."),
     model: str = typer.Option("smollm2-135m", "--model", "-m"),
     device: Optional[str] = _device_option(),
     methods: str = typer.Option("eap,eap-ig", help="Comma-separated attribution methods."),
@@ -227,7 +265,7 @@ def curves(
 @_user_errors
 def circuit(
     task: Optional[str] = typer.Option(None, "--task", help="Built-in task: ioi, greater-than, winobias, induction."),
-    data_file: Optional[Path] = typer.Option(None, "--data", help="A dataset JSONL instead of --task."),
+    data_file: Optional[Path] = typer.Option(None, "--data", help="A dataset JSONL (tokenized or text) instead of --task."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model alias, .gguf, directory or hub id."),
     device: Optional[str] = _device_option(),
     method: str = typer.Option("peap", help="peap (position-aware, with the EAP baseline) | eap | eap-ig"),
@@ -236,6 +274,7 @@ def circuit(
     selection: str = typer.Option("greedy", help="Circuit selection: greedy (from the logits) | top_n."),
     batch_size: int = typer.Option(16),
     out: Path = typer.Option(..., "--out", "-o", help="New output directory (report.html, summary.json, ...)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous report in --out (once the new one is complete)."),
 ) -> None:
     """Find a circuit and write a self-contained HTML report with its faithfulness curves, its graph, its
     top edges and attention patterns, plus summary.json, scores.safetensors, circuit.json and PNGs."""
@@ -249,11 +288,11 @@ def circuit(
         raise DatasetError(f"unknown selection '{selection}'; choose greedy or top_n")
     if n is not None and n < 2:
         raise DatasetError("--n must be at least 2 (a discovery and an evaluation half)")
-    check_output_dir(out)
+    check_output_dir(out, overwrite)
     bridge, dataset = _task_or_data(task, data_file, model, n or 120, seed, n_data=n, device=device)
     run = discover_circuit(bridge, dataset, method, seed=seed, selection=selection, batch_size=batch_size)
     with err_console.status("writing the report"):
-        write_report(out, bridge, run)
+        write_report(out, bridge, run, overwrite=overwrite)
     s = run.summary
     table = Table(title=f"{method} circuit for {s['task']} on {s['model'] or model}: held-out faithfulness")
     for col in ("method", "fraction", "span edges", "concrete edges", "normalized", "soft", "hard"):
@@ -269,6 +308,9 @@ def circuit(
         f"{s['metric_ablated']:.3f}; saved circuit: {c['n_edges']:,} span edges, {c['concrete_edges']:,.0f} "
         f"concrete edges, normalized faithfulness {c['normalized']:.2f}"
     )
+    sig = s["signal"]
+    console.print(f"M(model) - M(all ablated) = {sig['gap']:.3f} ± {sig['gap_se']:.3f} (standard error over "
+                  f"{s['n_evaluation']} held-out examples)" + ("; too small: see the warning" if sig["weak"] else ""))
     console.print(f"wrote {out}/report.html (open it in a browser), summary.json, scores.safetensors, circuit.json, "
                   "curves.png, circuit.png")
 
@@ -324,25 +366,37 @@ def schema(
 def _task_or_data(task, data_file, model: str, n_task: int, seed: int, n_data: int | None = None,
                   device: str | None = None):
     """(loaded model, dataset) from --task (`n_task` generated pairs) or --data (its first `n_data`
-    examples, or all); a wrong choice, unknown task or unreadable file fails before the model loads."""
+    examples, or all): a tokenized dataset JSONL or a text JSONL (told apart by the dataset header, and
+    tokenized with the model's tokenizer). A wrong choice, unknown task or unreadable or malformed file
+    fails before the model loads."""
     from .data.dataset import DatasetError, PromptPairDataset
+    from .data.text_jsonl import is_dataset_jsonl, read_text_jsonl, text_dataset
     from .models import load_model
     from .tasks import TASKS, make_task
 
     if (task is None) == (data_file is None):
         raise DatasetError("give either --task or --data")
-    dataset = None
+    dataset = rows = None
     if task is not None and task not in TASKS:
         raise DatasetError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
     if data_file is not None:
-        dataset = PromptPairDataset.load(data_file)
-        if n_data is not None:
-            if n_data > len(dataset):
-                raise DatasetError(f"--n {n_data} is larger than the {len(dataset)} examples in {data_file}")
-            dataset = dataset.subset(range(n_data))
+        if is_dataset_jsonl(data_file):
+            dataset = PromptPairDataset.load(data_file)
+            size = len(dataset)
+        else:
+            rows = read_text_jsonl(data_file)
+            size = len(rows)
+        if n_data is not None and n_data > size:
+            raise DatasetError(f"--n {n_data} is larger than the {size} examples in {data_file}")
     with err_console.status(f"loading {model}"):
         bridge = load_model(model, device=device)
-    if dataset is None:
+    if rows is not None:
+        dataset = text_dataset(rows[:n_data], bridge.tokenizer, data_file, n_ctx=bridge.cfg.n_ctx)
+        dataset.model = model
+    elif dataset is not None:
+        if n_data is not None:
+            dataset = dataset.subset(range(n_data))
+    else:
         dataset = make_task(task, bridge.tokenizer, n_task, seed=seed)
         dataset.model = model
     return bridge, dataset

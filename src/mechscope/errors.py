@@ -22,3 +22,8 @@ class ModelNotInstalledError(MechscopeError):
 
 class ModelLoadError(MechscopeError):
     """A model file or directory that exists but cannot be read."""
+
+
+class MechscopeWarning(UserWarning):
+    """A result that is computed but should not be trusted as it stands (the message says why); the
+    CLI prints these as `warning:` lines and records them in its summaries."""

@@ -43,10 +43,12 @@ def write_json(path: str | os.PathLike, data) -> Path:
 
 
 @contextmanager
-def atomic_dir(out: str | os.PathLike, error=OSError) -> Iterator[Path]:
+def atomic_dir(out: str | os.PathLike, error=OSError, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `out` (which must be new or empty); on success rename it to
     `out`, so a failure leaves no partial output. `error` is the exception class raised when the
-    directory cannot be made."""
+    directory cannot be made. With `replace`, an existing directory `out` is swapped out only once the
+    new one is complete (renamed aside, the new one renamed in, then the old one deleted; put back if
+    the swap fails)."""
     import shutil
 
     out = Path(out)
@@ -59,9 +61,19 @@ def atomic_dir(out: str | os.PathLike, error=OSError) -> Iterator[Path]:
         raise error(f"{out}: cannot write there ({exc.strerror or exc})") from None
     try:
         yield tmp
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        if replace and out.is_dir() and any(out.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=parent))
+            os.replace(out, old)  # an empty directory as the target of a directory rename is replaced
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

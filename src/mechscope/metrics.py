@@ -4,13 +4,27 @@ Every metric takes `logits` of shape [batch, vocab] (the logits at each example'
 answer tensors of a `Batch` (padded with masks, so examples may have different numbers of correct and
 wrong answers) and returns one value per example, shape [batch]. All are differentiable, so they serve
 as the M whose gradient attribution methods use.
+
+Wherever a metric is accepted it may be a name (one of `METRICS`) or a Python function
+`fn(logits, batch) -> [batch]` of the same shape contract: a custom metric. Files that record the
+metric store a function by its `__name__` (`custom` for a lambda); see `metric_name`.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Union
+
 import torch
 
-from .data.dataset import Batch
+from .data.dataset import METRICS, Batch
+from .errors import MechscopeError
+
+MetricFn = Callable[[torch.Tensor, Batch], torch.Tensor]
+Metric = Union[str, MetricFn]
+
+
+class MetricError(MechscopeError, ValueError):
+    """An unknown metric name, or a custom metric that does not return one value per example."""
 
 
 def final_logits(logits: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -75,10 +89,42 @@ def top1_accuracy(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return hit.any(-1).to(logits.dtype)
 
 
+def metric_name(metric: Metric) -> str:
+    """How a metric is recorded in files: its name, or a custom function's `__name__` (`custom` for a
+    lambda or an object without a name)."""
+    if isinstance(metric, str):
+        return metric
+    name = getattr(metric, "__name__", "")
+    return name if name and name != "<lambda>" else "custom"
+
+
+def resolve_metric(metric: Metric | None, dataset) -> Metric:
+    """The metric to use: `metric` if given (a name or a function), else the dataset's own."""
+    if metric is None:
+        return dataset.metric
+    if isinstance(metric, str):
+        if metric not in METRICS:
+            raise MetricError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)} or pass a function")
+        return metric
+    if not callable(metric):
+        raise MetricError(f"a metric is a name or a function fn(logits, batch) -> [batch], not {type(metric).__name__}")
+    return metric
+
+
 def compute_metric(
-    name: str, logits: torch.Tensor, batch: Batch, clean_logits: torch.Tensor | None = None
+    name: Metric, logits: torch.Tensor, batch: Batch, clean_logits: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Dispatch by metric name; `kl` needs the clean run's final logits."""
+    """Dispatch by metric name, or call a custom metric `fn(logits, batch)`; `kl` needs the clean
+    run's final logits. A custom metric must return one value per example, shape [batch]."""
+    if callable(name):
+        value = name(logits, batch)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (logits.shape[0],):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise MetricError(
+                f"custom metric '{metric_name(name)}' returned {shape}; it must return one value per "
+                f"example, a tensor of shape [{logits.shape[0]}]"
+            )
+        return value
     if name == "logit_diff":
         return logit_diff(logits, batch)
     if name == "prob_diff":

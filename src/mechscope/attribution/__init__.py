@@ -13,6 +13,7 @@ from ..devices import HOST, model_device
 from ..behaviour import check_compatible
 from ..data.dataset import PromptPairDataset
 from ..graph import Graph
+from ..metrics import Metric, metric_name, resolve_metric
 from .eap import METHODS, batch_gradients_and_deltas, contract
 from .peap import (
     AGGREGATIONS,
@@ -41,6 +42,7 @@ def attribute(
     edges: torch.Tensor | None = None,
     progress: bool = True,
     aggregation: str = "sum",
+    metric: Metric | None = None,
 ) -> EdgeScores:
     """Score every edge of `model`'s graph on `dataset`.
 
@@ -49,7 +51,8 @@ def attribute(
     (others get NaN); default all edges. aggregation (peap, docs/method.md §4): how token-level scores
     become span-level ones: `sum` over tokens and examples divided by the number of examples (the
     default; sums over spans to EAP), `mean` over the token-level instances, or `max` (the instance of
-    largest magnitude, signed).
+    largest magnitude, signed). metric: a metric name or a function fn(final logits [batch, vocab],
+    batch) -> [batch]; default the dataset's metric. The scores record it by name (`metrics.metric_name`).
     """
     if method not in ALL_METHODS:
         raise ValueError(f"unknown method '{method}'; choose one of {', '.join(ALL_METHODS)}")
@@ -59,6 +62,7 @@ def attribute(
         raise ValueError("aggregation applies to peap's span-level scores only")
     check_ablation(ablation)
     check_compatible(model, dataset)
+    metric = resolve_metric(metric, dataset)
     graph = Graph.from_model(model)
     mean = mean_reference(model, graph, reference or dataset, batch_size) if ablation == "mean" else None
     crossing, concrete, spans = {}, {}, ()
@@ -66,7 +70,7 @@ def attribute(
         from .patching import exact_scores
 
         values = exact_scores(model, graph, dataset, edges=edges, ablation=ablation, mean=mean,
-                              batch_size=batch_size, progress=progress)
+                              batch_size=batch_size, progress=progress, metric=metric)
     else:
         positional = method == "peap"
         if positional and ablation != "counterfactual":
@@ -78,7 +82,7 @@ def attribute(
         for indices, batch in dataset.batches(batch_size):
             batch = batch.to(device)
             grad_method = "eap" if positional else method
-            out = batch_gradients_and_deltas(model, graph, batch, dataset.metric, grad_method, steps,
+            out = batch_gradients_and_deltas(model, graph, batch, metric, grad_method, steps,
                                              ablation, mean, crossing=positional)
             delta, grad = out[:2]
             span_of = batch_span_of(dataset, indices, batch.clean.shape[1], device) if positional else None
@@ -113,7 +117,7 @@ def attribute(
         graph=graph,
         values=values,
         method=method,
-        metric=dataset.metric,
+        metric=metric_name(metric),
         ablation=ablation,
         model=getattr(model, "mechscope_name", ""),
         n_examples=len(dataset),

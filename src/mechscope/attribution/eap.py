@@ -94,7 +94,7 @@ def batch_gradients_and_deltas(
     model,
     graph: Graph,
     batch: Batch,
-    metric: str,
+    metric,  # a metric name or function (metrics.Metric)
     method: str = "eap",
     steps: int = 5,
     ablation: str = "counterfactual",

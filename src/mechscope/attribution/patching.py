@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ..devices import HOST, model_device
 from ..data.dataset import PromptPairDataset
 from ..graph import Graph
-from ..metrics import compute_metric, final_logits
+from ..metrics import Metric, compute_metric, final_logits
 from .references import MeanReference, reference_outputs, upstream_outputs
 from .runner import Ablation, graph_hooks
 
@@ -29,9 +29,11 @@ def exact_scores(
     batch_size: int = 16,
     progress: bool = True,
     absolute: bool = False,
+    metric: Metric | None = None,
 ) -> torch.Tensor:
     """[n_edges] exact scores; edges not in `edges` are NaN. With `absolute`, the mean over examples
     of |M(edge ablated) - M(clean)|, so effects of opposite sign in different examples do not cancel."""
+    metric = dataset.metric if metric is None else metric
     edges = torch.arange(graph.n_edges, device=HOST) if edges is None else torch.as_tensor(edges, device=HOST).flatten()
     device = model_device(model)
     total = torch.zeros(len(edges), dtype=torch.float64, device=HOST)
@@ -40,7 +42,7 @@ def exact_scores(
         batch = batch.to(device)
         clean_up = upstream_outputs(model, graph, batch.clean, batch.attention_mask)
         clean_final = final_logits(model(batch.clean, attention_mask=batch.attention_mask), batch.last)
-        base = compute_metric(dataset.metric, clean_final, batch, clean_logits=clean_final)
+        base = compute_metric(metric, clean_final, batch, clean_logits=clean_final)
         reference = reference_outputs(model, graph, batch, ablation, clean_up, mean)
         keep = torch.ones(graph.n_upstream, graph.n_downstream, dtype=reference.dtype, device=device)
         for i, e in enumerate(edges.tolist()):
@@ -49,7 +51,7 @@ def exact_scores(
             with graph_hooks(model, graph, ablation=Ablation(keep, reference)):
                 patched = final_logits(model(batch.clean, attention_mask=batch.attention_mask), batch.last)
             keep[u, v] = 1.0
-            m = compute_metric(dataset.metric, patched, batch, clean_logits=clean_final)
+            m = compute_metric(metric, patched, batch, clean_logits=clean_final)
             change = (m - base).double()
             total[i] += (change.abs() if absolute else change).sum().cpu()
             bar.update(len(batch.last))

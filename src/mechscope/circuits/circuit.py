@@ -128,14 +128,14 @@ def top_n(scores, n: int, prune: bool = True) -> Circuit:
     n = max(0, min(int(n), s.numel()))
     edges = torch.zeros(s.numel(), dtype=torch.bool, device=HOST)
     edges[s.argsort(descending=True, stable=True)[:n]] = True
-    c = Circuit(scores.graph, edges, model=scores.model, method=scores.method, info={"selection": "top_n", "n": n})
+    c = Circuit(scores.graph, edges, model=scores.model, method=scores.method, info={"selection": "top_n", "n": n, "metric": scores.metric})
     return prune_circuit(c) if prune else c
 
 
 def threshold(scores, value: float, prune: bool = True) -> Circuit:
     edges = _abs_scores(scores) >= value
     c = Circuit(scores.graph, edges, model=scores.model, method=scores.method,
-                info={"selection": "threshold", "threshold": value})
+                info={"selection": "threshold", "threshold": value, "metric": scores.metric})
     return prune_circuit(c) if prune else c
 
 
@@ -171,7 +171,7 @@ def greedy(scores, n: int) -> Circuit:
         if u != 0 and u not in in_circuit:
             in_circuit.add(u)
             open_node(u)
-    c = Circuit(g, chosen, model=scores.model, method=scores.method, info={"selection": "greedy", "n": int(n)})
+    c = Circuit(g, chosen, model=scores.model, method=scores.method, info={"selection": "greedy", "n": int(n), "metric": scores.metric})
     return prune_circuit(c)
 
 

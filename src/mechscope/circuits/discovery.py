@@ -4,6 +4,11 @@ and measure faithfulness curves on the held-out half. Returns a JSON-ready summa
 Methods: eap, eap-ig, exact (non-positional circuits) and peap (span circuits over the dataset's
 schema). Every curve point carries its size in concrete token-level edges, the axis on which
 positional and non-positional circuits compare.
+
+Every entry point takes `metric`: a name or a function fn(final logits [batch, vocab], batch) ->
+[batch] (default: the dataset's metric); summaries record it by `metrics.metric_name`. Summaries also
+record `signal` (M(model) - M(all ablated) on the evaluation set and its standard error) and
+`warnings` (e.g. that normalized faithfulness is noise, `Faithfulness.weak_signal`).
 """
 
 from __future__ import annotations
@@ -14,21 +19,30 @@ from typing import Any, Sequence
 from ..attribution import attribute
 from ..behaviour import check_compatible, keep_correct, measure_behaviour
 from ..data.dataset import DatasetError, PromptPairDataset
+from ..metrics import Metric, metric_name, resolve_metric
 from .evaluation import DEFAULT_FRACTIONS, faithfulness_curve, select_circuits
 from .span_circuit import SpanCircuit, SpanGraphScores
 
 
 def prepare(model, dataset: PromptPairDataset, seed: int = 0, discovery_fraction: float = 0.5,
-            only_correct: bool = True, batch_size: int = 16, progress: bool = True):
+            only_correct: bool = True, batch_size: int = 16, progress: bool = True, metric: Metric | None = None):
     """Measure the model's behaviour, keep the examples it gets right (with `only_correct`) and split
     them into discovery and evaluation halves. Returns (behaviour summary, discovery, evaluation)."""
     check_compatible(model, dataset)
-    behaviour = measure_behaviour(model, dataset, batch_size, progress=progress)
+    metric = resolve_metric(metric, dataset)
+    behaviour = measure_behaviour(model, dataset, batch_size, progress=progress, metric=metric)
     kept = keep_correct(dataset, behaviour) if only_correct else dataset
     if len(kept) < 2:
         raise DatasetError(f"only {len(kept)} examples left after keeping the correct ones; nothing to split")
     discovery, evaluation = kept.split(discovery_fraction, seed=seed)
-    return behaviour.summary(dataset.metric), discovery, evaluation
+    return behaviour.summary(metric), discovery, evaluation
+
+
+def signal_record(curve) -> tuple[dict, list[str]]:
+    """(summary's `signal` entry, its warnings) from a curve's shared M(model) - M(all ablated)."""
+    p = curve.points[0]
+    message = p.weak_signal()
+    return {"gap": p.gap, "gap_se": p.gap_se, "weak": message is not None}, [message] if message else []
 
 
 def compare_methods(
@@ -46,15 +60,17 @@ def compare_methods(
     progress: bool = True,
     selection: str = "top_n",
     targets: Sequence[float] = (0.5, 0.8, 0.9),
+    metric: Metric | None = None,
 ) -> tuple[dict, dict]:
     """Returns (summary, scores by method). With `only_correct` the examples the model gets wrong on
     the clean prompt are dropped first (the behaviour summary is of the whole dataset)."""
+    metric = resolve_metric(metric, dataset)
     behaviour, discovery, evaluation = prepare(model, dataset, seed, discovery_fraction, only_correct,
-                                               batch_size, progress)
+                                               batch_size, progress, metric)
     summary = {
         "model": getattr(model, "mechscope_name", ""),
         "task": dataset.task,
-        "metric": dataset.metric,
+        "metric": metric_name(metric),
         "ablation": ablation,
         "selection": selection,
         "seed": seed,
@@ -68,9 +84,11 @@ def compare_methods(
     all_scores = {}
     for method in methods:
         scores = attribute(model, discovery, method, steps=steps, ablation=ablation, batch_size=batch_size,
-                           progress=progress)
+                           progress=progress, metric=metric)
         curve = faithfulness_curve(model, scores, evaluation, fractions=fractions, selection=selection,
-                                   ablation=ablation, batch_size=batch_size, progress=progress)
+                                   ablation=ablation, batch_size=batch_size, progress=progress, metric=metric)
+        if "signal" not in summary:
+            summary["signal"], summary["warnings"] = signal_record(curve)
         summary["methods"][method] = curve.to_dict()
         # Concrete token-level edges needed to reach each normalized faithfulness (None: never).
         summary["methods"][method]["concrete_edges_for"] = {f"{t:g}": curve.edges_for(t) for t in targets}
@@ -109,28 +127,33 @@ def discover_circuit(
     steps: int = 5,
     batch_size: int = 16,
     progress: bool = True,
+    metric: Metric | None = None,
 ) -> CircuitDiscovery:
     """Circuit discovery end to end, as `mechscope circuit` runs it: behaviour, discovery / evaluation
     split (only examples the model gets right), scores with `method` and, for peap, the non-positional
     EAP baseline, faithfulness curves of both on the held-out half, the circuit to save and the small
     circuits to draw."""
-    behaviour, discovery, evaluation = prepare(model, dataset, seed, batch_size=batch_size, progress=progress)
+    metric = resolve_metric(metric, dataset)
+    behaviour, discovery, evaluation = prepare(model, dataset, seed, batch_size=batch_size, progress=progress,
+                                               metric=metric)
     methods = [method] + (["eap"] if method == "peap" else [])
     scores, curves, circuits = {}, {}, {}
     for m in methods:
-        scores[m] = attribute(model, discovery, m, steps=steps, batch_size=batch_size, progress=progress)
+        scores[m] = attribute(model, discovery, m, steps=steps, batch_size=batch_size, progress=progress,
+                              metric=metric)
         chosen = select_circuits(scores[m], fractions, selection)
         curves[m] = faithfulness_curve(model, scores[m], evaluation, fractions=fractions, selection=selection,
-                                       batch_size=batch_size, progress=progress, circuits=chosen)
+                                       batch_size=batch_size, progress=progress, circuits=chosen, metric=metric)
         circuits[m] = chosen
     curve = curves[method]
     pick = next((i for i, p in enumerate(curve.points) if p.normalized >= target), len(curve.points) - 1)
     circuit = circuits[method][pick]
     display = display_circuits(scores[method], display_sizes, selection)
+    signal, warnings = signal_record(curve)
     summary = {
         "model": getattr(model, "mechscope_name", ""),
         "task": dataset.task,
-        "metric": dataset.metric,
+        "metric": metric_name(metric),
         "method": method,
         "selection": selection,
         "seed": seed,
@@ -143,13 +166,15 @@ def discover_circuit(
         "metric_model": curve.points[0].metric_model,
         "metric_ablated": curve.points[0].metric_empty,
         "concrete_full": curve.concrete_full,
+        "signal": signal,
+        "warnings": warnings,
         "circuit": {"fraction": curve.points[pick].fraction, "target": target, **curve.points[pick].to_dict()},
         "methods": {
             m: {
-                "cpr": c.cpr(),
-                "cmd": c.cmd(),
-                "cpr_concrete": c.cpr_concrete(),
-                "cmd_concrete": c.cmd_concrete(),
+                "cpr": c.cpr,
+                "cmd": c.cmd,
+                "cpr_concrete": c.cpr_concrete,
+                "cmd_concrete": c.cmd_concrete,
                 "points": [
                     {"fraction": p.fraction, "edges": p.n_edges, "concrete_edges": p.concrete_edges,
                      "soft": p.soft, "hard": p.hard, "normalized": p.normalized}

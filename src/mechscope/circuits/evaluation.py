@@ -6,11 +6,16 @@ The model runs on the clean prompt with every edge outside the circuit patched t
   normalized f = (mean M(C) - mean M(empty)) / (mean M(model) - mean M(empty))   (Hanna et al.; MIB)
 Curves evaluate circuits at fractions of all edges; CPR is the area under f over the fraction axis
 (trapezoid, higher is better) and CMD the area under |1 - f| (lower is better).
+
+f divides by M(model) - M(empty). When that difference is small against its spread over examples
+(|mean| below SIGNAL_SE standard errors of the per-example difference), f is mostly noise: `evaluate`
+and `faithfulness_curve` then emit a `MechscopeWarning` (see `Faithfulness.weak_signal`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -31,8 +36,9 @@ from ..attribution.runner import Ablation, AttentionAblation, graph_hooks
 from ..behaviour import check_compatible
 from .circuit import Circuit
 from ..data.dataset import PromptPairDataset
+from ..errors import MechscopeWarning
 from ..graph import Graph
-from ..metrics import accuracy, compute_metric, final_logits
+from ..metrics import Metric, accuracy, compute_metric, final_logits, resolve_metric
 from .span_circuit import (
     ALL_TOKENS,
     SpanCircuit,
@@ -43,6 +49,7 @@ from .span_circuit import (
 )
 
 DEFAULT_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+SIGNAL_SE = 2.0  # |M(model) - M(empty)| below this many standard errors: normalized faithfulness is noise
 
 
 @dataclass
@@ -64,9 +71,41 @@ class Faithfulness:
     concrete_edges: float | None = None
     concrete_within: float | None = None
     concrete_crossing: float | None = None
+    # Standard error of the per-example difference M(model) - M(empty) over the evaluation examples
+    # (NaN with one example): the noise of normalized faithfulness's denominator.
+    gap_se: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def gap(self) -> float:
+        """mean M(model) - mean M(empty): the denominator of normalized faithfulness."""
+        return self.metric_model - self.metric_empty
+
+    def weak_signal(self) -> str | None:
+        """A message when the gap is zero or within SIGNAL_SE standard errors of zero (normalized
+        faithfulness is then noise), else None."""
+        se = self.gap_se if self.gap_se is not None and math.isfinite(self.gap_se) else None
+        if self.gap == 0:
+            why = "is zero"
+        elif se is not None and abs(self.gap) < SIGNAL_SE * se:
+            why = f"is within {SIGNAL_SE:g} standard errors ({SIGNAL_SE:g} x {se:.3g}) of zero"
+        else:
+            return None
+        return (
+            f"M(model) - M(all ablated) = {self.gap:.4g} {why} over {self.n_examples} examples: normalized "
+            "faithfulness divides by noise and is not meaningful here (the model may not do the task, or the "
+            "counterfactual does not change its answer); use more examples or another task, metric or ablation"
+        )
+
+
+def warn_weak_signal(result: "Faithfulness", stacklevel: int = 3) -> str | None:
+    """Emit `weak_signal`'s message as a MechscopeWarning; returns it (None when the signal is clear)."""
+    message = result.weak_signal()
+    if message:
+        warnings.warn(message, MechscopeWarning, stacklevel=stacklevel)
+    return message
 
 
 @dataclass
@@ -81,9 +120,11 @@ class _Totals:
 class _Evaluator:
     """Runs each batch's clean, reference and empty passes once and any number of circuits on it."""
 
-    def __init__(self, model, dataset: PromptPairDataset, ablation: str, reference, batch_size: int):
+    def __init__(self, model, dataset: PromptPairDataset, ablation: str, reference, batch_size: int,
+                 metric: Metric | None = None):
         check_ablation(ablation)
         check_compatible(model, dataset)
+        self.metric = resolve_metric(metric, dataset)
         self.model, self.dataset, self.ablation = model, dataset, ablation
         self.graph = Graph.from_model(model)
         self.batch_size = batch_size
@@ -110,6 +151,8 @@ class _Evaluator:
         maps = [torch.tensor(c.span_map(ds) + [-1], device=device) if isinstance(c, SpanCircuit) else None
                 for c in circuits]
         mean = self.mean(positional)
+        metric = self.metric
+        gaps = []  # per-example M(model) - M(empty)
         bar = tqdm(total=len(ds) * (len(circuits) + 1), desc="evaluating circuits", unit="run", disable=not progress)
         for indices, batch in ds.batches(self.batch_size):
             batch = batch.to(device)
@@ -126,17 +169,22 @@ class _Evaluator:
             span_of = batch_span_of(ds, indices, batch.clean.shape[1], device) if positional else None
             top = clean.argmax(-1)
 
-            def score(ablation: Ablation, into: _Totals) -> None:
+            def score(ablation: Ablation, into: _Totals) -> torch.Tensor:
                 with graph_hooks(model, graph, ablation=ablation, attention_mask=batch.attention_mask):
                     logits = final_logits(model(batch.clean, attention_mask=batch.attention_mask), batch.last)
-                into.metric += float(compute_metric(ds.metric, logits, batch, clean_logits=clean).sum())
+                values = compute_metric(metric, logits, batch, clean_logits=clean).double()
+                into.metric += float(values.sum())
                 into.agree += float((logits.argmax(-1) == top).sum())
                 into.correct += float(accuracy(logits, batch).sum())
+                return values
 
-            model_t.metric += float(compute_metric(ds.metric, clean, batch, clean_logits=clean).sum())
+            m_model = compute_metric(metric, clean, batch, clean_logits=clean).double()
+            model_t.metric += float(m_model.sum())
             model_t.agree += len(top)
             model_t.correct += float(accuracy(clean, batch).sum())
-            score(Ablation(torch.zeros(graph.n_upstream, graph.n_downstream, device=device), reference), empty_t)
+            m_empty = score(Ablation(torch.zeros(graph.n_upstream, graph.n_downstream, device=device), reference),
+                            empty_t)
+            gaps.append((m_model - m_empty).cpu())
             bar.update(len(top))
             for c, keep, mapping, into in zip(circuits, keeps, maps, totals):
                 if keep is not None:
@@ -151,6 +199,8 @@ class _Evaluator:
         bar.close()
         n = len(ds)
         m_model, m_empty = model_t.metric / n, empty_t.metric / n
+        gap = torch.cat(gaps)
+        gap_se = float(gap.std() / math.sqrt(n)) if n > 1 else float("nan")
         out = []
         for c, t in zip(circuits, totals):
             m_c = t.metric / n
@@ -171,6 +221,7 @@ class _Evaluator:
                     concrete_edges=concrete["total"],
                     concrete_within=concrete["within"],
                     concrete_crossing=concrete["crossing"],
+                    gap_se=gap_se,
                 )
             )
         return out
@@ -188,13 +239,18 @@ def evaluate(
     reference: PromptPairDataset | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    metric: Metric | None = None,
 ) -> Faithfulness:
-    """Soft, hard and normalized faithfulness of one circuit on `dataset`."""
+    """Soft, hard and normalized faithfulness of one circuit on `dataset`. `metric`: a name or a
+    function fn(final logits [batch, vocab], batch) -> [batch]; default the dataset's. Warns
+    (MechscopeWarning) when normalized faithfulness is noise (`Faithfulness.weak_signal`)."""
     circuit.check_model(model)
-    return _Evaluator(model, dataset, ablation, reference, batch_size).run([circuit], progress)[0]
+    result = _Evaluator(model, dataset, ablation, reference, batch_size, metric).run([circuit], progress)[0]
+    warn_weak_signal(result)
+    return result
 
 
-@dataclass
+@dataclass(repr=False)
 class Curve:
     method: str
     selection: str
@@ -207,24 +263,42 @@ class Curve:
     def fractions(self) -> list[float]:
         return [p.fraction for p in self.points]
 
+    @property
     def cpr(self) -> float:
         """Area under normalized faithfulness over the fraction-of-edges axis (trapezoid)."""
         return _trapezoid(self.fractions, [p.normalized for p in self.points])
 
+    @property
     def cmd(self) -> float:
         """Area under |1 - normalized faithfulness| over the fraction-of-edges axis (trapezoid)."""
         return _trapezoid(self.fractions, [abs(1 - p.normalized) for p in self.points])
 
+    @property
     def concrete_fractions(self) -> list[float]:
         return [p.concrete_edges / self.concrete_full for p in self.points]
 
+    @property
     def cpr_concrete(self) -> float:
         """CPR over the fraction of concrete token-level edges (comparable across positional and
         non-positional circuits)."""
-        return _trapezoid(self.concrete_fractions(), [p.normalized for p in self.points])
+        return _trapezoid(self.concrete_fractions, [p.normalized for p in self.points])
 
+    @property
     def cmd_concrete(self) -> float:
-        return _trapezoid(self.concrete_fractions(), [abs(1 - p.normalized) for p in self.points])
+        """CMD over the fraction of concrete token-level edges."""
+        return _trapezoid(self.concrete_fractions, [abs(1 - p.normalized) for p in self.points])
+
+    def weak_signal(self) -> str | None:
+        """The points' shared `Faithfulness.weak_signal` message (None when the signal is clear)."""
+        return self.points[0].weak_signal() if self.points else None
+
+    def __repr__(self) -> str:
+        if not self.points:
+            return f"Curve(method={self.method!r}, selection={self.selection!r}, no points)"
+        f = [p.normalized for p in self.points]
+        weak = ", weak signal" if self.weak_signal() else ""
+        return (f"Curve(method={self.method!r}, selection={self.selection!r}, {len(self.points)} points, "
+                f"cpr={self.cpr:.3f}, cmd={self.cmd:.3f}, normalized {min(f):.2f}..{max(f):.2f}{weak})")
 
     def edges_for(self, target: float) -> float | None:
         """Concrete edges at which normalized faithfulness first reaches `target` (see edges_to_reach)."""
@@ -234,13 +308,13 @@ class Curve:
         out = {
             "method": self.method,
             "selection": self.selection,
-            "cpr": self.cpr(),
-            "cmd": self.cmd(),
+            "cpr": self.cpr,
+            "cmd": self.cmd,
             "points": [p.to_dict() for p in self.points],
         }
         if self.concrete_full:
-            out.update(concrete_full=self.concrete_full, cpr_concrete=self.cpr_concrete(),
-                       cmd_concrete=self.cmd_concrete())
+            out.update(concrete_full=self.concrete_full, cpr_concrete=self.cpr_concrete,
+                       cmd_concrete=self.cmd_concrete)
         return out
 
 
@@ -281,7 +355,7 @@ def select_circuits(scores, fractions: Sequence[float], selection: str = "top_n"
     for b in budgets:
         if b >= n_total:
             out.append(SpanCircuit.full(scores.graph, sg.spans, sg.logit_spans, model=scores.model,
-                                        method=scores.method, info={"selection": selection, "n": b}))
+                                        method=scores.method, info={"selection": selection, "n": b, "metric": scores.metric}))
         else:
             out.append(circuit_from_order(sg, order[:b], attention, info={"selection": selection, "n": b}))
     return out
@@ -299,20 +373,26 @@ def faithfulness_curve(
     progress: bool = True,
     attention: str = "scored",
     circuits: Sequence | None = None,
+    metric: Metric | None = None,
 ) -> Curve:
     """Faithfulness of circuits of `fractions` x all edges, selected from `scores` by `selection`.
 
     Positional (PEAP) scores give span circuits over the span graph (within and crossing edges);
     `attention="whole"` keeps every crossing edge of the heads in the circuit instead of scoring them.
-    `circuits`: the circuits already selected for `fractions` (by `select_circuits`), to keep them."""
+    `circuits`: the circuits already selected for `fractions` (by `select_circuits`), to keep them.
+    `metric`: a name or a function fn(final logits [batch, vocab], batch) -> [batch]; default the
+    dataset's. Warns (MechscopeWarning) when normalized faithfulness is noise (`Curve.weak_signal`)."""
     if circuits is None:
         circuits = select_circuits(scores, fractions, selection, attention)
     elif len(circuits) != len(fractions):
         raise ValueError(f"{len(circuits)} circuits for {len(fractions)} fractions")
     for c in circuits:
         c.check_model(model)
-    results = _Evaluator(model, dataset, ablation, reference, batch_size).run(circuits, progress)
+    results = _Evaluator(model, dataset, ablation, reference, batch_size, metric).run(circuits, progress)
     for f, r in zip(fractions, results):
         r.fraction = f
     full = SpanCircuit.full(scores.graph, (ALL_TOKENS,)).concrete_edges(dataset)["total"]
-    return Curve(method=scores.method, selection=selection, points=results, concrete_full=full)
+    curve = Curve(method=scores.method, selection=selection, points=results, concrete_full=full)
+    if results:
+        warn_weak_signal(results[0])
+    return curve

@@ -280,6 +280,8 @@ class SpanGraphScores:
             raise ValueError("span circuits are selected from positional (peap) scores")
         g = scores.graph
         self.graph, self.spans = g, tuple(scores.spans)
+        # recorded by the circuits selected from it
+        self.model, self.method, self.metric = scores.model, scores.method, scores.metric
         n = len(self.spans)
         last = scores.concrete.get("last")
         self.logit_spans = (last > 0) if last is not None else torch.ones(n, dtype=torch.bool, device=HOST)
@@ -440,7 +442,7 @@ def circuit_from_order(scores, order: list[tuple], attention: str = "scored", pr
         crossing = _full_crossing(g, n)
     c = SpanCircuit(g, sg.spans, within, crossing, sg.logit_spans.clone(),
                     model=getattr(scores, "model", ""), method=getattr(scores, "method", ""),
-                    info=dict(info or {}, attention=attention))
+                    info=dict(info or {}, attention=attention, metric=getattr(scores, "metric", "")))
     return prune_span_circuit(c) if prune else c
 
 

@@ -11,6 +11,7 @@ from .dataset import (
 )
 from .peap_csv import CsvReport, load_peap_csv
 from .spans import make_pair, schema_for, single_token, tokenize_segments
+from .text_jsonl import is_dataset_jsonl, load_text_jsonl, read_text_jsonl
 
 __all__ = [
     "BOS_SPAN",
@@ -20,6 +21,9 @@ __all__ = [
     "PromptPair",
     "PromptPairDataset",
     "Schema",
+    "is_dataset_jsonl",
+    "load_text_jsonl",
+    "read_text_jsonl",
     "load_peap_csv",
     "make_pair",
     "schema_for",

@@ -300,7 +300,7 @@ class PromptPairDataset:
             lines = f.read().splitlines()
         if not lines:
             raise DatasetError(f"{path}: empty file, expected a mechscope dataset header on line 1")
-        header = _parse_json_line(path, 1, lines[0])
+        header = parse_json_line(path, 1, lines[0])
         if header.get("mechscope_dataset") != FORMAT_VERSION:
             raise DatasetError(
                 f"{path}, line 1: not a mechscope dataset header (field 'mechscope_dataset' should be "
@@ -317,7 +317,7 @@ class PromptPairDataset:
         for lineno, line in enumerate(lines[1:], start=2):
             if not line.strip():
                 continue
-            row = _parse_json_line(path, lineno, line)
+            row = parse_json_line(path, lineno, line)
             examples.append(_example_from_json(row, path, lineno))
             validate_example(examples[-1], schema, f"{path}, line {lineno}")
         try:
@@ -336,11 +336,11 @@ class PromptPairDataset:
         return ds
 
 
-def _parse_json_line(path: Path, lineno: int, line: str) -> dict:
+def parse_json_line(path: Path, lineno: int, line: str) -> dict:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
+        raise DatasetError(f"{path}, line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(obj, dict):
         raise DatasetError(f"{path}, line {lineno}: expected a JSON object")
     return obj

@@ -21,6 +21,14 @@ def bos_id(tokenizer) -> int | None:
     return tokenizer.bos_token_id
 
 
+def pad_id(tokenizer) -> int:
+    """The id used for right padding: the tokenizer's pad token, else its EOS token, else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
 def schema_for(segments: Segments, prepend_bos: bool = True) -> Schema:
     names = [name for name, _ in segments]
     return Schema(tuple(([BOS_SPAN] if prepend_bos else []) + names))
@@ -106,24 +114,27 @@ def make_pair(
 ) -> PromptPair:
     """Build a validated `PromptPair` from segment lists and answers (strings or token ids).
 
-    Raises DatasetError when the pair's token lengths or span boundaries differ, or an answer string is
-    not a single token.
+    Raises DatasetError, naming the field ('clean', 'counterfactual', 'correct', 'wrong'), when the
+    pair's token lengths or span boundaries differ, or an answer string is not a single token.
     """
     names_c = [n for n, _ in clean]
     names_x = [n for n, _ in counterfactual]
     if names_c != names_x:
-        raise DatasetError(f"clean and counterfactual segments differ: {names_c} vs {names_x}")
-    ids_c, starts_c = tokenize_segments(tokenizer, clean, prepend_bos)
-    ids_x, starts_x = tokenize_segments(tokenizer, counterfactual, prepend_bos)
+        raise DatasetError(f"field 'counterfactual': segments {names_x} differ from the clean prompt's {names_c}")
+    ids_c, starts_c = _tokenize_field(tokenizer, clean, prepend_bos, "clean")
+    ids_x, starts_x = _tokenize_field(tokenizer, counterfactual, prepend_bos, "counterfactual")
     text_c = "".join(t for _, t in clean)
     text_x = "".join(t for _, t in counterfactual)
     if len(ids_c) != len(ids_x):
         raise DatasetError(
-            f"clean and counterfactual prompts differ in token length ({len(ids_c)} vs {len(ids_x)}): "
-            f"{text_c!r} / {text_x!r}"
+            f"field 'counterfactual': {len(ids_x)} tokens but the clean prompt has {len(ids_c)}; a pair must "
+            f"have the same token length: {text_c!r} / {text_x!r}"
         )
     if starts_c != starts_x:
-        raise DatasetError(f"clean and counterfactual span boundaries differ: {text_c!r} / {text_x!r}")
+        raise DatasetError(
+            f"field 'counterfactual': span boundaries {starts_x} differ from the clean prompt's {starts_c}: "
+            f"{text_c!r} / {text_x!r}"
+        )
     correct_ids = _as_ids(tokenizer, correct, "correct")
     wrong_ids = _as_ids(tokenizer, wrong, "wrong")
     return PromptPair(
@@ -136,6 +147,13 @@ def make_pair(
         counterfactual_text=text_x,
         meta=dict(meta or {}),
     )
+
+
+def _tokenize_field(tokenizer, segments: Segments, prepend_bos: bool, field_name: str):
+    try:
+        return tokenize_segments(tokenizer, segments, prepend_bos)
+    except DatasetError as exc:
+        raise DatasetError(f"field '{field_name}': {exc}") from None
 
 
 def _as_ids(tokenizer, answers, field_name: str) -> list[int]:

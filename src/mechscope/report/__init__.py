@@ -44,12 +44,17 @@ def report_context(model, run, example_index: int = 0) -> dict:
     }
 
 
-def check_output_dir(out: str | os.PathLike) -> None:
-    """Raise ReportError unless `out` can become a report directory: new or empty, and inside a
-    writable directory (checked before any model work, and again by `write_report`)."""
+def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise ReportError unless `out` can become a report directory: new or empty (or, with
+    `overwrite`, a previous report directory: one holding summary.json), and inside a writable
+    directory (checked before any model work, and again by `write_report`)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ReportError(f"{out}: exists and is not an empty directory; choose a new --out")
+        if not overwrite:
+            raise ReportError(f"{out}: exists and is not an empty directory; choose a new --out or pass --overwrite")
+        if not out.is_dir() or not (out / "summary.json").is_file():
+            raise ReportError(f"{out}: exists and is not a mechscope report directory (no summary.json); "
+                              "--overwrite replaces only a previous report")
     probe = out.parent if str(out.parent) else Path(".")
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -57,12 +62,13 @@ def check_output_dir(out: str | os.PathLike) -> None:
         raise ReportError(f"{out}: cannot write there ({probe} is not a writable directory)")
 
 
-def write_report(out: str | os.PathLike, model, run) -> Path:
+def write_report(out: str | os.PathLike, model, run, overwrite: bool = False) -> Path:
     """Write every file of FILES into `out`, all at once: they are written into a temporary directory
-    beside `out`, which is then renamed into place, so a failure leaves no partial output."""
+    beside `out`, which is then renamed into place, so a failure leaves no partial output. With
+    `overwrite` a previous report in `out` is replaced only once the new one is complete."""
     out = Path(out)
-    check_output_dir(out)
-    with atomic_dir(out, ReportError) as tmp:
+    check_output_dir(out, overwrite)
+    with atomic_dir(out, ReportError, replace=overwrite) as tmp:
         context = report_context(model, run)
         method = run.summary["method"]
         (tmp / "report.html").write_text(render(context), encoding="utf-8")

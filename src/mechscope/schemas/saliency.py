@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..devices import HOST, model_device
 from ..behaviour import check_compatible
 from ..data.dataset import PromptPairDataset
-from ..metrics import compute_metric, final_logits
+from ..metrics import Metric, compute_metric, final_logits, resolve_metric
 
 METHODS = ("input_x_gradient", "integrated_gradients")
 BASELINES = ("zero", "counterfactual")
@@ -38,13 +38,16 @@ def token_saliency(
     baseline: str = "counterfactual",
     batch_size: int = 16,
     progress: bool = True,
+    metric: Metric | None = None,
 ) -> list[torch.Tensor]:
-    """Saliency of every token of every example's clean prompt: a list of [len(example)] tensors."""
+    """Saliency of every token of every example's clean prompt: a list of [len(example)] tensors.
+    `metric`: a name or a function fn(logits, batch) -> [batch]; default the dataset's."""
     if method not in METHODS:
         raise ValueError(f"unknown saliency method '{method}'; choose one of {', '.join(METHODS)}")
     if baseline not in BASELINES:
         raise ValueError(f"unknown baseline '{baseline}'; choose one of {', '.join(BASELINES)}")
     check_compatible(model, dataset)
+    metric = resolve_metric(metric, dataset)
     device = model_device(model)
     out: list[torch.Tensor | None] = [None] * len(dataset)
     bar = tqdm(total=len(dataset), desc=f"saliency ({method})", unit="ex", disable=not progress)
@@ -52,7 +55,7 @@ def token_saliency(
         batch = batch.to(device)
         clean_emb = _embeddings(model, batch.clean, batch.attention_mask)
         if method == "input_x_gradient":
-            grad = _metric_grad(model, batch, clean_emb, dataset.metric)
+            grad = _metric_grad(model, batch, clean_emb, metric)
             sal = (clean_emb * grad).sum(-1)
         else:
             if baseline == "zero":
@@ -62,7 +65,7 @@ def token_saliency(
             total = torch.zeros_like(clean_emb)
             for k in range(steps):
                 alpha = (k + 0.5) / steps
-                total += _metric_grad(model, batch, base + alpha * (clean_emb - base), dataset.metric)
+                total += _metric_grad(model, batch, base + alpha * (clean_emb - base), metric)
             sal = ((clean_emb - base) * total / steps).sum(-1)
         for row, i in enumerate(indices):
             out[i] = sal[row, : len(dataset.examples[i])].detach().cpu()
@@ -84,7 +87,7 @@ def _embeddings(model, tokens, attention_mask) -> torch.Tensor:
     return store["e"]
 
 
-def _metric_grad(model, batch, embeddings: torch.Tensor, metric: str) -> torch.Tensor:
+def _metric_grad(model, batch, embeddings: torch.Tensor, metric: Metric) -> torch.Tensor:
     """dM/de at token embeddings `embeddings` (replacing the model's own), summed over the batch."""
     point = embeddings.detach().requires_grad_(True)
     with torch.enable_grad(), model.hooks(fwd_hooks=[("hook_embed", lambda value, hook: point)]):

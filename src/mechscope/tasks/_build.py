@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 from ..data import DatasetError, PromptPair, PromptPairDataset, schema_for, tokenizer_fingerprint
 from ..data.dataset import validate_example
+from ..data.spans import pad_id
 
 # Draws allowed per requested example (plus a fixed allowance) before a generator gives up. Generous,
 # because some tokenizers reject most draws of a template; and when the first TRIES_BASE draws all
@@ -29,14 +30,6 @@ def check_common(tokenizer, n: int, prepend_bos: bool) -> None:
         raise DatasetError(f"the number of examples must be a non-negative integer, not {n!r}")
     if prepend_bos and tokenizer.bos_token_id is None:
         raise DatasetError("the tokenizer has no BOS token; use prepend_bos=False")
-
-
-def pad_id(tokenizer) -> int:
-    """The id used for right padding: the tokenizer's pad token, else its EOS token, else 0."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 def choose_option(name: str, value: Any, allowed: Sequence[Any]) -> Any:
