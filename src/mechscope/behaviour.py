@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .devices import model_device
+from .devices import model_device, batch_size_for
 from .data.dataset import DatasetError, PromptPairDataset, tokenizer_fingerprint
 from .metrics import Metric, accuracy, compute_metric, final_logits, metric_name, resolve_metric, top1_accuracy
 
@@ -59,7 +59,7 @@ class Behaviour:
 
 
 @torch.no_grad()
-def measure_behaviour(model, dataset: PromptPairDataset, batch_size: int = 16, progress: bool = True,
+def measure_behaviour(model, dataset: PromptPairDataset, batch_size: int | None = None, progress: bool = True,
                       metric: Metric | None = None) -> Behaviour:
     """Run clean and counterfactual prompts through `model` and score them with `metric` (a name or a
     function fn(logits, batch) -> [batch]; default the dataset's metric). Accuracy, and so
@@ -67,6 +67,7 @@ def measure_behaviour(model, dataset: PromptPairDataset, batch_size: int = 16, p
 
     For the `kl` metric the clean value is 0 by definition and the counterfactual one is KL from clean.
     """
+    batch_size = batch_size_for(model, batch_size)
     check_compatible(model, dataset)
     metric = resolve_metric(metric, dataset)
     device = model_device(model)

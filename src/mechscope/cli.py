@@ -29,6 +29,10 @@ def _device_option():
     return typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu).")
 
 
+def _batch_option():
+    return typer.Option(None, "--batch-size", help="Examples per forward pass (default: 64 on a GPU, 16 on the CPU).")
+
+
 def _user_errors(fn):
     """Turn a MechscopeError into a one-line message and exit status 2; print each distinct
     MechscopeWarning once, as a `warning:` line, when the command ends (other warnings as usual)."""
@@ -145,7 +149,7 @@ def data(
         False, "--swap-pronouns", help="With --from-csv and no --counterfactual: swap he/she to make one."
     ),
     only_correct: bool = typer.Option(False, "--only-correct", help="Keep only examples the model gets right."),
-    batch_size: int = typer.Option(16, help="Examples per forward pass."),
+    batch_size: Optional[int] = _batch_option(),
 ) -> None:
     """Build a prompt-pair dataset (a built-in task, peer CSVs or a text JSONL), report the model's
     behaviour, save it as a tokenized dataset JSONL."""
@@ -210,7 +214,7 @@ def curves(
     seed: int = typer.Option(0),
     ablation: str = typer.Option("counterfactual", help="counterfactual | mean | zero"),
     steps: int = typer.Option(5, help="Interpolation steps of eap-ig."),
-    batch_size: int = typer.Option(16),
+    batch_size: Optional[int] = _batch_option(),
     selection: str = typer.Option("top_n", help="Circuit selection: top_n | greedy (grown from the logits)."),
     fractions: Optional[str] = typer.Option(None, help="Comma-separated circuit sizes as fractions of all edges."),
     out: Path = typer.Option(..., "--out", "-o", help="Output JSON file with the curves."),
@@ -272,7 +276,7 @@ def circuit(
     n: Optional[int] = typer.Option(None, "--n", help="Examples: generated with --task (default 120), the first N of --data."),
     seed: int = typer.Option(0, help="Seed of the task generator and of the discovery / evaluation split."),
     selection: str = typer.Option("greedy", help="Circuit selection: greedy (from the logits) | top_n."),
-    batch_size: int = typer.Option(16),
+    batch_size: Optional[int] = _batch_option(),
     out: Path = typer.Option(..., "--out", "-o", help="New output directory (report.html, summary.json, ...)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous report in --out (once the new one is complete)."),
 ) -> None:
@@ -325,7 +329,7 @@ def schema(
     method: str = typer.Option("induce", help="induce (alignment + saliency, offline) | llm (OpenAI-compatible endpoint)"),
     saliency: str = typer.Option("input_x_gradient", help="input_x_gradient | integrated_gradients | none"),
     show: int = typer.Option(3, help="How many examples to print with their spans marked."),
-    batch_size: int = typer.Option(16),
+    batch_size: Optional[int] = _batch_option(),
 ) -> None:
     """Give a dataset a schema of named spans, induced from the data and the model's token saliency
     (or proposed by an LLM); prints the schema, examples with spans marked and `valid_fraction=`."""

@@ -56,3 +56,13 @@ def synchronize(device: torch.device | str) -> None:
     """Wait for queued work on `device` (for timing); a no-op on the CPU."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def batch_size_for(model, batch_size: int | None = None) -> int:
+    """`batch_size`, or the default for where the model runs: 64 examples on a GPU (at 16 a forward
+    pass is bound by kernel launches and leaves the GPU idle), 16 on the CPU."""
+    if batch_size is not None:
+        if batch_size < 1:
+            raise DeviceError(f"batch_size must be at least 1, got {batch_size}")
+        return int(batch_size)
+    return 64 if model_device(model).type == "cuda" else 16

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..devices import HOST, model_device
+from ..devices import HOST, model_device, batch_size_for
 from ..behaviour import check_compatible
 from ..data.dataset import PromptPairDataset
 from ..graph import Graph
@@ -38,7 +38,7 @@ def attribute(
     steps: int = 5,
     ablation: str = "counterfactual",
     reference: PromptPairDataset | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     edges: torch.Tensor | None = None,
     progress: bool = True,
     aggregation: str = "sum",
@@ -54,6 +54,7 @@ def attribute(
     largest magnitude, signed). metric: a metric name or a function fn(final logits [batch, vocab],
     batch) -> [batch]; default the dataset's metric. The scores record it by name (`metrics.metric_name`).
     """
+    batch_size = batch_size_for(model, batch_size)
     if method not in ALL_METHODS:
         raise ValueError(f"unknown method '{method}'; choose one of {', '.join(ALL_METHODS)}")
     if aggregation not in AGGREGATIONS:

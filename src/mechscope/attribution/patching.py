@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..devices import HOST, model_device
+from ..devices import HOST, model_device, batch_size_for
 from ..data.dataset import PromptPairDataset
 from ..graph import Graph
 from ..metrics import Metric, compute_metric, final_logits
@@ -26,13 +26,14 @@ def exact_scores(
     edges: torch.Tensor | None = None,
     ablation: str = "counterfactual",
     mean: MeanReference | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     progress: bool = True,
     absolute: bool = False,
     metric: Metric | None = None,
 ) -> torch.Tensor:
     """[n_edges] exact scores; edges not in `edges` are NaN. With `absolute`, the mean over examples
     of |M(edge ablated) - M(clean)|, so effects of opposite sign in different examples do not cancel."""
+    batch_size = batch_size_for(model, batch_size)
     metric = dataset.metric if metric is None else metric
     edges = torch.arange(graph.n_edges, device=HOST) if edges is None else torch.as_tensor(edges, device=HOST).flatten()
     device = model_device(model)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..devices import model_device
+from ..devices import model_device, batch_size_for
 from ..data.dataset import Batch, PromptPairDataset
 from ..graph import Graph
 from .runner import StopForward, graph_hooks
@@ -110,10 +110,11 @@ class _PositionMean:
 
 
 @torch.no_grad()
-def mean_reference(model, graph: Graph, dataset: PromptPairDataset, batch_size: int = 16,
+def mean_reference(model, graph: Graph, dataset: PromptPairDataset, batch_size: int | None = None,
                    attention: bool = False) -> MeanReference:
     """Mean upstream outputs over the clean prompts of `dataset`, per position and overall (and, with
     `attention`, the means of every layer's queries, keys and values)."""
+    batch_size = batch_size_for(model, batch_size)
     device = model_device(model)
     up_mean = _PositionMean()
     attn_means: dict[tuple[int, int], _PositionMean] = {}

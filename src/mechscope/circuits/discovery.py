@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from ..devices import batch_size_for
 from ..attribution import attribute
 from ..behaviour import check_compatible, keep_correct, measure_behaviour
 from ..data.dataset import DatasetError, PromptPairDataset
@@ -25,9 +26,10 @@ from .span_circuit import SpanCircuit, SpanGraphScores
 
 
 def prepare(model, dataset: PromptPairDataset, seed: int = 0, discovery_fraction: float = 0.5,
-            only_correct: bool = True, batch_size: int = 16, progress: bool = True, metric: Metric | None = None):
+            only_correct: bool = True, batch_size: int | None = None, progress: bool = True, metric: Metric | None = None):
     """Measure the model's behaviour, keep the examples it gets right (with `only_correct`) and split
     them into discovery and evaluation halves. Returns (behaviour summary, discovery, evaluation)."""
+    batch_size = batch_size_for(model, batch_size)
     check_compatible(model, dataset)
     metric = resolve_metric(metric, dataset)
     behaviour = measure_behaviour(model, dataset, batch_size, progress=progress, metric=metric)
@@ -56,7 +58,7 @@ def compare_methods(
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     ablation: str = "counterfactual",
     steps: int = 5,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     progress: bool = True,
     selection: str = "top_n",
     targets: Sequence[float] = (0.5, 0.8, 0.9),
@@ -64,6 +66,7 @@ def compare_methods(
 ) -> tuple[dict, dict]:
     """Returns (summary, scores by method). With `only_correct` the examples the model gets wrong on
     the clean prompt are dropped first (the behaviour summary is of the whole dataset)."""
+    batch_size = batch_size_for(model, batch_size)
     metric = resolve_metric(metric, dataset)
     behaviour, discovery, evaluation = prepare(model, dataset, seed, discovery_fraction, only_correct,
                                                batch_size, progress, metric)
@@ -125,7 +128,7 @@ def discover_circuit(
     target: float = 0.8,
     display_sizes: Sequence[int] = DISPLAY_SIZES,
     steps: int = 5,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     progress: bool = True,
     metric: Metric | None = None,
 ) -> CircuitDiscovery:
@@ -133,6 +136,7 @@ def discover_circuit(
     split (only examples the model gets right), scores with `method` and, for peap, the non-positional
     EAP baseline, faithfulness curves of both on the held-out half, the circuit to save and the small
     circuits to draw."""
+    batch_size = batch_size_for(model, batch_size)
     metric = resolve_metric(metric, dataset)
     behaviour, discovery, evaluation = prepare(model, dataset, seed, batch_size=batch_size, progress=progress,
                                                metric=metric)

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..devices import model_device
+from ..devices import model_device, batch_size_for
 from ..attribution.attention import attention_scale, check_supported, score_soft_cap
 from ..attribution.peap import batch_span_of
 from ..attribution.references import (
@@ -237,13 +237,14 @@ def evaluate(
     dataset: PromptPairDataset,
     ablation: str = "counterfactual",
     reference: PromptPairDataset | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     progress: bool = True,
     metric: Metric | None = None,
 ) -> Faithfulness:
     """Soft, hard and normalized faithfulness of one circuit on `dataset`. `metric`: a name or a
     function fn(final logits [batch, vocab], batch) -> [batch]; default the dataset's. Warns
     (MechscopeWarning) when normalized faithfulness is noise (`Faithfulness.weak_signal`)."""
+    batch_size = batch_size_for(model, batch_size)
     circuit.check_model(model)
     result = _Evaluator(model, dataset, ablation, reference, batch_size, metric).run([circuit], progress)[0]
     warn_weak_signal(result)
@@ -369,7 +370,7 @@ def faithfulness_curve(
     selection: str = "top_n",
     ablation: str = "counterfactual",
     reference: PromptPairDataset | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     progress: bool = True,
     attention: str = "scored",
     circuits: Sequence | None = None,
@@ -382,6 +383,7 @@ def faithfulness_curve(
     `circuits`: the circuits already selected for `fractions` (by `select_circuits`), to keep them.
     `metric`: a name or a function fn(final logits [batch, vocab], batch) -> [batch]; default the
     dataset's. Warns (MechscopeWarning) when normalized faithfulness is noise (`Curve.weak_signal`)."""
+    batch_size = batch_size_for(model, batch_size)
     if circuits is None:
         circuits = select_circuits(scores, fractions, selection, attention)
     elif len(circuits) != len(fractions):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..devices import HOST, model_device
+from ..devices import HOST, model_device, batch_size_for
 from ..behaviour import check_compatible
 from ..data.dataset import PromptPairDataset
 from ..metrics import Metric, compute_metric, final_logits, resolve_metric
@@ -36,12 +36,13 @@ def token_saliency(
     *,
     steps: int = 16,
     baseline: str = "counterfactual",
-    batch_size: int = 16,
+    batch_size: int | None = None,
     progress: bool = True,
     metric: Metric | None = None,
 ) -> list[torch.Tensor]:
     """Saliency of every token of every example's clean prompt: a list of [len(example)] tensors.
     `metric`: a name or a function fn(logits, batch) -> [batch]; default the dataset's."""
+    batch_size = batch_size_for(model, batch_size)
     if method not in METHODS:
         raise ValueError(f"unknown saliency method '{method}'; choose one of {', '.join(METHODS)}")
     if baseline not in BASELINES:
