@@ -79,13 +79,18 @@ def test_full_circuit_reproduces_model_and_empty_circuit_the_ablated_run(tiny_mo
 
 
 def test_logits_from_the_final_residual_match_the_model(tiny_model, tiny_data):
+    check_final_residual_logits(tiny_model, tiny_data)
+
+
+def check_final_residual_logits(model, data):
+    """The final norm and unembedding applied to the final residual give the model's last logits."""
     from mechscope.attribution.runner import run_to_final_logits
 
-    graph, b = Graph.from_model(tiny_model), tiny_data.batch()
+    graph, b = Graph.from_model(model), data.batch()
     with torch.no_grad():
-        expected = final_logits(tiny_model(b.clean, attention_mask=b.attention_mask), b.last)
-        with graph_hooks(tiny_model, graph, stop_at_final=True) as run:
-            got = run_to_final_logits(tiny_model, run, b.clean, b.attention_mask, b.last)
+        expected = final_logits(model(b.clean, attention_mask=b.attention_mask), b.last)
+        with graph_hooks(model, graph, stop_at_final=True) as run:
+            got = run_to_final_logits(model, run, b.clean, b.attention_mask, b.last)
     assert (got - expected).abs().max() <= 1e-4
 
 

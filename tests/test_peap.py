@@ -149,14 +149,18 @@ def test_smollm2_peap_identities(smollm2):
 
 
 def test_attribution_crossing_scores_reuse_the_eap_passes(tiny_model, data):
+    check_attribution_crossing_matches_stand_alone(tiny_model, data)
+
+
+def check_attribution_crossing_matches_stand_alone(model, data):
     """The crossing scores `attribute` takes from the EAP passes (dM/dz from the downstream
     gradients) equal those of the stand-alone computation, which the naive loop checks above."""
     from mechscope.attribution.peap import aggregate_crossing, batch_span_of
 
-    peap = attribute(tiny_model, data, "peap", batch_size=4, progress=False)
+    peap = attribute(model, data, "peap", batch_size=4, progress=False)
     want = None
     for indices, batch in data.batches(4):
-        part = aggregate_crossing(crossing_scores(tiny_model, batch, data.metric),
+        part = aggregate_crossing(crossing_scores(model, batch, data.metric),
                                   batch_span_of(data, indices, batch.clean.shape[1]), len(data.schema))
         want = part if want is None else {k: want[k] + v for k, v in part.items()}
     for key in ("k", "v", "q"):

@@ -24,6 +24,11 @@ hook_z` (heads: their writes z_h @ W_O[h] are computed from it), `blocks.{l}.hoo
 `blocks.{l}.hook_{q,k,v}_input` (per-head and per-key-value-head inputs, when inputs are split),
 `blocks.{l}.attn.hook_{q,k,v}` and `blocks.{l}.hook_resid_pre` (gradients without split inputs),
 `blocks.{l}.hook_mlp_in`, and `ln_final.hook_in` (the logits' input).
+
+Models with a norm after each sublayer (Gemma 2 / 3) are run under the frozen-scale linearisation of
+post_norm.py: a head's write is w1 * (z_h @ W_O[h]) / r with r `blocks.{l}.ln1_post.hook_scale` of the
+same run (so the writes of a layer's heads sum to `hook_attn_out` exactly), the MLP's write is
+`hook_mlp_out` (already post-normed), and passes that take gradients hold every post-norm scale fixed.
 """
 
 from __future__ import annotations
