@@ -91,12 +91,31 @@ def main() -> None:
         delta, grad = batch_gradients_and_deltas(model, graph, batch, dataset.metric, "eap")
         contract(graph, delta, grad)
 
+    def bridge_passes():
+        # The same passes through the TransformerBridge with no graph hooks: how much of EAP's cost is
+        # the bridge itself rather than mechscope's hooks and contraction.
+        point = {}
+
+        def leaf(value, hook):
+            point["e"] = value.detach().requires_grad_(True)
+            return point["e"]
+
+        with model.hooks(fwd_hooks=[("hook_embed", leaf)]):
+            logits = model(batch.clean, attention_mask=batch.attention_mask)
+        m = compute_metric(dataset.metric, final_logits(logits, batch.last), batch)
+        torch.autograd.grad(m.sum(), point["e"])
+        with torch.no_grad():
+            model(batch.counterfactual, attention_mask=batch.attention_mask)
+
     rss_before = peak_rss_gib()
     t_base, t_eap = timed_pair(baseline, eap, args.repeats, device)
+    _, t_bridge = timed_pair(baseline, bridge_passes, args.repeats, device)
     print(f"model={args.model} device={device_name(device)} batch={args.batch} "
           f"tokens/example<={batch.clean.shape[1]} edges={graph.n_edges}")
     print(f"baseline (transformers clean fwd+bwd, cf fwd): {t_base:.3f} s")
     print(f"eap attribution: {t_eap:.3f} s")
+    print(f"the same passes through the TransformerBridge, no graph hooks: {t_bridge:.3f} s "
+          f"(bridge/baseline {t_bridge / t_base:.2f})")
     print(memory_line(device, rss_before))
     print(f"ratio={t_eap / t_base:.3f}")
 

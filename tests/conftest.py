@@ -48,6 +48,22 @@ def tiny_model(request, tiny_model_dirs):
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma(tmp_path_factory, tiny_tokenizer):
+    """A tiny random Gemma-3 (norms after each sublayer, q/k norms, local and global layers)."""
+    import mechscope
+
+    path = tiny.save_model_dir(tmp_path_factory.mktemp("tiny_gemma") / "gemma3", "gemma3", tiny_tokenizer, seed=2, n_layers=3)
+    return mechscope.load_model(str(path), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    import mechscope
+
+    return mechscope.load_model("gemma3-270m", device="cpu")
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     import mechscope
 

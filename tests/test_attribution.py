@@ -79,34 +79,48 @@ def test_full_circuit_reproduces_model_and_empty_circuit_the_ablated_run(tiny_mo
 
 
 def test_logits_from_the_final_residual_match_the_model(tiny_model, tiny_data):
+    check_final_residual_logits(tiny_model, tiny_data)
+
+
+def check_final_residual_logits(model, data):
+    """The final norm and unembedding applied to the final residual give the model's last logits."""
     from mechscope.attribution.runner import run_to_final_logits
 
-    graph, b = Graph.from_model(tiny_model), tiny_data.batch()
+    graph, b = Graph.from_model(model), data.batch()
     with torch.no_grad():
-        expected = final_logits(tiny_model(b.clean, attention_mask=b.attention_mask), b.last)
-        with graph_hooks(tiny_model, graph, stop_at_final=True) as run:
-            got = run_to_final_logits(tiny_model, run, b.clean, b.attention_mask, b.last)
+        expected = final_logits(model(b.clean, attention_mask=b.attention_mask), b.last)
+        with graph_hooks(model, graph, stop_at_final=True) as run:
+            got = run_to_final_logits(model, run, b.clean, b.attention_mask, b.last)
     assert (got - expected).abs().max() <= 1e-4
 
 
-def check_eap_matches_jvp(model, data, edges, atol: float = 0.0) -> None:
-    """Each EAP edge score equals d/d(eps) M when that edge's input moves by eps * (ref_u - z_u),
-    a forward-mode derivative through the exact-ablation path (independent of EAP's gradients)."""
-    scores = attribute(model, data, "eap", progress=False)
-    graph, b = scores.graph, data.batch()
+def jvp_edge_derivatives(model, data, edges, hooks=()) -> dict[int, float]:
+    """For each edge e, d/d(eps) M when that edge's input moves by eps * (ref_u - z_u): a forward-mode
+    derivative through the exact-ablation path, with `hooks` (extra forward hooks) active."""
+    graph, b = Graph.from_model(model), data.batch()
     ref = upstream_outputs(model, graph, b.counterfactual, b.attention_mask)
-    for e in edges(scores):
+    out = {}
+    for e in edges:
         onehot = torch.zeros(graph.n_upstream, graph.n_downstream)
         onehot[graph.edge_up[e], graph.edge_down[e]] = 1.0
 
         def metric_with_edge_scaled(eps):
-            with graph_hooks(model, graph, ablation=Ablation(1 - eps * onehot, ref)):
+            with model.hooks(fwd_hooks=list(hooks)), graph_hooks(model, graph, ablation=Ablation(1 - eps * onehot, ref)):
                 logits = final_logits(model(b.clean, attention_mask=b.attention_mask), b.last)
             return compute_metric("logit_diff", logits, b).mean()
 
         _, derivative = torch.func.jvp(metric_with_edge_scaled, (torch.tensor(0.0),), (torch.tensor(1.0),))
-        expected, got = float(derivative.detach()), float(scores.values[e])
-        assert abs(got - expected) <= 1e-5 * max(abs(expected), 1e-3) + atol, graph.edge_name(e)
+        out[e] = float(derivative.detach())
+    return out
+
+
+def check_eap_matches_jvp(model, data, edges, atol: float = 0.0, hooks=()) -> None:
+    """Each EAP edge score equals the jvp derivative of `jvp_edge_derivatives` (independent of EAP's
+    gradients)."""
+    scores = attribute(model, data, "eap", progress=False)
+    for e, expected in jvp_edge_derivatives(model, data, edges(scores), hooks).items():
+        got = float(scores.values[e])
+        assert abs(got - expected) <= 1e-5 * max(abs(expected), 1e-3) + atol, scores.graph.edge_name(e)
 
 
 def test_eap_equals_first_order_change_from_jvp(tiny_model, tiny_data):

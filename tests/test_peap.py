@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from test_attribution import ioi_like
@@ -35,27 +37,53 @@ def test_single_span_peap_equals_eap(tiny_model, data):
     assert peap.crossing["k"].shape == (tiny_model.cfg.n_layers, tiny_model.cfg.n_heads, 1, 1)
 
 
+def post_norm_scales(model, batch) -> dict[str, torch.Tensor]:
+    """The clean run's scales r of every post-sublayer norm (Gemma: ln1_post, ln2_post), by hook name;
+    empty for models without them."""
+    names = [n for n in model.hook_dict if n.endswith(("ln1_post.hook_scale", "ln2_post.hook_scale"))]
+    _, cache = model.run_with_cache(batch.clean, attention_mask=batch.attention_mask, names_filter=names)
+    return {n: cache[n].detach().clone() for n in names}
+
+
+def frozen_scale_hooks(scales: dict[str, torch.Tensor]):
+    """Forward hooks that replace each post-norm scale by the stored constant: its derivative is zero,
+    its value the clean one (the convention of mechscope.attribution.post_norm)."""
+    return [(name, lambda value, hook, c=c: c) for name, c in scales.items()]
+
+
 def naive_crossing(model, batch, metric, layer, head, kind, t_key, t):
     """Patch one key / value (at t_key) or query (at t) of one head, rerun the head by hand with an
-    explicit softmax, and take the change of its output at t times dM/d(resid after attention)[t]."""
+    explicit softmax, and take the change of its write at t times dM/d(resid after attention)[t].
+    With post-sublayer norms the write is w1 * (z @ W_O) / r, r ln1_post's scale on the clean run,
+    and dM/d(resid) is taken with every post-norm scale held at its clean value."""
     qn, kn, vn = qkv_hook_names(model, layer)
     mid = f"blocks.{layer}.hook_resid_mid"
+    scales = post_norm_scales(model, batch)
     store = {}
 
     def grab(value, hook):
         store[hook.name] = value
         return value
 
-    with model.hooks(fwd_hooks=[(n, grab) for n in (qn, kn, vn, mid)]):
+    with warnings.catch_warnings(), model.hooks(fwd_hooks=frozen_scale_hooks(scales) + [(mid, grab)]):
+        warnings.simplefilter("ignore")  # the bridge warns that an edited scale leaves its fast path
         logits = model(batch.clean, attention_mask=batch.attention_mask)
     m = compute_metric(metric, final_logits(logits, batch.last), batch).sum()
     g_mid = torch.autograd.grad(m, store[mid])[0].detach()
+    # q, k, v from plain runs (an edited scale changes the norm's rounding, not its value).
+    _, clean = model.run_with_cache(batch.clean, attention_mask=batch.attention_mask)
+    store.update({n: clean[n] for n in (qn, kn, vn)})
     _, cf = model.run_with_cache(batch.counterfactual, attention_mask=batch.attention_mask)
     group = head // (model.cfg.n_heads // store[kn].shape[2])
     q, k, v = (store[n][0, :, i].detach().double() for n, i in ((qn, head), (kn, group), (vn, group)))
     q2, k2, v2 = (cf[n][0, :, i].double() for n, i in ((qn, head), (kn, group), (vn, group)))
     w_o = model.W_O[layer, head].double()
     scale = attention_scale(model)
+    post = f"blocks.{layer}.ln1_post.hook_scale"
+    if post in scales:
+        norm = model.blocks[layer].ln1_post
+        weight = (1.0 + norm.weight) if norm.uses_weight_offset else norm.weight
+        w_o = w_o * weight.double() / float(scales[post][0, t, 0])
 
     def head_output(q_t, keys, values):
         logits_row = torch.stack([q_t @ keys[j] * scale for j in range(t + 1)])
@@ -69,7 +97,7 @@ def naive_crossing(model, batch, metric, layer, head, kind, t_key, t):
         keys, values = k.clone(), v.clone()
         (keys if kind == "k" else values)[t_key] = (k2 if kind == "k" else v2)[t_key]
         after = head_output(q[t], keys, values)
-    return float((after - before) @ g_mid[0, t].double())
+    return float(((after - before) @ g_mid[0, t].double()).detach())
 
 
 def test_crossing_scores_equal_naive_head_recomputation(tiny_model, data):
@@ -121,14 +149,18 @@ def test_smollm2_peap_identities(smollm2):
 
 
 def test_attribution_crossing_scores_reuse_the_eap_passes(tiny_model, data):
+    check_attribution_crossing_matches_stand_alone(tiny_model, data)
+
+
+def check_attribution_crossing_matches_stand_alone(model, data):
     """The crossing scores `attribute` takes from the EAP passes (dM/dz from the downstream
     gradients) equal those of the stand-alone computation, which the naive loop checks above."""
     from mechscope.attribution.peap import aggregate_crossing, batch_span_of
 
-    peap = attribute(tiny_model, data, "peap", batch_size=4, progress=False)
+    peap = attribute(model, data, "peap", batch_size=4, progress=False)
     want = None
     for indices, batch in data.batches(4):
-        part = aggregate_crossing(crossing_scores(tiny_model, batch, data.metric),
+        part = aggregate_crossing(crossing_scores(model, batch, data.metric),
                                   batch_span_of(data, indices, batch.clean.shape[1]), len(data.schema))
         want = part if want is None else {k: want[k] + v for k, v in part.items()}
     for key in ("k", "v", "q"):

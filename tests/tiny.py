@@ -1,7 +1,7 @@
 """Tiny random models with a real (trained here) byte-level BPE tokenizer, for fast unit tests.
 
 Everything is built offline in a second or two: a BPE tokenizer trained on a small corpus of the
-built-in tasks' vocabulary, and GPT-2 / Llama configurations with a few layers and random weights,
+built-in tasks' vocabulary, and GPT-2 / Llama / Gemma-3 configurations with a few layers and random weights,
 saved as ordinary Hugging Face directories so they load through the same path as any local model.
 """
 
@@ -57,8 +57,8 @@ def build_tokenizer(vocab_size: int = 700, extra_lines: tuple[str, ...] = ()):
 
 
 def build_model(arch: str, tokenizer, seed: int = 0, n_layers: int = 2):
-    """A randomly initialised causal LM with `n_layers` layers ('gpt2' or 'llama')."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    """A randomly initialised causal LM with `n_layers` layers ('gpt2', 'llama' or 'gemma3')."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     common = dict(
@@ -82,13 +82,39 @@ def build_model(arch: str, tokenizer, seed: int = 0, n_layers: int = 2):
             **common,
         )
         model = LlamaForCausalLM(config)
+    elif arch == "gemma3":
+        # Norms before and after each sublayer, per-head q/k norms, scores scaled by
+        # query_pre_attn_scalar**-0.5 (not d_head's), local and global layers with their own rotary
+        # bases, tied and sqrt(d_model)-scaled embeddings, as in Gemma-3-270M.
+        layer_types = ["sliding_attention", "full_attention"] * n_layers
+        config = Gemma3TextConfig(
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            hidden_size=64,
+            intermediate_size=128,
+            max_position_embeddings=128,
+            query_pre_attn_scalar=24,
+            sliding_window=64,
+            layer_types=layer_types[:n_layers],
+            rope_parameters={
+                "full_attention": {"rope_theta": 1e6, "rope_type": "default"},
+                "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"},
+            },
+            tie_word_embeddings=True,
+            **common,
+        )
+        model = Gemma3ForCausalLM(config)
     else:
         raise ValueError(arch)
     # Random init gives near-uniform predictions; larger weights make differences visible in tests.
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.mul_(3.0)
+            elif arch == "gemma3" and "norm" in name:
+                p.normal_(0.0, 0.3)  # Gemma stores norm weights as offsets from 1, initialised to 0
     return model.eval()
 
 

@@ -10,6 +10,9 @@ the input writes at step 0; attention of layer l reads at 2l and writes at 2l+1;
 and writes at 2l+2 (both read at 2l in parallel-attention models); the logits read at 2L. Then u -> v
 is an edge iff write_step(u) <= read_step(v).
 
+Models with a norm after each sublayer (Gemma 2 / 3) have the same graph: their heads' writes are
+split by holding the post-attention norm's scale fixed (attribution/post_norm.py).
+
 Edges are numbered in row-major order of the [n_upstream, n_downstream] validity mask, so a dense
 score matrix `S[u, v]` and a score vector `s[e]` over edges convert with `edge_up`/`edge_down`.
 """
@@ -82,11 +85,6 @@ class Graph:
     @classmethod
     def from_model(cls, model) -> "Graph":
         cfg = model.cfg
-        if getattr(cfg, "use_normalization_before_and_after", False):
-            raise GraphError(
-                "models with a norm after each sublayer (Gemma 2/3) need the frozen-norm linearisation "
-                "of docs/method.md §2, which is not implemented yet"
-            )
         n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
         return cls(
             n_layers=cfg.n_layers,

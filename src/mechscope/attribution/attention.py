@@ -23,13 +23,34 @@ def qkv_hook_names(model, layer: int) -> tuple[str, str, str]:
     return q, k, f"blocks.{layer}.attn.hook_v"
 
 
+def _hf_config(model):
+    original = getattr(model, "original_model", None)
+    return getattr(original, "config", None)
+
+
 def attention_scale(model) -> float:
-    """The factor attention scores are multiplied by (1 / sqrt(d_head) unless the model says else)."""
+    """The factor attention scores are multiplied by: 1 / sqrt(d_head) unless the model says else
+    (TransformerLens' `attn_scale`, or Gemma's `query_pre_attn_scalar`, whose inverse square root
+    Gemma uses in place of d_head's)."""
     cfg = model.cfg
     scale = getattr(cfg, "attn_scale", None)
     if scale is None or scale <= 0:
-        scale = math.sqrt(cfg.d_head)
+        scalar = getattr(_hf_config(model), "query_pre_attn_scalar", None)
+        scale = math.sqrt(scalar if scalar else cfg.d_head)
     return 1.0 / float(scale)
+
+
+def sliding_window(model) -> int | None:
+    """The window of the model's local-attention layers (a query sees the keys fewer than `window`
+    positions back), or None when no layer has one."""
+    cfg, hf = model.cfg, _hf_config(model)
+    window = getattr(hf, "sliding_window", None) if hf is not None else None
+    types = getattr(hf, "layer_types", None) if hf is not None else None
+    if window and (types is None or "sliding_attention" in types):
+        return int(window)
+    if getattr(cfg, "use_local_attn", False) or getattr(cfg, "window_size", None):
+        return int(getattr(cfg, "window_size", None) or 0)
+    return None
 
 
 def score_soft_cap(model) -> float | None:
@@ -38,13 +59,22 @@ def score_soft_cap(model) -> float | None:
     return float(cap) if cap is not None and cap > 0 else None
 
 
-def check_supported(model) -> None:
-    """Refuse attention variants the hand computation does not reproduce."""
+def check_supported(model, n_positions: int | None = None) -> None:
+    """Refuse attention variants the hand computation does not reproduce.
+
+    Local (sliding-window) layers, as in Gemma 2 / 3, are computed as full causal attention, which is
+    exact while no prompt reaches past the window: with `n_positions` (the padded prompt length) no
+    larger than the window every key is within reach of every later query. Longer prompts are
+    refused; without `n_positions` only the architecture is checked."""
     cfg = model.cfg
     if getattr(cfg, "positional_embedding_type", "") == "alibi":
         raise NotImplementedError("crossing edges are not implemented for ALiBi attention")
-    if getattr(cfg, "use_local_attn", False) or getattr(cfg, "sliding_window", None):
-        raise NotImplementedError("crossing edges are not implemented for local (sliding-window) attention")
+    window = sliding_window(model)
+    if window is not None and n_positions is not None and n_positions > window:
+        raise NotImplementedError(
+            f"crossing edges with local attention are computed only for prompts within the window: "
+            f"a batch has {n_positions} positions, the model's sliding window is {window}"
+        )
 
 
 def per_query_head(x: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -147,7 +147,7 @@ def batch_gradients_and_deltas(
             grad /= steps
     grad = grad.detach()
     if crossing:
-        gz = head_output_grads(model, graph, grad)
+        gz = head_output_grads(model, graph, grad, clean_run.inv_scale)
         cross = crossing_from_runs(model, batch.attention_mask, clean_run.attention, cf_attention, clean_run.z, gz)
         return delta, grad, cross
     return delta, grad

@@ -29,7 +29,17 @@ from ..data.dataset import Batch
 from ..devices import HOST
 from ..graph import Graph
 from ..metrics import compute_metric, final_logits
-from .attention import allowed_mask, attention_scale, is_causal, per_query_head, qkv_hook_names, score_soft_cap, scores
+from .attention import (
+    allowed_mask,
+    attention_scale,
+    check_supported,
+    is_causal,
+    per_query_head,
+    qkv_hook_names,
+    score_soft_cap,
+    scores,
+)
+from .post_norm import frozen_scale_hooks, head_write_weights
 
 
 def _capture(model, batch: Batch, tokens: torch.Tensor, metric: str | None):
@@ -50,6 +60,8 @@ def _capture(model, batch: Batch, tokens: torch.Tensor, metric: str | None):
 
         hooks.append((f"blocks.{l}.attn.hook_z", keep_z))
     grads = {}
+    if metric is not None:  # dM/dz with the post-sublayer norms' scales held fixed (post_norm.py)
+        hooks = frozen_scale_hooks(model, model.cfg.n_layers) + hooks
     with torch.set_grad_enabled(metric is not None), model.hooks(fwd_hooks=hooks):
         logits = model(tokens, attention_mask=batch.attention_mask)
         if metric is not None:
@@ -74,14 +86,17 @@ def crossing_scores(model, batch: Batch, metric: str) -> dict[str, torch.Tensor]
     return crossing_from_runs(model, batch.attention_mask, clean, cf, z, gz)
 
 
-def head_output_grads(model, graph: Graph, grad: torch.Tensor) -> dict[int, torch.Tensor]:
+def head_output_grads(model, graph: Graph, grad: torch.Tensor,
+                      inv_scale: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
     """dM/dz per layer [batch, pos, head, d_head] from the downstream-input gradients [n_down, b, t, d].
 
-    A head's write enters the residual stream once and every later reader sees it, so dM/dresult_h is
+    A head's write enters the residual stream once and every later reader sees it, so dM/dwrite_h is
     the sum of the gradients at all downstream inputs read after the head writes; times W_O[h]^T it
-    is dM/dz_h. One running sum from the logits down serves every layer.
+    is dM/dz_h. One running sum from the logits down serves every layer. With post-sublayer norms
+    the write is w1 * (z_h @ W_O[h]) / r with r frozen (post_norm.py), so the chain rule also takes
+    the weight w1 and the clean run's 1 / r, given per layer in `inv_scale` ([b, t, 1, 1]).
     """
-    W_O = model.W_O.detach()
+    W_O = head_write_weights(model)
     steps = graph.downstream_read_step.tolist()
     running = torch.zeros_like(grad[0])
     nxt = graph.n_downstream  # downstream nodes [nxt, n_down) are in `running`
@@ -92,6 +107,8 @@ def head_output_grads(model, graph: Graph, grad: torch.Tensor) -> dict[int, torc
             running += grad[first:nxt].sum(0)
             nxt = first
         out[l] = torch.einsum("btd,hed->bthe", running, W_O[l].to(running.dtype))
+        if inv_scale is not None and l in inv_scale:
+            out[l] = out[l] * inv_scale[l].to(out[l].dtype)
     return out
 
 
@@ -102,6 +119,7 @@ def crossing_from_runs(model, attention_mask, clean, cf, z, gz) -> dict[str, tor
     cfg = model.cfg
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
     b, t = attention_mask.shape
+    check_supported(model, t)
     scale, cap = attention_scale(model), score_soft_cap(model)
     allowed = allowed_mask(attention_mask, is_causal(model))  # [b, 1, t, t']
     # Kept on the model's device: moving each layer to the host would wait for the GPU 3x a layer.

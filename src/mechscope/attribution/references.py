@@ -15,6 +15,7 @@ import torch
 from ..devices import model_device, batch_size_for
 from ..data.dataset import Batch, PromptPairDataset
 from ..graph import Graph
+from .post_norm import head_write_weights
 from .runner import StopForward, graph_hooks
 
 ABLATIONS = ("counterfactual", "mean", "zero")
@@ -55,16 +56,20 @@ def _reference_pass(model, graph: Graph, tokens, attention_mask, heads_as_z: boo
 def counterfactual_delta(model, graph: Graph, batch: Batch, clean_run, capture_attention: bool = False):
     """ref - clean for every upstream node [n_up, batch, pos, d] with the counterfactual reference,
     from a clean run recorded with `heads_as_z`: head rows come from (z' - z) @ W_O, one product per
-    layer instead of one per pass. With `capture_attention`, returns (delta, the counterfactual run's
-    (q, k, v) per layer)."""
+    layer instead of one per pass. With post-sublayer norms each run's z is first divided by that
+    run's own ln1_post scale (post_norm.py): (z' / r' - z / r) @ W_O * w1. With `capture_attention`,
+    returns (delta, the counterfactual run's (q, k, v) per layer)."""
     cf_run = _reference_pass(model, graph, batch.counterfactual, batch.attention_mask, heads_as_z=True,
                              capture_attention=capture_attention)
     delta = cf_run.up  # head rows are unwritten in both runs: they are filled from z below
     delta[0] -= clean_run.up[0]
-    W_O = model.W_O.detach()
+    W = head_write_weights(model)
     for layer in range(graph.n_layers):
-        dz = cf_run.z[layer] - clean_run.z[layer]
-        delta[graph.upstream_slice(layer)] = torch.einsum("bthe,hed->hbtd", dz, W_O[layer].to(dz.dtype))
+        z_cf, z_clean = cf_run.z[layer], clean_run.z[layer]
+        if layer in cf_run.inv_scale:
+            z_cf, z_clean = z_cf * cf_run.inv_scale[layer], z_clean * clean_run.inv_scale[layer]
+        dz = z_cf - z_clean
+        delta[graph.upstream_slice(layer)] = torch.einsum("bthe,hed->hbtd", dz, W[layer].to(dz.dtype))
         mlp = graph.mlp_index(layer)
         delta[mlp] -= clean_run.up[mlp]
     return (delta, cf_run.attention) if capture_attention else delta

@@ -24,6 +24,11 @@ hook_z` (heads: their writes z_h @ W_O[h] are computed from it), `blocks.{l}.hoo
 `blocks.{l}.hook_{q,k,v}_input` (per-head and per-key-value-head inputs, when inputs are split),
 `blocks.{l}.attn.hook_{q,k,v}` and `blocks.{l}.hook_resid_pre` (gradients without split inputs),
 `blocks.{l}.hook_mlp_in`, and `ln_final.hook_in` (the logits' input).
+
+Models with a norm after each sublayer (Gemma 2 / 3) are run under the frozen-scale linearisation of
+post_norm.py: a head's write is w1 * (z_h @ W_O[h]) / r with r `blocks.{l}.ln1_post.hook_scale` of the
+same run (so the writes of a layer's heads sum to `hook_attn_out` exactly), the MLP's write is
+`hook_mlp_out` (already post-normed), and passes that take gradients hold every post-norm scale fixed.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from typing import Callable
 import torch
 
 from ..graph import Graph
-from .attention import allowed_mask, is_causal, mixed_head_outputs, qkv_hook_names
+from .attention import allowed_mask, check_supported, is_causal, mixed_head_outputs, qkv_hook_names
+from .post_norm import frozen_scale_hooks, has_post_norms, head_write_weights
 
 
 def prepare_model(model, split_inputs: bool = True) -> None:
@@ -94,12 +100,20 @@ class GraphRun:
         heads_as_z: bool = False,
         attention_names: list[tuple[str, str, str]] | None = None,
         capture_attention: bool = False,
+        post_norms: bool = False,
     ):
         if ablation is not None and not split_inputs:
             raise ValueError("edge ablation needs split per-head inputs")
         self.graph = graph
         self.split_inputs = split_inputs
-        self.W_O = W_O  # [layer, head, d_head, d_model]
+        # [layer, head, d_head, d_model]: W_O, or W_O times ln1_post's weight with post-sublayer norms.
+        self.W_O = W_O
+        # With post-sublayer norms (Gemma 2 / 3; see post_norm.py) a head's write is (z / r) @ W_O,
+        # r the ln1_post scale of this run: z waits in `pending_z` until the norm's scale hook gives r,
+        # and `inv_scale[layer]` ([b, t, 1, 1], 1 / r) stays for callers that take writes from `z`.
+        self.post_norms = post_norms
+        self.pending_z: dict[int, torch.Tensor] = {}
+        self.inv_scale: dict[int, torch.Tensor] = {}
         self.stop_at_final = stop_at_final
         # With heads_as_z the head rows of `up` stay unwritten and each layer's z is kept instead:
         # a caller that needs only differences of head writes takes them as (z' - z) @ W_O, once.
@@ -257,6 +271,8 @@ class GraphRun:
                     hooks.append((name, self._attention_capture_hook(l, i)))
             if self.record_up or self._attention_layer(l):
                 hooks.append((f"blocks.{l}.attn.hook_z", self._head_results_hook(l)))
+                if self.post_norms:
+                    hooks.append((f"blocks.{l}.ln1_post.hook_scale", self._post_scale_hook(l)))
             hooks.append((f"blocks.{l}.hook_mlp_in", self._downstream(g.mlp_in_index(l), 1, mlp_read)))
             hooks.append((f"blocks.{l}.hook_mlp_out", self._upstream_hook(g.mlp_index(l))))
         logits_input = self._downstream(g.logits_index, 1, 2 * g.n_layers)
@@ -302,7 +318,9 @@ class GraphRun:
     def _head_results_hook(self, layer: int):
         """Each head's write to the residual stream, z_h @ W_O[h] (TransformerLens' hook_result
         without its bias), computed here outside autograd instead of by the model's per-head path.
-        With crossing-edge ablation in this layer the head outputs are first recomputed."""
+        With crossing-edge ablation in this layer the head outputs are first recomputed. With
+        post-sublayer norms the write is (z_h / r) @ W_O[h] * w1, written once ln1_post's scale r of
+        this run is known (`_post_scale_hook`)."""
 
         def hook(z, hook=None):
             att = self.ablation.attention if self.ablation is not None else None
@@ -316,12 +334,31 @@ class GraphRun:
                 return z
             if self.up is None:
                 return z
-            w = self.W_O[layer].to(z.dtype)
-            heads = self.graph.upstream_slice(layer)
-            self.up[heads] = torch.einsum("bthe,hed->hbtd", z.detach(), w)
-            if self.ablation is not None:
-                self._set_delta(heads, self.up[heads])
+            if self.post_norms:
+                self.pending_z[layer] = z.detach()
+                return z
+            self._write_heads(layer, z.detach())
             return z
+
+        return hook
+
+    def _write_heads(self, layer: int, z: torch.Tensor) -> None:
+        w = self.W_O[layer].to(z.dtype)
+        heads = self.graph.upstream_slice(layer)
+        self.up[heads] = torch.einsum("bthe,hed->hbtd", z, w)
+        if self.ablation is not None:
+            self._set_delta(heads, self.up[heads])
+
+    def _post_scale_hook(self, layer: int):
+        """ln1_post's scale r [b, t, 1] on this run: the heads' writes of `layer` are z / r times W."""
+
+        def hook(scale, hook=None):
+            inv = 1.0 / scale.detach()[..., None]  # [b, t, 1, 1]
+            self.inv_scale[layer] = inv
+            z = self.pending_z.pop(layer, None)
+            if z is not None:
+                self._write_heads(layer, z * inv.to(z.dtype))
+            return scale
 
         return hook
 
@@ -358,18 +395,21 @@ def graph_hooks(
     q, k, v are kept in `run.attention`. Crossing-edge ablation needs the batch's `attention_mask`."""
     prepare_model(model, split_inputs)
     # The bridge assembles W_O for all layers on each access, so read it once per pass.
-    W_O = model.W_O.detach() if ((record_up and not heads_as_z) or ablation is not None) else None
+    W_O = head_write_weights(model) if ((record_up and not heads_as_z) or ablation is not None) else None
     crossing = ablation is not None and ablation.attention is not None
     names = [qkv_hook_names(model, l) for l in range(graph.n_layers)] if capture_attention or crossing else None
     run = GraphRun(
         graph, record_up, record_down, ablation, input_override, split_inputs, W_O, stop_at_final, heads_as_z,
-        names, capture_attention,
+        names, capture_attention, has_post_norms(model),
     )
     if crossing:
         if attention_mask is None:
             raise ValueError("crossing-edge ablation needs the batch's attention_mask")
+        check_supported(model, attention_mask.shape[1])
         run.allowed = allowed_mask(attention_mask, is_causal(model))
-    with model.hooks(fwd_hooks=run.hooks()):
+    # Gradient passes hold the post-sublayer norms' scales fixed (post_norm.py): no hooks otherwise.
+    frozen = frozen_scale_hooks(model, graph.n_layers) if record_down else []
+    with model.hooks(fwd_hooks=frozen + run.hooks()):
         yield run
 
 

@@ -32,13 +32,13 @@ from ..attribution.references import (
     reference_outputs,
     upstream_and_attention,
 )
-from ..attribution.runner import Ablation, AttentionAblation, graph_hooks
+from ..attribution.runner import Ablation, AttentionAblation, graph_hooks, run_to_final_logits
 from ..behaviour import check_compatible
 from .circuit import Circuit
 from ..data.dataset import PromptPairDataset
 from ..errors import MechscopeWarning
 from ..graph import Graph
-from ..metrics import Metric, accuracy, compute_metric, final_logits, resolve_metric
+from ..metrics import Metric, accuracy, compute_metric, resolve_metric
 from .span_circuit import (
     ALL_TOKENS,
     SpanCircuit,
@@ -159,7 +159,10 @@ class _Evaluator:
             # q, k, v are only needed to ablate crossing edges (span circuits).
             clean_up, clean_attn = upstream_and_attention(model, graph, batch.clean, batch.attention_mask,
                                                           attention=positional)
-            clean = final_logits(model(batch.clean, attention_mask=batch.attention_mask), batch.last)
+            # Logits at the last positions only (the final norm and unembedding applied to those rows):
+            # with a large vocabulary (Gemma's 262k) unembedding every position dominates a pass.
+            with graph_hooks(model, graph, stop_at_final=True) as run:
+                clean = run_to_final_logits(model, run, batch.clean, batch.attention_mask, batch.last)
             if self.ablation == "counterfactual" and positional:
                 reference, cf_attn = upstream_and_attention(model, graph, batch.counterfactual, batch.attention_mask)
             else:
@@ -170,8 +173,9 @@ class _Evaluator:
             top = clean.argmax(-1)
 
             def score(ablation: Ablation, into: _Totals) -> torch.Tensor:
-                with graph_hooks(model, graph, ablation=ablation, attention_mask=batch.attention_mask):
-                    logits = final_logits(model(batch.clean, attention_mask=batch.attention_mask), batch.last)
+                with graph_hooks(model, graph, ablation=ablation, attention_mask=batch.attention_mask,
+                                 stop_at_final=True) as run:
+                    logits = run_to_final_logits(model, run, batch.clean, batch.attention_mask, batch.last)
                 values = compute_metric(metric, logits, batch, clean_logits=clean).double()
                 into.metric += float(values.sum())
                 into.agree += float((logits.argmax(-1) == top).sum())
