@@ -22,4 +22,8 @@ for batch in 16 64; do
   $py bench_peap.py --model "$out/smollm2-random" --device cuda --batch $batch --repeats 3
 done
 $py bench_attribution.py --model "$out/gpt2-random" --device cuda --batch 64 --repeats 5
+if [ -d "$out/gemma3-random" ]; then
+  $py bench_attribution.py --model "$out/gemma3-random" --device cuda --batch 64 --repeats 5
+  $py bench_peap.py --model "$out/gemma3-random" --device cuda --batch 64 --repeats 3
+fi
 ${PROFILE:+$py profile_attribution.py --model "$out/smollm2-random" --device cuda --batch 64}

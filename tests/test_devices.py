@@ -78,6 +78,14 @@ def test_core_paths_create_no_tensor_without_a_device(tiny_model, data, tmp_path
     assert not audit.leaks, "tensors created without a device in mechscope:\n" + audit.report()
 
 
+def test_gemma_paths_create_no_tensor_without_a_device(tiny_gemma, data, tmp_path):
+    # Post-sublayer norms add their own passes (frozen scales, per-head write weights).
+    audit = DeviceAudit()
+    with audit:
+        core_paths(tiny_gemma, data, tmp_path)
+    assert not audit.leaks, "tensors created without a device in mechscope:\n" + audit.report()
+
+
 def test_tracr_paths_create_no_tensor_without_a_device():
     pytest.importorskip("tracr")
     from mechscope.toys.tracr.benchmark import benchmark_program
@@ -129,6 +137,15 @@ def test_core_paths_on_cuda_equal_the_cpu(arch, tiny_model_dirs, data, tmp_path)
     assert model_device(gpu).type == "cuda"
     assert all(p.device.type == "cuda" for p in gpu.parameters())
     want = core_paths(cpu, data, tmp_path / "cpu")
+    got = core_paths(gpu, data, tmp_path / "gpu")
+    for key, value in want.items():
+        assert math.isclose(got[key], value, rel_tol=1e-3, abs_tol=1e-4), (key, got[key], value)
+
+
+@pytest.mark.gpu
+def test_gemma_paths_on_cuda_equal_the_cpu(tiny_gemma, data, tmp_path):
+    gpu = mechscope.load_model(tiny_gemma.mechscope_name, device="cuda")
+    want = core_paths(tiny_gemma, data, tmp_path / "cpu")
     got = core_paths(gpu, data, tmp_path / "gpu")
     for key, value in want.items():
         assert math.isclose(got[key], value, rel_tol=1e-3, abs_tol=1e-4), (key, got[key], value)

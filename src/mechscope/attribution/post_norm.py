@@ -1,4 +1,4 @@
-"""Norms after each sublayer (Gemma 2 and 3): the frozen-scale linearisation (../shared/method.md §2).
+"""Norms after each sublayer (Gemma 2 and 3): the frozen-scale linearisation (docs/method.md §2).
 
 In these models a layer adds to the residual stream not the sum of its heads' outputs but
 
