@@ -52,11 +52,14 @@ def core_paths(model, data, tmp_path) -> dict[str, float]:
         out[f"evaluate-{ablation}"] = graph_result.metric_circuit
         out[f"evaluate-span-{ablation}"] = span_result.metric_circuit
     curve = faithfulness_curve(model, peap, data, fractions=(0.1, 1.0), batch_size=4, progress=False)
-    out["curve"] = curve.points[-1].normalized
+    # Metric values, not normalized faithfulness: on a random model M(model) - M(empty) can be tiny and
+    # the ratio would magnify float32 differences between devices.
+    out["curve"] = curve.points[0].metric_circuit
     task = make_task("ioi", model.tokenizer, 24, seed=1)  # enough examples the random model gets right
     run = discover_circuit(model, task, "peap", fractions=(0.1, 1.0), display_sizes=(10,), batch_size=8,
                            progress=False)
-    out["discover"] = run.summary["methods"]["peap"]["cpr"]
+    out["discover"] = run.summary["metric_ablated"]
+    out["discover-circuit"] = run.summary["circuit"]["metric_circuit"]
     from mechscope.report import write_report
 
     write_report(tmp_path / "report", model, run)
@@ -64,6 +67,19 @@ def core_paths(model, data, tmp_path) -> dict[str, float]:
         out[method] = float(sum(s.abs().sum() for s in token_saliency(model, data, method, progress=False)))
     induce_schema(data, model.tokenizer, token_saliency(model, data, progress=False))
     return out
+
+
+# Zero-ablating all but 40 edges leaves some nodes' inputs near zero; an RMS norm then divides by about
+# sqrt(eps) and magnifies float32 rounding (which differs between CPU and GPU kernels) ~100-fold. Measured
+# on an H200 for the tiny Gemma-3: 0.3215 on CUDA against 0.3208 on the CPU, every other number within
+# 1e-5 relative. That one comparison gets 1e-2.
+ILL_CONDITIONED = {"evaluate-zero": 1e-2}
+
+
+def assert_same_numbers(got: dict, want: dict) -> None:
+    off = {k: (got[k], v) for k, v in want.items()
+           if not math.isclose(got[k], v, rel_tol=ILL_CONDITIONED.get(k, 1e-3), abs_tol=1e-4)}
+    assert not off, f"device and CPU differ (got, want): {off}"
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +154,7 @@ def test_core_paths_on_cuda_equal_the_cpu(arch, tiny_model_dirs, data, tmp_path)
     assert all(p.device.type == "cuda" for p in gpu.parameters())
     want = core_paths(cpu, data, tmp_path / "cpu")
     got = core_paths(gpu, data, tmp_path / "gpu")
-    for key, value in want.items():
-        assert math.isclose(got[key], value, rel_tol=1e-3, abs_tol=1e-4), (key, got[key], value)
+    assert_same_numbers(got, want)
 
 
 @pytest.mark.gpu
@@ -147,8 +162,7 @@ def test_gemma_paths_on_cuda_equal_the_cpu(tiny_gemma, data, tmp_path):
     gpu = mechscope.load_model(tiny_gemma.mechscope_name, device="cuda")
     want = core_paths(tiny_gemma, data, tmp_path / "cpu")
     got = core_paths(gpu, data, tmp_path / "gpu")
-    for key, value in want.items():
-        assert math.isclose(got[key], value, rel_tol=1e-3, abs_tol=1e-4), (key, got[key], value)
+    assert_same_numbers(got, want)
 
 
 @pytest.mark.gpu
