@@ -52,7 +52,8 @@ def tiny_gemma(tmp_path_factory, tiny_tokenizer):
     """A tiny random Gemma-3 (norms after each sublayer, q/k norms, local and global layers)."""
     import mechscope
 
-    path = tiny.save_model_dir(tmp_path_factory.mktemp("tiny_gemma") / "gemma3", "gemma3", tiny_tokenizer, seed=2, n_layers=3)
+    root = tmp_path_factory.mktemp("tiny_gemma")
+    path = tiny.save_model_dir(root / "gemma3", "gemma3", tiny_tokenizer, seed=2, n_layers=3)
     return mechscope.load_model(str(path), device="cpu")
 
 

@@ -105,7 +105,8 @@ def jvp_edge_derivatives(model, data, edges, hooks=()) -> dict[int, float]:
         onehot[graph.edge_up[e], graph.edge_down[e]] = 1.0
 
         def metric_with_edge_scaled(eps):
-            with model.hooks(fwd_hooks=list(hooks)), graph_hooks(model, graph, ablation=Ablation(1 - eps * onehot, ref)):
+            ablation = Ablation(1 - eps * onehot, ref)
+            with model.hooks(fwd_hooks=list(hooks)), graph_hooks(model, graph, ablation=ablation):
                 logits = final_logits(model(b.clean, attention_mask=b.attention_mask), b.last)
             return compute_metric("logit_diff", logits, b).mean()
 

@@ -20,7 +20,12 @@ from test_attribution import (
     ioi_like,
     jvp_edge_derivatives,
 )
-from test_peap import check_attribution_crossing_matches_stand_alone, frozen_scale_hooks, naive_crossing, post_norm_scales
+from test_peap import (
+    check_attribution_crossing_matches_stand_alone,
+    frozen_scale_hooks,
+    naive_crossing,
+    post_norm_scales,
+)
 
 from mechscope.attribution import attribute
 from mechscope.attribution.attention import attention_scale, check_supported, qkv_hook_names

@@ -58,7 +58,14 @@ def build_tokenizer(vocab_size: int = 700, extra_lines: tuple[str, ...] = ()):
 
 def build_model(arch: str, tokenizer, seed: int = 0, n_layers: int = 2):
     """A randomly initialised causal LM with `n_layers` layers ('gpt2', 'llama' or 'gemma3')."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(seed)
     common = dict(
