@@ -19,7 +19,7 @@ from ..graph import Graph
 from ..metrics import compute_metric
 from .peap import crossing_from_runs, head_output_grads
 from .references import MeanReference, counterfactual_delta, reference_outputs
-from .runner import downstream_grads, graph_hooks, run_to_final_logits
+from .runner import downstream_grads, graph_hooks, run_to_final_logits, tokens_by_span
 
 METHODS = ("eap", "eap-ig")
 
@@ -54,18 +54,10 @@ def contract(
     elif gather if gather is not None else delta.device.type != "cpu":
         # One product per (example, span) is thousands of small launches at batch 64 on a GPU; one
         # gather of the tokens sorted by span leaves one product per span.
-        flat = span_of.reshape(-1).to(delta.device)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat[flat >= 0], minlength=n_spans).tolist()
-        start = int((flat < 0).sum())  # padding (-1) sorts first
+        order, ranges = tokens_by_span(span_of.to(delta.device), n_spans)
         d_sorted = delta.flatten(1, 2)[:, order]  # [n_up, tokens, d]
         g_sorted = grad.flatten(1, 2)[:, order]
-        parts = []
-        for s, c in enumerate(counts):
-            if c:
-                parts.append((s, d_sorted[:, start:start + c].reshape(n_up, -1),
-                              g_sorted[:, start:start + c].reshape(n_down, -1)))
-            start += c
+        parts = [(s, d_sorted[:, a:e].reshape(n_up, -1), g_sorted[:, a:e].reshape(n_down, -1)) for s, a, e in ranges]
     else:
         # A span's tokens are contiguous within each example, so delta[:, b, a:e] is a view whose
         # (token, d) block flattens without a copy: one product per (example, span), nothing gathered.

@@ -44,6 +44,22 @@ from .attention import allowed_mask, check_supported, is_causal, mixed_head_outp
 from .post_norm import frozen_scale_hooks, has_post_norms, head_write_weights
 
 
+def tokens_by_span(span_of: torch.Tensor, n_spans: int) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """Tokens of a batch grouped by span: (order, ranges). `order` holds the flat (row-major) indices
+    of the tokens of span_of [batch, pos] sorted by span, in position order within a span, padding (-1)
+    left out; `ranges` holds (span, start, end) of each non-empty span's slice of `order`. Gathering a
+    [.., batch * pos, ..] tensor with `order` makes every span's tokens one contiguous block."""
+    flat = span_of.reshape(-1)
+    counts = torch.bincount(flat[flat >= 0], minlength=n_spans).tolist()
+    order = torch.argsort(flat, stable=True)[flat.numel() - sum(counts):]  # padding sorts first
+    ranges, start = [], 0
+    for s, c in enumerate(counts):
+        if c:
+            ranges.append((s, start, start + c))
+        start += c
+    return order, ranges
+
+
 def prepare_model(model, split_inputs: bool = True) -> None:
     """Switch on the hooks the graph needs. `split_inputs` gives every head its own copy of the
     residual stream (needed to patch one head's input); gradients alone do without it."""
@@ -151,15 +167,9 @@ class GraphRun:
         """Keep delta with the (batch, pos) axis flattened and sorted by span ([n_up, tokens, d]), so
         every span's tokens are one contiguous slice and its correction is one matrix product."""
         ref = ablation.reference
-        n_spans = self.drop.shape[0]
-        flat = ablation.span_of.reshape(-1).to(ref.device)
         self.drop_t = self.drop.transpose(1, 2).contiguous()  # [span, n_down, n_up]
-        order = torch.cat([(flat == s).nonzero(as_tuple=True)[0] for s in range(n_spans)])
-        counts = torch.bincount(flat[flat >= 0], minlength=n_spans).tolist()
-        starts = [sum(counts[:s]) for s in range(n_spans)]
-        self.span_ranges = [(s, a, a + c) for s, (a, c) in enumerate(zip(starts, counts)) if c]
-        self.order = order
-        self.ref_sorted = ref.flatten(1, 2)[:, order]  # [n_up, tokens, d]
+        self.order, self.span_ranges = tokens_by_span(ablation.span_of.to(ref.device), self.drop.shape[0])
+        self.ref_sorted = ref.flatten(1, 2)[:, self.order]  # [n_up, tokens, d]
         self.delta = torch.empty_like(self.ref_sorted)
         self.bt = ref.shape[1:3]
 
