@@ -16,7 +16,7 @@ from ..devices import model_device, batch_size_for
 from ..data.dataset import Batch, PromptPairDataset
 from ..graph import Graph
 from .post_norm import head_write_weights
-from .runner import StopForward, graph_hooks
+from .runner import StopForward, graph_hooks, last_token_logits
 
 ABLATIONS = ("counterfactual", "mean", "zero")
 
@@ -39,6 +39,16 @@ def upstream_and_attention(model, graph: Graph, tokens, attention_mask, attentio
     False the second is empty (nothing captured)."""
     run = _reference_pass(model, graph, tokens, attention_mask, heads_as_z=False, capture_attention=attention)
     return run.up, {layer: tuple(t) for layer, t in run.attention.items()}
+
+
+@torch.no_grad()
+def clean_pass(model, graph: Graph, batch: Batch, attention: bool = True) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """`upstream_and_attention` on the batch's clean prompts and, from the same pass, the logits at
+    each example's last token [b, vocab]."""
+    run = _reference_pass(model, graph, batch.clean, batch.attention_mask, heads_as_z=False,
+                          capture_attention=attention)
+    attn = {layer: tuple(t) for layer, t in run.attention.items()}
+    return run.up, attn, last_token_logits(model, run, batch.last)
 
 
 @torch.no_grad()

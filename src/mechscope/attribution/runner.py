@@ -481,6 +481,11 @@ def run_to_final_logits(model, run: GraphRun, tokens: torch.Tensor, attention_ma
         model(tokens, attention_mask=attention_mask)
     except StopForward:
         pass
+    return last_token_logits(model, run, last)
+
+
+def last_token_logits(model, run: GraphRun, last: torch.Tensor) -> torch.Tensor:
+    """Logits [b, vocab] at each example's last token, from the final residual a pass recorded."""
     resid = run.final_residual[torch.arange(len(last), device=last.device), last]  # [b, d]
     return unembed(model, resid)
 

@@ -28,6 +28,7 @@ from ..attribution.peap import batch_span_of
 from ..attribution.references import (
     attention_references,
     check_ablation,
+    clean_pass,
     mean_reference,
     reference_outputs,
     upstream_and_attention,
@@ -157,12 +158,9 @@ class _Evaluator:
         for indices, batch in ds.batches(self.batch_size):
             batch = batch.to(device)
             # q, k, v are only needed to ablate crossing edges (span circuits).
-            clean_up, clean_attn = upstream_and_attention(model, graph, batch.clean, batch.attention_mask,
-                                                          attention=positional)
-            # Logits at the last positions only (the final norm and unembedding applied to those rows):
-            # with a large vocabulary (Gemma's 262k) unembedding every position dominates a pass.
-            with graph_hooks(model, graph, stop_at_final=True) as run:
-                clean = run_to_final_logits(model, run, batch.clean, batch.attention_mask, batch.last)
+            # One clean pass gives the upstream outputs, q/k/v and the logits at the last positions only
+            # (with a large vocabulary, Gemma's 262k, unembedding every position dominates a pass).
+            clean_up, clean_attn, clean = clean_pass(model, graph, batch, attention=positional)
             if self.ablation == "counterfactual" and positional:
                 reference, cf_attn = upstream_and_attention(model, graph, batch.counterfactual, batch.attention_mask)
             else:
