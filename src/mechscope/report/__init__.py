@@ -7,8 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import MechscopeError
-from ..fileio import atomic_dir
+from ..fileio import OutputError, atomic_dir, check_parent_writable
 from .data import attention_patterns, circuit_heads, graph_data, top_edges
 from .figures import circuit_png, curves_png
 from .html import json_safe, render
@@ -16,7 +15,7 @@ from .html import json_safe, render
 FILES = ("report.html", "summary.json", "scores.safetensors", "circuit.json", "curves.png", "circuit.png")
 
 
-class ReportError(MechscopeError, OSError):
+class ReportError(OutputError):
     """An output directory that cannot be written."""
 
 
@@ -49,17 +48,13 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> None:
     `overwrite`, a previous report directory: one holding summary.json), and inside a writable
     directory (checked before any model work, and again by `write_report`)."""
     out = Path(out)
+    check_parent_writable(out, ReportError)  # first: it puts back a report that a killed --overwrite moved aside
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise ReportError(f"{out}: exists and is not an empty directory; choose a new --out or pass --overwrite")
         if not out.is_dir() or not (out / "summary.json").is_file():
             raise ReportError(f"{out}: exists and is not a mechscope report directory (no summary.json); "
                               "--overwrite replaces only a previous report")
-    probe = out.parent if str(out.parent) else Path(".")
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ReportError(f"{out}: cannot write there ({probe} is not a writable directory)")
 
 
 def write_report(out: str | os.PathLike, model, run, overwrite: bool = False) -> Path:
