@@ -9,8 +9,13 @@ hidden temporary). An `ApiFault` calls the library and checks the exception clas
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,8 +23,9 @@ from typing import Callable
 import pytest
 from typer.testing import CliRunner
 
-from mechscope.cli import app
+from mechscope.cli import Terminated, app
 from mechscope.errors import MechscopeError
+from test_fileio import dead_pid
 
 runner = CliRunner()
 
@@ -60,6 +66,7 @@ class CliFault:
     status: int = 2
     environ: dict[str, str] = field(default_factory=dict)  # extra environment variables; "{root}" is expanded
     after: Callable[[Env], None] | None = None  # further checks once the command returns
+    inject: Callable[[pytest.MonkeyPatch], object] | None = None  # a fault injected in-process (a full disk)
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,41 @@ class ApiEnv:
     root: Path
     model: object  # the tiny Llama bridge
     dataset: object  # a small IOI dataset for it
+
+
+def no_model(mp: pytest.MonkeyPatch) -> None:
+    """Fail the row if the command loads a model (its checks must come first)."""
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the check")
+    mp.setattr("mechscope.models.load_model", load_model)
+
+
+def full_disk(mp: pytest.MonkeyPatch) -> None:
+    """Every output flushed to the disk fails as a full disk does."""
+    def sync_file(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    mp.setattr("mechscope.fileio.sync_file", sync_file)
+
+
+def interrupt(kind: type[BaseException]) -> Callable:
+    def stop(*args, **kwargs):
+        raise kind()
+    return stop
+
+
+def plant_stale_temporaries(env: Env) -> None:
+    """A temporary of --out left by a killed run (its process is gone), and one of a live run."""
+    from mechscope.fileio import temporary_prefix
+
+    env.write(f"{temporary_prefix(env.out, pid=dead_pid())}dead_012.tmp", "half")
+    env.write(f"{temporary_prefix(env.out)}live_012.tmp", "half")
+
+
+def only_the_live_temporary_is_left(env: Env) -> None:
+    from mechscope.fileio import temporary_prefix
+
+    assert sorted(p.name for p in env.root.iterdir()) == sorted(
+        ["out", f"{temporary_prefix(env.out)}live_012.tmp"])
 
 
 def tree(root: Path) -> set[str]:
@@ -97,8 +139,82 @@ CLI_FAULTS: list[CliFault] = [
     # --- datasets and other input files
 
     # --- command-line options and parameters
+    # (choices; each row forbids the model to load, so a check made only after it fails the row)
+    CliFault("curves: unknown method", lambda e: ["curves", "--data", str(e.dataset), "--model", e.llama,
+                                                  "--methods", "eap,magic", "--out", str(e.out)],
+             "unknown method in --methods 'eap,magic'; choose from eap, eap-ig, exact, peap", inject=no_model),
+    CliFault("curves: empty methods", lambda e: ["curves", "--data", str(e.dataset), "--model", e.llama,
+                                                 "--methods", " , ", "--out", str(e.out)],
+             "unknown method in --methods", inject=no_model),
+    CliFault("curves: unknown selection", lambda e: ["curves", "--task", "ioi", "--model", e.llama,
+                                                     "--selection", "best", "--out", str(e.out)],
+             "unknown selection 'best'; choose top_n or greedy", inject=no_model),
+    CliFault("curves: unknown ablation", lambda e: ["curves", "--task", "ioi", "--model", e.llama,
+                                                    "--ablation", "resample", "--out", str(e.out)],
+             "unknown ablation 'resample'; choose one of counterfactual, mean, zero", inject=no_model),
+    CliFault("curves: unknown task", lambda e: ["curves", "--task", "sudoku", "--model", e.llama, "--out", str(e.out)],
+             "unknown task 'sudoku'", inject=no_model),
+    CliFault("data: unknown task before the model", lambda e: ["data", "sudoku", "--model", e.llama,
+                                                               "--out", str(e.out)],
+             "unknown task 'sudoku'", inject=no_model),
+    CliFault("data: unknown metric", lambda e: ["data", "--from-jsonl", str(e.dataset), "--metric", "bleu",
+                                                "--model", e.llama, "--out", str(e.out)],
+             "unknown metric 'bleu'", inject=no_model),
+    CliFault("circuit: unknown selection", lambda e: ["circuit", "--task", "ioi", "--model", e.llama,
+                                                      "--selection", "best", "--out", str(e.out)],
+             "unknown selection 'best'; choose greedy or top_n", inject=no_model),
+    CliFault("schema: unknown method", lambda e: ["schema", str(e.dataset), "--model", e.llama, "--method", "gpt",
+                                                  "--out", str(e.out)],
+             "unknown method 'gpt'; choose induce or llm", inject=no_model),
+    CliFault("schema: unknown saliency", lambda e: ["schema", str(e.dataset), "--model", e.llama,
+                                                    "--saliency", "lime", "--out", str(e.out)],
+             "unknown saliency 'lime'", inject=no_model),
+    CliFault("benchmark tracr: unknown program", lambda e: ["benchmark", "tracr", "--programs", "reverse,fly",
+                                                            "--out", str(e.out)],
+             "unknown program(s) fly"),
+    CliFault("benchmark tracr: unknown method", lambda e: ["benchmark", "tracr", "--methods", "eap,acdc",
+                                                           "--out", str(e.out)],
+             "unknown method in eap, acdc"),
 
     # --- outputs: checked before the compute, written atomically
+    # (the checks come before the model loads: those rows forbid it)
+    CliFault("data: --out under a file", lambda e: ["data", "ioi", "--model", e.llama, "--out",
+                                                    str(e.root / "notes.txt" / "ioi.jsonl")],
+             "ioi.jsonl: cannot write there (", setup=lambda e: e.write("notes.txt", "mine"), inject=no_model),
+    CliFault("curves: --out under a file", lambda e: ["curves", "--data", str(e.dataset), "--model", e.llama,
+                                                      "--out", str(e.root / "notes.txt" / "deeper" / "c.json")],
+             "notes.txt is not a directory", setup=lambda e: e.write("notes.txt", "mine"), inject=no_model),
+    CliFault("curves: --out is a directory", lambda e: ["curves", "--data", str(e.dataset), "--model", e.llama,
+                                                        "--out", str(e.root)],
+             "is a directory; give a file name", inject=no_model),
+    CliFault("schema: --out under a file", lambda e: ["schema", str(e.dataset), "--model", e.llama,
+                                                      "--out", str(e.root / "notes.txt" / "s.jsonl")],
+             "notes.txt is not a directory", setup=lambda e: e.write("notes.txt", "mine"), inject=no_model),
+    CliFault("circuit: --out under a file", lambda e: ["circuit", "--data", str(e.dataset), "--model", e.llama,
+                                                       "--out", str(e.root / "notes.txt" / "report")],
+             "notes.txt is not a directory", setup=lambda e: e.write("notes.txt", "mine"), inject=no_model),
+    CliFault("data: disk full while writing", lambda e: ["data", "ioi", "--model", e.llama, "--n", "6",
+                                                         "--out", str(e.out)],
+             f"{os.sep}out: cannot write there (no space left on device)", inject=full_disk),
+    CliFault("curves: disk full while writing", lambda e: ["curves", "--task", "ioi", "--n", "24", "--model", e.llama,
+                                                           "--methods", "eap", "--out", str(e.out)],
+             f"{os.sep}out: cannot write there (no space left on device)", inject=full_disk),
+    CliFault("circuit: disk full while writing the report", lambda e: [
+        "circuit", "--task", "ioi", "--n", "32", "--seed", "1", "--model", e.llama, "--method", "eap",
+        "--out", str(e.out)],
+             f"{os.sep}out: cannot write there (no space left on device)", inject=full_disk),
+    CliFault("circuit: Ctrl-C while writing the report", lambda e: [
+        "circuit", "--task", "ioi", "--n", "32", "--seed", "1", "--model", e.llama, "--method", "eap",
+        "--out", str(e.out)],
+             "interrupted by SIGINT; unfinished outputs were removed", status=130,
+             inject=lambda mp: mp.setattr("mechscope.report.circuit_png", interrupt(KeyboardInterrupt))),
+    CliFault("data: SIGTERM while measuring the behaviour", lambda e: ["data", "ioi", "--model", e.llama,
+                                                                        "--n", "6", "--out", str(e.out)],
+             "interrupted by SIGTERM", status=143,
+             inject=lambda mp: mp.setattr("mechscope.behaviour.measure_behaviour", interrupt(Terminated))),
+    CliFault("data: a dead run's temporary is removed", lambda e: ["data", "ioi", "--model", e.llama, "--n", "6",
+                                                                   "--out", str(e.out)],
+             "wrote 6 examples", status=0, setup=plant_stale_temporaries, after=only_the_live_temporary_is_left),
 
     # --- the model cache
 ]
@@ -129,13 +245,15 @@ def test_cli_fault(fault, tmp_path, tiny_model_dirs, fault_dataset, monkeypatch)
     fault.setup(env)
     for key, value in fault.environ.items():
         monkeypatch.setenv(key, value.format(root=root))
+    if fault.inject is not None:
+        fault.inject(monkeypatch)
     before = tree(root)
     result = runner.invoke(app, fault.args(env))
     output = result.output
     assert result.exit_code == fault.status, output
     assert "Traceback" not in output, output
-    if fault.status == 2:
-        errors = [line for line in output.splitlines() if line.startswith("error:")]
+    if fault.status != 0:  # 2: an error; 130 / 143: interrupted
+        errors = [line for line in output.splitlines() if line.startswith(("error:", "interrupted"))]
         assert len(errors) == 1, output
         assert fault.message in " ".join(output.split()), output
         assert tree(root) == before, f"left behind: {sorted(tree(root) - before)}; removed: {sorted(before - tree(root))}"
@@ -165,3 +283,54 @@ def test_every_row_has_a_distinct_name():
     names = [f.name for f in CLI_FAULTS] + [f.name for f in API_FAULTS]
     assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
     assert os.sep not in "".join(names)
+
+
+# ------------------------------------------------------------------------------------------------
+# A real signal to a real process, sent while it writes its results (what `timeout`, Slurm and
+# `docker stop` send, and Ctrl-C): the clean-up runs, nothing is left beside --out, and the exit status
+# is the conventional 128 + the signal's number.
+# ------------------------------------------------------------------------------------------------
+
+# The command, with the flush of its outputs to the disk held back: it says when it is there (it has
+# written everything into its temporaries) and waits for the signal.
+HELD_WRITE = """
+import pathlib, sys, time
+import mechscope.fileio
+def held(path):
+    pathlib.Path(sys.argv[1]).write_text(str(path))
+    time.sleep(600)
+mechscope.fileio.sync_file = held
+from mechscope.cli import main
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("signum, verb", [(signal.SIGTERM, "circuit"), (signal.SIGINT, "data")],
+                         ids=["SIGTERM during circuit's report", "SIGINT during data's write"])
+def test_a_signal_during_the_final_write_leaves_nothing(signum, verb, tmp_path, tiny_model_dirs):
+    root, held = tmp_path / "work", tmp_path / "held"
+    root.mkdir()
+    out = root / "out"
+    args = {"circuit": ["circuit", "--task", "ioi", "--n", "32", "--seed", "1", "--method", "eap"],
+            "data": ["data", "ioi", "--n", "6"]}[verb]
+    src = Path(__file__).resolve().parents[1] / "src"
+    proc = subprocess.Popen([sys.executable, "-c", HELD_WRITE, str(held), *args, "--model",
+                             str(tiny_model_dirs["llama"]), "--out", str(out)], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(src)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not held.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert held.exists(), proc.communicate(timeout=60)
+        assert tree(root), "the temporaries should be there while the write is held"
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signum, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("interrupted")]
+    assert lines == [f"interrupted by {signal.Signals(signum).name}; unfinished outputs were removed"], stderr
+    assert tree(root) == set(), sorted(tree(root))

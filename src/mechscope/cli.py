@@ -6,8 +6,11 @@ about results (`MechscopeWarning`) are printed as `warning:` lines at the end of
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -33,14 +36,40 @@ def _batch_option():
     return typer.Option(None, "--batch-size", help="Examples per forward pass (default: 64 on a GPU, 16 on the CPU).")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every clean-up runs."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While a command runs, SIGTERM (sent by `timeout`, Slurm, `docker stop`) stops it as Ctrl-C does:
+    a KeyboardInterrupt, so unfinished outputs and temporaries are removed on the way out. A second
+    SIGTERM during that clean-up is ignored. Signal handlers belong to the main thread: elsewhere
+    (a command run from a worker thread) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def _user_errors(fn):
-    """Turn a MechscopeError into a one-line message and exit status 2; print each distinct
-    MechscopeWarning once, as a `warning:` line, when the command ends (other warnings as usual)."""
+    """Turn a MechscopeError into a one-line message and exit status 2, and an interruption (Ctrl-C,
+    SIGTERM) into a one-line message and status 130 or 143; print each distinct MechscopeWarning once,
+    as a `warning:` line, when the command ends (other warnings as usual)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         seen: list[str] = []
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _sigterm_interrupts():
             warnings.simplefilter("always", MechscopeWarning)
             show = warnings.showwarning
 
@@ -57,6 +86,11 @@ def _user_errors(fn):
             except MechscopeError as exc:
                 err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
                 raise typer.Exit(code=2)
+            except KeyboardInterrupt as exc:
+                signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+                err_console.print(f"[bold red]interrupted[/] by {signum.name}; unfinished outputs were removed",
+                                  highlight=False, soft_wrap=True)
+                raise typer.Exit(code=128 + signum)
             finally:
                 for message in seen:
                     err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
@@ -155,7 +189,9 @@ def data(
     behaviour, save it as a tokenized dataset JSONL."""
     from .behaviour import keep_correct, measure_behaviour
     from .data.dataset import METRICS, DatasetError
+    from .fileio import check_writable_file
     from .models import load_model
+    from .tasks import TASKS
 
     if sum(x is not None for x in (task, from_csv, from_jsonl)) != 1:
         raise DatasetError("give one of a TASK, --from-csv (with --counterfactual) or --from-jsonl")
@@ -163,6 +199,9 @@ def data(
         raise DatasetError("--from-csv needs one of --counterfactual FILE (row-aligned) or --swap-pronouns")
     if metric not in METRICS:
         raise DatasetError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
+    if task is not None and task not in TASKS:
+        raise DatasetError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
+    check_writable_file(out)
     rows = None
     if from_jsonl is not None:
         from .data.text_jsonl import read_text_jsonl
@@ -223,21 +262,31 @@ def curves(
 
     With --methods peap,eap the position-aware circuits (over the task's schema) and the
     non-positional ones are compared on concrete token-level edge counts."""
+    from .attribution import ALL_METHODS
+    from .attribution.references import ABLATIONS
     from .data.dataset import DatasetError
     from .circuits.discovery import compare_methods
     from .circuits.evaluation import DEFAULT_FRACTIONS
-    from .fileio import write_json
+    from .fileio import check_writable_file, write_json
 
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in ALL_METHODS]
+    if not chosen or unknown:
+        raise DatasetError(f"unknown method in --methods '{methods}'; choose from {', '.join(ALL_METHODS)}")
+    if ablation not in ABLATIONS:
+        raise DatasetError(f"unknown ablation '{ablation}'; choose one of {', '.join(ABLATIONS)}")
+    if selection not in ("top_n", "greedy"):
+        raise DatasetError(f"unknown selection '{selection}'; choose top_n or greedy")
     try:
         sizes = DEFAULT_FRACTIONS if fractions is None else tuple(float(f) for f in fractions.split(","))
     except ValueError:
         raise DatasetError(f"--fractions must be comma-separated numbers, got '{fractions}'") from None
     if not sizes or any(not 0 < f <= 1 for f in sizes) or list(sizes) != sorted(sizes):
         raise DatasetError("--fractions must be increasing numbers in (0, 1]")
+    check_writable_file(out)
     bridge, dataset = _task_or_data(task, data_file, model, n, seed, device=device)
-    summary, _ = compare_methods(bridge, dataset, [m.strip() for m in methods.split(",") if m.strip()],
-                                 seed=seed, ablation=ablation, steps=steps, batch_size=batch_size,
-                                 selection=selection, fractions=sizes)
+    summary, _ = compare_methods(bridge, dataset, chosen, seed=seed, ablation=ablation, steps=steps,
+                                 batch_size=batch_size, selection=selection, fractions=sizes)
     write_json(out, summary)
     _print_summary("behaviour", summary["behaviour"])
     table = Table(title=f"normalized faithfulness on {summary['n_evaluation']} held-out examples")
@@ -334,6 +383,7 @@ def schema(
     """Give a dataset a schema of named spans, induced from the data and the model's token saliency
     (or proposed by an LLM); prints the schema, examples with spans marked and `valid_fraction=`."""
     from .data.dataset import DatasetError, PromptPairDataset
+    from .fileio import check_writable_file
     from .models import load_model
     from .schemas.saliency import token_saliency
     from .schemas.induction import mark_spans
@@ -342,6 +392,7 @@ def schema(
         raise DatasetError(f"unknown method '{method}'; choose induce or llm")
     if saliency not in ("input_x_gradient", "integrated_gradients", "none"):
         raise DatasetError(f"unknown saliency '{saliency}'; choose input_x_gradient, integrated_gradients or none")
+    check_writable_file(out)
     dataset = PromptPairDataset.load(data_file)
     with err_console.status(f"loading {model}"):
         bridge = load_model(model, device=device)
