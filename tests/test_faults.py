@@ -334,3 +334,27 @@ def test_a_signal_during_the_final_write_leaves_nothing(signum, verb, tmp_path, 
     lines = [line for line in stderr.splitlines() if line.startswith("interrupted")]
     assert lines == [f"interrupted by {signal.Signals(signum).name}; unfinished outputs were removed"], stderr
     assert tree(root) == set(), sorted(tree(root))
+
+
+def test_a_really_full_disk_is_one_line_and_leaves_nothing(tmp_path, tiny_model_dirs):
+    """`data` writing onto a one-page tmpfs, mounted in a private mount namespace (`unshare`: no root
+    needed where user namespaces are allowed; the mount vanishes with the process). What the disk
+    holds afterwards is listed from inside."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (unshare or user namespaces unavailable)")
+    script = ('disk="$1"; shift; mount -t tmpfs -o size=4k tmpfs "$disk" && "$@"; status=$?; '
+              'echo "left: $(ls -A "$disk")"; exit $status')
+    out = disk / "ioi.jsonl"
+    src = Path(__file__).resolve().parents[1] / "src"
+    command = [sys.executable, "-m", "mechscope.cli", "data", "ioi", "--n", "6", "--model",
+               str(tiny_model_dirs["llama"]), "--out", str(out)]
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(disk), *command],
+                          env={**os.environ, "PYTHONPATH": str(src)}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {out}: cannot write there (no space left on device)"], done.stderr
+    assert done.stdout.splitlines()[-1] == "left: ", done.stdout
