@@ -171,7 +171,7 @@ CLI_FAULTS: list[CliFault] = [
              setup=lambda e: cached_tiny_gguf(e, lambda entry: (entry / "mechscope.json").write_text('{"format": 1}')),
              status=0, environ=CACHE, after=cache_healed),
     CliFault("cache: temporary of a conversion killed outright", demo_tiny_gguf,
-             "(1 MB), left by a model conversion that did not finish",
+             "(1.0 MB), left by a model conversion that did not finish",
              setup=leftover_of_a_dead_conversion, status=0, environ=CACHE, after=cache_healed),
     CliFault("cache: a file where the cache folder should be", demo_tiny_gguf,
              "models (Not a directory); set MECHSCOPE_CACHE to a writable folder",

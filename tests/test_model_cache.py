@@ -182,10 +182,24 @@ def make_leftover(folder: Path, name: str, age_s: float = 0.0) -> Path:
     return path
 
 
+LOCK_AND_WAIT = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
 def test_leftover_temporaries_are_reclaimed_but_live_ones_kept(gguf, capsys):
     models = Path(os.environ["MECHSCOPE_CACHE"]) / "models"
     stale = model_cache.STALE_AFTER_S + 60
     sleeper = subprocess.Popen(["sleep", "60"])
+    # A live conversion whose pid this process cannot see (another pid namespace, same host name):
+    # its name says a process that has ended, but it holds the lock on its temporary.
+    unseen = make_leftover(models, owned_by(dead_pid(), "tiny-0123"), stale)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_AND_WAIT, str(unseen)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
     try:
         removed = [
             make_leftover(models, owned_by(dead_pid(), "tiny-0123")),  # its process has ended
@@ -197,16 +211,18 @@ def test_leftover_temporaries_are_reclaimed_but_live_ones_kept(gguf, capsys):
             make_leftover(models, owned_by(sleeper.pid, "tiny-0123"), stale),  # however old
             make_leftover(models, ".tmp-tiny-0123-a8c7d6"),  # older mechscope, recent
             make_leftover(models, ".tmp-tiny-0123@otherhost@12@11ee11ee"),  # other host, recent
+            unseen,
         ]
         entry = convert(gguf)
         err = capsys.readouterr().err
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        for process in (sleeper, holder):
+            process.kill()
+            process.wait()
     assert not any(p.exists() for p in removed)
     assert all(p.exists() for p in kept)
     for path in removed:
-        assert f"removed {path} (0 MB), left by a model conversion that did not finish" in err
+        assert f"removed {path} (0.1 MB), left by a model conversion that did not finish" in err
     assert model_cache.entry_problem(entry) is None
 
 
@@ -237,7 +253,7 @@ def test_conversion_killed_outright_is_cleaned_up_by_the_next_run(gguf, tiny_mod
 
     assert convert(gguf) == entry
     err = capsys.readouterr().err
-    assert all(f"removed {p} (1 MB), left by a model conversion that did not finish" in err for p in left)
+    assert all(f"removed {p} (1.0 MB), left by a model conversion that did not finish" in err for p in left)
     assert temporaries(entry) == []
     assert_same_model(entry, tiny_model_dirs["llama"])
 

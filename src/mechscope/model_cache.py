@@ -7,16 +7,20 @@ manifest; an entry that does not (bytes changed, a file truncated or missing, no
 manifest of an older format without hashes) is moved aside and rebuilt, with a message saying why.
 
 Every load hashes the whole entry. That costs about a second per GB (0.6 s for the 540 MB SmolLM2
-entry on a CPU with SHA instructions) on top of a load that reads the same bytes anyway. We chose it
-over a cheaper stamp (sizes, mtimes and inode numbers recorded after a verified hash) because a
-stamp misses damage below the file system, such as bit rot or a bad copy that keeps the metadata,
-and a damaged entry must never reach the model as silent NaNs.
+entry on a CPU with SHA instructions, about 5% of loading it) on top of a load that reads the same
+bytes anyway. We chose it over a cheaper stamp (sizes, mtimes and inode numbers recorded after a
+verified hash, with the full hash only when the stamp changes) because a stamp misses damage that
+keeps the metadata: bit rot, a fault below the file system, a copy or a tool that restores mtimes.
+A damaged entry must never reach the model as silent NaNs or wrong numbers.
 
 Entries are built in a temporary folder beside them and renamed into place, so a reader never sees
-half an entry. A temporary is named `.tmp-<entry>@<host>@<pid>@<random>`: a conversion killed
-outright (SIGKILL, a power cut) cannot remove its own, so each later call removes those whose
-process is gone (on this host), and any temporary untouched for `STALE_AFTER_S` (one from another
-host, or of an older mechscope). A live concurrent conversion's temporary is never removed.
+half an entry. A conversion killed outright (SIGKILL, a power cut) cannot remove its temporaries, so
+each later call removes them: a temporary is named `.tmp-<entry>@<host>@<pid>@<random>` and is
+removed once that process is gone (on this host), or once untouched for `STALE_AFTER_S` (one from
+another host, or of an older mechscope). The converting process also holds a lock (flock) on its
+temporaries, which the system releases however the process ends; a locked temporary is never
+removed, so a live concurrent conversion keeps its own even where its pid cannot be checked (another
+pid namespace under the same host name).
 
 Files and folders follow the user's umask (the temporary folders of `tempfile` would make them
 private), so a cache shared between users is readable by all of them. A cache that cannot be written
@@ -160,6 +164,35 @@ def _owner_gone(name: str) -> bool | None:
     return False
 
 
+def _try_lock(folder: Path) -> tuple[int | None, bool]:
+    """(file descriptor holding an exclusive lock on `folder`, or None; whether another process
+    holds it). Both are empty where locks are not available."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        return None, False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        return None, isinstance(exc, BlockingIOError)
+    return fd, False
+
+
+def hold(folder: Path) -> int | None:
+    """Lock `folder` for this process; returns the file descriptor to close when done."""
+    return _try_lock(folder)[0]
+
+
+def _held_by_a_process(folder: Path) -> bool:
+    fd, busy = _try_lock(folder)
+    if fd is not None:
+        os.close(fd)
+    return busy
+
+
 def _last_change(path: Path) -> float:
     latest = path.lstat().st_mtime
     for child in path.rglob("*"):
@@ -194,6 +227,8 @@ def reclaim_stale_temps(folder: Path) -> list[Path]:
     now = time.time()
     for path in candidates:
         try:
+            if _held_by_a_process(path):
+                continue
             gone = _owner_gone(path.name)
             if gone is False or (gone is None and now - _last_change(path) < STALE_AFTER_S):
                 continue
@@ -203,7 +238,7 @@ def reclaim_stale_temps(folder: Path) -> list[Path]:
         _remove(path)
         if not path.exists():
             removed.append(path)
-            say(f"removed {path} ({size / 1e6:,.0f} MB), left by a model conversion that did not finish")
+            say(f"removed {path} ({size / 1e6:,.1f} MB), left by a model conversion that did not finish")
     return removed
 
 
@@ -240,10 +275,12 @@ def build_entry(entry: Path, build: Callable[[Path, Path], dict]) -> Path:
         tmp = make_temp(entry.parent, entry.name)
     except OSError as exc:
         raise _cannot_write(entry.parent, exc) from None
+    locks = [hold(tmp)]
     scratch = None
     try:
         try:
             scratch = make_temp(entry.parent, entry.name)
+            locks.append(hold(scratch))
             meta = build(tmp, scratch)
             _follow_umask(tmp)
             _write_manifest(tmp, meta)
@@ -259,6 +296,9 @@ def build_entry(entry: Path, build: Callable[[Path, Path], dict]) -> Path:
         for path in (tmp, scratch):
             if path is not None:
                 _remove(path)
+        for fd in locks:
+            if fd is not None:
+                os.close(fd)
     return entry
 
 
