@@ -361,8 +361,12 @@ def test_empty_cache_on_a_read_only_file_system_is_one_line(gguf, tmp_path):
     cache = tmp_path / "readonly"
     cache.mkdir()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), MECHSCOPE_CACHE=str(cache))
-    script = f'mount -t tmpfs -o ro tmpfs "{cache}" && exec "{sys.executable}" -m mechscope.cli demo --model "{gguf}" --device cpu'
-    done = subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    script = (f'mount -t tmpfs -o ro tmpfs "{cache}" && '
+              f'exec "{sys.executable}" -m mechscope.cli demo --model "{gguf}" --device cpu')
+    done = subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
-    assert f"error: cannot write the model cache at {cache / 'models'} (Read-only file system); set MECHSCOPE_CACHE to a writable folder" in " ".join(done.stderr.split())
+    expected = (f"error: cannot write the model cache at {cache / 'models'} (Read-only file system); "
+                "set MECHSCOPE_CACHE to a writable folder")
+    assert expected in " ".join(done.stderr.split())
