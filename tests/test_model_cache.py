@@ -226,6 +226,13 @@ def test_leftover_temporaries_are_reclaimed_but_live_ones_kept(gguf, capsys):
     assert model_cache.entry_problem(entry) is None
 
 
+def test_empty_leftover_is_removed_without_a_word(tmp_path, capsys):
+    empty = tmp_path / owned_by(dead_pid(), "tiny-0123")
+    empty.mkdir()
+    assert model_cache.reclaim_stale_temps(tmp_path) == [empty]
+    assert not empty.exists() and capsys.readouterr().err == ""
+
+
 KILLED_CONVERSION = """
 import os, signal, sys
 from pathlib import Path

@@ -238,7 +238,8 @@ def reclaim_stale_temps(folder: Path) -> list[Path]:
         _remove(path)
         if not path.exists():
             removed.append(path)
-            say(f"removed {path} ({size / 1e6:,.1f} MB), left by a model conversion that did not finish")
+            if size:  # an empty one (the scratch folder of most conversions) is not worth a line
+                say(f"removed {path} ({size / 1e6:,.1f} MB), left by a model conversion that did not finish")
     return removed
 
 
