@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from tiny import save_llama_gguf
 from typer.testing import CliRunner
 
 from mechscope.cli import Terminated, app
@@ -124,6 +125,58 @@ def tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
+# The model cache rows convert the tiny Llama, written as a GGUF file, into a cache under the scratch
+# folder, damage the entry, and run `mechscope demo` on it.
+CACHE = {"MECHSCOPE_CACHE": "{root}/cache"}
+
+
+def demo_tiny_gguf(e: Env) -> list[str]:
+    return ["demo", "--model", str(e.root / "tiny.gguf"), "--device", "cpu"]
+
+
+def cached_tiny_gguf(e: Env, damage: Callable[[Path], object]) -> None:
+    from mechscope.models import resolve_spec
+
+    _, entry = resolve_spec(str(save_llama_gguf(e.root / "tiny.gguf", Path(e.llama))))
+    damage(Path(entry))
+
+
+def flip_weights(entry: Path) -> None:
+    """Overwrite 64 KiB in the middle of the weights with their complement."""
+    path = entry / "model.safetensors"
+    middle = path.stat().st_size // 2
+    with path.open("r+b") as f:
+        f.seek(middle)
+        chunk = f.read(1 << 16)
+        f.seek(middle)
+        f.write(bytes(255 - b for b in chunk))
+
+
+def leftover_of_a_dead_conversion(e: Env) -> None:
+    """The temporary a conversion leaves when it is killed with SIGKILL: named by its process, which
+    has ended."""
+    from mechscope import model_cache
+
+    save_llama_gguf(e.root / "tiny.gguf", Path(e.llama))
+    child = subprocess.Popen(["true"])
+    child.wait()
+    name = model_cache.temp_name("tiny-0123").replace(f"@{os.getpid()}@", f"@{child.pid}@")
+    e.write(f"cache/models/{name}/model.safetensors", bytes(1 << 20))
+
+
+def cache_healed(e: Env) -> None:
+    """The entry is whole (every file matches its manifest), nothing temporary is left beside it, and
+    a second run uses it as it is."""
+    from mechscope.model_cache import entry_problem
+
+    models = e.root / "cache" / "models"
+    entries = [p for p in models.iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 1 and entry_problem(entries[0]) is None
+    assert [p.name for p in models.iterdir() if p.name.startswith(".")] == []
+    again = runner.invoke(app, demo_tiny_gguf(e))
+    assert again.exit_code == 0 and "mechscope:" not in again.output, again.output
+
+
 # ------------------------------------------------------------------------------------------------
 # The table. Rows are grouped by the part of the tool they exercise.
 # ------------------------------------------------------------------------------------------------
@@ -217,6 +270,28 @@ CLI_FAULTS: list[CliFault] = [
              "wrote 6 examples", status=0, setup=plant_stale_temporaries, after=only_the_live_temporary_is_left),
 
     # --- the model cache
+    CliFault("cache: weights overwritten with flipped bytes", demo_tiny_gguf,
+             "the bytes of model.safetensors differ from those recorded when it was written; rebuilding it",
+             setup=lambda e: cached_tiny_gguf(e, flip_weights), status=0, environ=CACHE, after=cache_healed),
+    CliFault("cache: weights truncated", demo_tiny_gguf,
+             "cannot be used: model.safetensors has 4,096 bytes, not the",
+             setup=lambda e: cached_tiny_gguf(e, lambda entry: os.truncate(entry / "model.safetensors", 4096)),
+             status=0, environ=CACHE, after=cache_healed),
+    CliFault("cache: entry without its manifest", demo_tiny_gguf,
+             "cannot be used: it has no mechscope.json; rebuilding it",
+             setup=lambda e: cached_tiny_gguf(e, lambda entry: (entry / "mechscope.json").unlink()),
+             status=0, environ=CACHE, after=cache_healed),
+    CliFault("cache: entry of an older mechscope", demo_tiny_gguf,
+             "it was written by an older mechscope and records no file hashes; rebuilding it",
+             setup=lambda e: cached_tiny_gguf(e, lambda entry: (entry / "mechscope.json").write_text('{"format": 1}')),
+             status=0, environ=CACHE, after=cache_healed),
+    CliFault("cache: temporary of a conversion killed outright", demo_tiny_gguf,
+             "(1.0 MB), left by a model conversion that did not finish",
+             setup=leftover_of_a_dead_conversion, status=0, environ=CACHE, after=cache_healed),
+    CliFault("cache: a file where the cache folder should be", demo_tiny_gguf,
+             "models (Not a directory); set MECHSCOPE_CACHE to a writable folder",
+             setup=lambda e: (e.write("cache", ""), save_llama_gguf(e.root / "tiny.gguf", Path(e.llama))),
+             environ=CACHE),
 ]
 
 API_FAULTS: list[ApiFault] = [
@@ -242,9 +317,9 @@ def test_cli_fault(fault, tmp_path, tiny_model_dirs, fault_dataset, monkeypatch)
     root = tmp_path / "work"
     root.mkdir()
     env = Env(root, str(tiny_model_dirs["llama"]), str(tiny_model_dirs["gpt2"]), fault_dataset)
-    fault.setup(env)
-    for key, value in fault.environ.items():
+    for key, value in fault.environ.items():  # set before the setup, which may use them
         monkeypatch.setenv(key, value.format(root=root))
+    fault.setup(env)
     if fault.inject is not None:
         fault.inject(monkeypatch)
     before = tree(root)

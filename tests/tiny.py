@@ -130,3 +130,87 @@ def save_model_dir(path: Path, arch: str, tokenizer, seed: int = 0, n_layers: in
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# Hugging Face Llama parameter -> GGUF tensor name ("{i}" is the layer).
+_GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+    "model.layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
+}
+
+
+def _rotary_order(weight, n_heads: int):
+    """GGUF stores q and k rows of each head with the two rotary halves interleaved (transformers
+    undoes this when it reads the file)."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def save_llama_gguf(path: Path, model_dir: Path) -> Path:
+    """Write the tiny Llama saved in `model_dir` as an unquantized (float32) GGUF file, with its
+    byte-level BPE tokenizer, so tests run the real GGUF conversion on something small."""
+    import json
+    import re
+
+    import gguf
+    import numpy as np
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(Path(path).stem)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+    tokens = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    special = set(tokenizer.all_special_tokens)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_token_types([3 if t in special else 1 for t in tokens])  # 3: control, 1: normal
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+
+    templates = {hf.replace("{i}", r"(\d+)"): g for hf, g in _GGUF_NAMES.items()}
+    for name, tensor in model.state_dict().items():
+        for pattern, gguf_name in templates.items():
+            match = re.fullmatch(pattern, name)
+            if match:
+                break
+        else:
+            raise KeyError(f"no GGUF name for {name}")
+        weight = tensor.detach().numpy().astype(np.float32)
+        if ".q_proj." in name:
+            weight = _rotary_order(weight, cfg.num_attention_heads)
+        elif ".k_proj." in name:
+            weight = _rotary_order(weight, cfg.num_key_value_heads)
+        writer.add_tensor(gguf_name.replace("{i}", match.group(1) if match.groups() else ""),
+                          np.ascontiguousarray(weight))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)

@@ -9,8 +9,9 @@
 
 GGUF weights are dequantized once and cached as a plain Hugging Face directory (safetensors + config
 + tokenizer) under the cache root, so every later load is a fast safetensors read. The cache root is
-`$MECHSCOPE_CACHE` or the user cache directory. Cache entries are written to a temporary directory
-and renamed into place, so an interrupted or failed conversion never leaves a half-written entry.
+`$MECHSCOPE_CACHE` or the user cache directory. `model_cache` keeps the entries: written to a
+temporary directory and renamed into place, recorded by size and sha256, checked on every load and
+rebuilt when damaged.
 
 The returned bridge is in TransformerLens compatibility mode: hook names and shapes are those of
 docs/method.md §1 and LayerNorm scales are folded into the following weights. The unembedding is
@@ -23,12 +24,8 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import logging
 import os
-import shutil
-import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +33,15 @@ from typing import Callable
 
 import torch
 
+from . import model_cache
 from .devices import model_device, resolve_device
 from .errors import ModelLoadError, ModelNotInstalledError, UnknownModelError
 
 DEFAULT_MODEL = "smollm2-135m"
 
-# Bump when the layout of a cache entry changes, so stale entries are not reused.
+# Part of every cache entry's name: bump when the meaning of an entry changes, so old ones are not
+# reused. (A change in how an entry is recorded bumps model_cache.FORMAT instead, which rebuilds
+# each entry in place rather than leaving the old one behind.)
 _CACHE_FORMAT = 1
 _GGUF_MAGIC = b"GGUF"
 
@@ -178,10 +178,6 @@ def _cache_dir_for(name: str, fingerprint: str) -> Path:
     return cache_root() / "models" / f"{name}-{digest}"
 
 
-def _say(message: str) -> None:
-    print(f"mechscope: {message}", file=sys.stderr, flush=True)
-
-
 def _check_gguf_header(path: Path) -> None:
     if not path.is_file():
         raise ModelLoadError(f"GGUF file not found: {path}")
@@ -231,39 +227,18 @@ def _tied_keys(model: torch.nn.Module) -> set[str]:
     return set(tied.keys()) if isinstance(tied, dict) else set(tied)
 
 
-def _write_cache_entry(final: Path, build: Callable[[Path], None], meta: dict) -> Path:
-    """Run `build(tmpdir)` and rename the result to `final`. Nothing is left behind on failure."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    try:
-        build(tmp)
-        (tmp / "mechscope.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            # Another process finished the same entry first; theirs is as good as ours.
-            if not (final / "mechscope.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
 def _cached_hf_dir_for_gguf(name: str, fingerprint: str, locate: Callable[[Path], Path]) -> Path:
-    """The cached Hugging Face directory for a GGUF source, creating it on first use."""
+    """The cached Hugging Face directory for a GGUF source: converted on first use, checked on every
+    use and converted again when damaged (see `model_cache`)."""
     final = _cache_dir_for(name, fingerprint)
-    if (final / "mechscope.json").is_file():
-        return final
-    with tempfile.TemporaryDirectory(prefix="mechscope-gguf-") as scratch:
-        gguf = locate(Path(scratch))
-        _say(f"converting {gguf.name} to float32 once; cached at {final}")
-        _write_cache_entry(
-            final,
-            lambda tmp: _dequantize_gguf_to(gguf, tmp),
-            {"source": str(gguf), "fingerprint": fingerprint, "format": _CACHE_FORMAT},
-        )
-    return final
+
+    def convert(folder: Path, scratch: Path) -> dict:
+        gguf = locate(scratch)
+        model_cache.say(f"converting {gguf.name} to float32 once; cached at {final}")
+        _dequantize_gguf_to(gguf, folder)
+        return {"source": str(gguf), "fingerprint": fingerprint}
+
+    return model_cache.ensure_entry(final, convert)
 
 
 def _file_fingerprint(path: Path) -> str:
