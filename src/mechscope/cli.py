@@ -163,6 +163,8 @@ def data(
         raise DatasetError("--from-csv needs one of --counterfactual FILE (row-aligned) or --swap-pronouns")
     if metric not in METRICS:
         raise DatasetError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
+    if task is not None and n < 1:
+        raise DatasetError(f"--n must be at least 1, got {n}")
     rows = None
     if from_jsonl is not None:
         from .data.text_jsonl import read_text_jsonl
@@ -234,6 +236,8 @@ def curves(
         raise DatasetError(f"--fractions must be comma-separated numbers, got '{fractions}'") from None
     if not sizes or any(not 0 < f <= 1 for f in sizes) or list(sizes) != sorted(sizes):
         raise DatasetError("--fractions must be increasing numbers in (0, 1]")
+    if task is not None and n < 2:
+        raise DatasetError(f"--n must be at least 2 (a discovery and an evaluation half), got {n}")
     bridge, dataset = _task_or_data(task, data_file, model, n, seed, device=device)
     summary, _ = compare_methods(bridge, dataset, [m.strip() for m in methods.split(",") if m.strip()],
                                  seed=seed, ablation=ablation, steps=steps, batch_size=batch_size,
