@@ -67,3 +67,29 @@ def test_failed_save_leaves_nothing_behind(tmp_path):
     with pytest.raises(TypeError):
         ds.save(tmp_path / "d.jsonl")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_byte_order_mark_is_ignored_and_origins_follow_the_examples(tmp_path):
+    """A UTF-8 byte-order mark (as some editors write) loads the same dataset; every example keeps its
+    file and line through subsets, splits and single_span, without changing equality or the file."""
+    ds = small_dataset()
+    path = ds.save(tmp_path / "d.jsonl")
+    marked = tmp_path / "marked.jsonl"
+    marked.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    again = PromptPairDataset.load(marked)
+    assert again.examples == ds.examples and again.header() == ds.header()
+    assert [ex.origin for ex in again.examples] == [f"{marked}, line 2", f"{marked}, line 3"]
+    assert again.origin == str(marked)
+    first, rest = again.split(0.5, seed=1)
+    assert {ex.origin for ex in first.examples + rest.examples} == {ex.origin for ex in again.examples}
+    assert again.single_span()[1].origin == f"{marked}, line 3" and again[1:].origin == str(marked)
+    assert again.save(tmp_path / "copy.jsonl").read_text() == path.read_text()  # origins are not saved
+    again.examples[1].clean = again.examples[1].clean * 3
+    again.examples[1].counterfactual = again.examples[1].counterfactual * 3
+    again.examples[1].span_starts = [0, 1, 2]
+    with pytest.raises(DatasetError, match=f"marked.jsonl, line 3: field 'clean': 9 tokens is longer than the "
+                                           r"model's context \(8\)"):
+        again.validate(n_ctx=8)
+    with pytest.raises(DatasetError, match=r"dataset: example 1: field 'clean': 9 tokens"):
+        PromptPairDataset(again.examples[:1] + [PromptPair(**{**again.examples[1].__dict__, "origin": ""})],
+                          again.schema).validate(n_ctx=8)

@@ -14,11 +14,22 @@ from tqdm.auto import tqdm
 
 from .devices import model_device, batch_size_for
 from .data.dataset import DatasetError, PromptPairDataset, tokenizer_fingerprint
-from .metrics import Metric, accuracy, compute_metric, final_logits, metric_name, resolve_metric, top1_accuracy
+from .metrics import (
+    Metric,
+    accuracy,
+    check_metric_values,
+    compute_metric,
+    final_logits,
+    metric_name,
+    resolve_metric,
+    top1_accuracy,
+)
 
 
 def check_compatible(model, dataset: PromptPairDataset, source: str = "dataset") -> None:
-    """Raise DatasetError unless `dataset` was tokenized for `model` and fits its context."""
+    """Raise DatasetError unless `dataset` was tokenized for `model` and fits its context and
+    vocabulary. Errors name the dataset's file (and the example's line) when it was read from one."""
+    source = dataset.origin or source
     if len(dataset) == 0:
         raise DatasetError(f"{source}: the dataset has no examples")
     if dataset.tokenizer and dataset.tokenizer != tokenizer_fingerprint(model.tokenizer):
@@ -30,12 +41,15 @@ def check_compatible(model, dataset: PromptPairDataset, source: str = "dataset")
     vocab_in = model.cfg.d_vocab
     vocab_out = getattr(model.cfg, "d_vocab_out", -1)
     vocab_out = vocab_out if vocab_out and vocab_out > 0 else vocab_in  # answers index the output vocabulary
+    if dataset.pad_token_id >= vocab_in:
+        raise DatasetError(f"{source}: pad_token_id {dataset.pad_token_id} >= the model's vocabulary size {vocab_in}")
     for i, ex in enumerate(dataset.examples):
         for name in ("clean", "counterfactual", "correct", "wrong"):
             ids = getattr(ex, name)
             vocab = vocab_in if name in ("clean", "counterfactual") else vocab_out
             if ids and max(ids) >= vocab:
-                raise DatasetError(f"{source}: example {i}, field '{name}': token id {max(ids)} >= vocab size {vocab}")
+                raise DatasetError(f"{ex.where(i, source)}: field '{name}': token id {max(ids)} >= the model's "
+                                   f"vocabulary size {vocab}")
 
 
 @dataclass
@@ -73,12 +87,14 @@ def measure_behaviour(model, dataset: PromptPairDataset, batch_size: int | None 
     device = model_device(model)
     cols = {k: [] for k in ("clean", "cf", "correct", "top1")}
     bar = tqdm(total=len(dataset), desc="model behaviour", unit="ex", disable=not progress)
-    for _, batch in dataset.batches(batch_size):
+    for indices, batch in dataset.batches(batch_size):
         batch = batch.to(device)
         clean = final_logits(model(batch.clean, attention_mask=batch.attention_mask), batch.last).float()
         cf = final_logits(model(batch.counterfactual, attention_mask=batch.attention_mask), batch.last).float()
         cols["clean"].append(compute_metric(metric, clean, batch, clean_logits=clean))
         cols["cf"].append(compute_metric(metric, cf, batch, clean_logits=clean))
+        check_metric_values(cols["clean"][-1], metric, "the clean run", dataset, indices)
+        check_metric_values(cols["cf"][-1], metric, "the counterfactual run", dataset, indices)
         cols["correct"].append(accuracy(clean, batch))
         cols["top1"].append(top1_accuracy(clean, batch))
         bar.update(len(batch.last))

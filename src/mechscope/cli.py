@@ -61,6 +61,14 @@ def _sigterm_interrupts():
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+def _check_batch_size(batch_size: int | None) -> None:
+    """--batch-size, when given, is a positive integer (checked before any model work)."""
+    if batch_size is not None:
+        from .errors import check_count
+
+        check_count("batch_size", batch_size)
+
+
 def _user_errors(fn):
     """Turn a MechscopeError into a one-line message and exit status 2, and an interruption (Ctrl-C,
     SIGTERM) into a one-line message and status 130 or 143; print each distinct MechscopeWarning once,
@@ -201,6 +209,9 @@ def data(
         raise DatasetError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
     if task is not None and task not in TASKS:
         raise DatasetError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
+    if task is not None and n < 1:
+        raise DatasetError(f"--n must be at least 1, got {n}")
+    _check_batch_size(batch_size)
     check_writable_file(out)
     rows = None
     if from_jsonl is not None:
@@ -262,7 +273,7 @@ def curves(
 
     With --methods peap,eap the position-aware circuits (over the task's schema) and the
     non-positional ones are compared on concrete token-level edge counts."""
-    from .attribution import ALL_METHODS
+    from .attribution import ALL_METHODS, check_method
     from .attribution.references import ABLATIONS
     from .data.dataset import DatasetError
     from .circuits.discovery import compare_methods
@@ -283,6 +294,11 @@ def curves(
         raise DatasetError(f"--fractions must be comma-separated numbers, got '{fractions}'") from None
     if not sizes or any(not 0 < f <= 1 for f in sizes) or list(sizes) != sorted(sizes):
         raise DatasetError("--fractions must be increasing numbers in (0, 1]")
+    if task is not None and n < 2:
+        raise DatasetError(f"--n must be at least 2 (a discovery and an evaluation half), got {n}")
+    for method in chosen:
+        check_method(method, steps, ablation)
+    _check_batch_size(batch_size)
     check_writable_file(out)
     bridge, dataset = _task_or_data(task, data_file, model, n, seed, device=device)
     summary, _ = compare_methods(bridge, dataset, chosen, seed=seed, ablation=ablation, steps=steps,
@@ -341,6 +357,7 @@ def circuit(
         raise DatasetError(f"unknown selection '{selection}'; choose greedy or top_n")
     if n is not None and n < 2:
         raise DatasetError("--n must be at least 2 (a discovery and an evaluation half)")
+    _check_batch_size(batch_size)
     check_output_dir(out, overwrite)
     bridge, dataset = _task_or_data(task, data_file, model, n or 120, seed, n_data=n, device=device)
     run = discover_circuit(bridge, dataset, method, seed=seed, selection=selection, batch_size=batch_size)
@@ -392,6 +409,7 @@ def schema(
         raise DatasetError(f"unknown method '{method}'; choose induce or llm")
     if saliency not in ("input_x_gradient", "integrated_gradients", "none"):
         raise DatasetError(f"unknown saliency '{saliency}'; choose input_x_gradient, integrated_gradients or none")
+    _check_batch_size(batch_size)
     check_writable_file(out)
     dataset = PromptPairDataset.load(data_file)
     with err_console.status(f"loading {model}"):

@@ -124,6 +124,36 @@ class Graph:
         return {"n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
                 "parallel_attn_mlp": self.parallel_attn_mlp}
 
+    @classmethod
+    def from_spec(cls, spec) -> "Graph":
+        """The graph a file records with `spec()`; GraphError naming the field when it is malformed."""
+        if not isinstance(spec, dict):
+            raise GraphError(f"field 'graph' must be a JSON object, not {type(spec).__name__}")
+        unknown = sorted(set(spec) - {"n_layers", "n_heads", "n_kv_heads", "parallel_attn_mlp"})
+        if unknown:
+            raise GraphError(f"field 'graph': unknown fields {unknown}")
+        for key in ("n_layers", "n_heads", "n_kv_heads"):
+            value = spec.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise GraphError(f"field 'graph': '{key}' must be a positive integer, not {value!r}")
+        parallel = spec.get("parallel_attn_mlp", False)
+        if not isinstance(parallel, bool):
+            raise GraphError(f"field 'graph': 'parallel_attn_mlp' must be true or false, not {parallel!r}")
+        return cls(**spec)
+
+    def differences(self, other: "Graph") -> list[str]:
+        """What differs between this graph's shape and `other`'s, e.g. ["key-value heads 4 vs 2"]
+        (this graph's value first); empty when they have the same shape."""
+        out = [f"{what} {a} vs {b}" for what, a, b in (
+            ("layers", self.n_layers, other.n_layers),
+            ("heads per layer", self.n_heads, other.n_heads),
+            ("key-value heads per layer", self.n_kv_heads, other.n_kv_heads),
+        ) if a != b]
+        if self.parallel_attn_mlp != other.parallel_attn_mlp:
+            kind = lambda g: "parallel" if g.parallel_attn_mlp else "sequential"  # noqa: E731
+            out.append(f"attention and MLP {kind(self)} vs {kind(other)}")
+        return out
+
     def same_shape(self, other: "Graph") -> bool:
         return (self.n_layers, self.n_heads, self.n_kv_heads, self.parallel_attn_mlp) == (
             other.n_layers,

@@ -17,7 +17,7 @@ from typing import Callable, Union
 import torch
 
 from .data.dataset import METRICS, Batch
-from .errors import MechscopeError
+from .errors import MechscopeError, NonFiniteError
 
 MetricFn = Callable[[torch.Tensor, Batch], torch.Tensor]
 Metric = Union[str, MetricFn]
@@ -89,6 +89,21 @@ def top1_accuracy(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return hit.any(-1).to(logits.dtype)
 
 
+def check_metric_values(values: torch.Tensor, metric: Metric, run: str, dataset, indices) -> None:
+    """NonFiniteError unless the metric's values [batch] on `run` ("the clean run", ...) for examples
+    `indices` of `dataset` are finite; the message names the first bad example's file and line."""
+    bad = (~values.detach().isfinite()).nonzero().flatten().tolist()
+    if bad:
+        i = indices[bad[0]]
+        value = float(values[bad[0]])
+        more = f" (and {len(bad) - 1} more of the batch's {len(indices)} examples)" if len(bad) > 1 else ""
+        raise NonFiniteError(
+            f"{dataset.examples[i].where(i, dataset.origin or 'dataset')}: the metric '{metric_name(metric)}' on "
+            f"{run} is {value}{more}; results from it would be meaningless (check a custom metric, the "
+            "answers, or the model's dtype)"
+        )
+
+
 def metric_name(metric: Metric) -> str:
     """How a metric is recorded in files: its name, or a custom function's `__name__` (`custom` for a
     lambda or an object without a name)."""
@@ -133,6 +148,6 @@ def compute_metric(
         return accuracy(logits, batch)
     if name == "kl":
         if clean_logits is None:
-            raise ValueError("the kl metric needs the clean run's logits")
+            raise MetricError("the kl metric needs the clean run's logits")
         return kl(logits, clean_logits)
-    raise ValueError(f"unknown metric '{name}'")
+    raise MetricError(f"unknown metric '{name}'; choose one of {', '.join(METRICS)} or pass a function")

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from ..devices import HOST, model_device, batch_size_for
 from ..behaviour import check_compatible
+from ..errors import ParameterError, check_count, check_finite
 from ..data.dataset import PromptPairDataset
 from ..graph import Graph
 from ..metrics import Metric, metric_name, resolve_metric
@@ -55,16 +56,16 @@ def attribute(
     batch) -> [batch]; default the dataset's metric. The scores record it by name (`metrics.metric_name`).
     """
     batch_size = batch_size_for(model, batch_size)
-    if method not in ALL_METHODS:
-        raise ValueError(f"unknown method '{method}'; choose one of {', '.join(ALL_METHODS)}")
+    check_method(method, steps, ablation)
     if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation '{aggregation}'; choose one of {', '.join(AGGREGATIONS)}")
+        raise ParameterError(f"unknown aggregation '{aggregation}'; choose one of {', '.join(AGGREGATIONS)}")
     if aggregation != "sum" and method != "peap":
-        raise ValueError("aggregation applies to peap's span-level scores only")
-    check_ablation(ablation)
+        raise ParameterError("aggregation applies to peap's span-level scores only")
     check_compatible(model, dataset)
     metric = resolve_metric(metric, dataset)
     graph = Graph.from_model(model)
+    if edges is not None:
+        edges = _edge_indices(edges, graph.n_edges)
     mean = mean_reference(model, graph, reference or dataset, batch_size) if ablation == "mean" else None
     crossing, concrete, spans = {}, {}, ()
     if method == "exact":
@@ -74,8 +75,6 @@ def attribute(
                               batch_size=batch_size, progress=progress, metric=metric)
     else:
         positional = method == "peap"
-        if positional and ablation != "counterfactual":
-            raise ValueError("peap crossing edges are implemented for the counterfactual reference only")
         n_spans = len(dataset.schema) if positional else 1
         total = torch.zeros(n_spans, graph.n_upstream, graph.n_downstream, dtype=torch.float64, device=HOST)
         device = model_device(model)
@@ -114,6 +113,12 @@ def attribute(
                 crossing["q"] = _per_instance(crossing["q"], concrete["within"])
             crossing = {k: v.float() for k, v in crossing.items()}
         values = values.float() if positional else values[0].float()
+    hint = ("the metric or the model's activations are not finite on this dataset (a custom metric, a "
+            "log of zero, or an overflow in a low-precision dtype)")
+    check_finite(values if edges is None else values[..., edges], f"{method} scores on {len(dataset)} examples",
+                 hint)
+    for name, part in crossing.items():
+        check_finite(part, f"{method} crossing-edge scores ({name})", hint)
     return EdgeScores(
         graph=graph,
         values=values,
@@ -129,6 +134,29 @@ def attribute(
     )
 
 
+def check_method(method: str, steps: int = 5, ablation: str = "counterfactual") -> None:
+    """ParameterError unless `method` is one of ALL_METHODS, `steps` (eap-ig's interpolation points) a
+    positive integer and `ablation` one the method implements; checked before any model work by
+    `attribute` and the discovery functions."""
+    if method not in ALL_METHODS:
+        raise ParameterError(f"unknown method '{method}'; choose one of {', '.join(ALL_METHODS)}")
+    check_count("steps", steps)
+    check_ablation(ablation)
+    if method == "peap" and ablation != "counterfactual":
+        raise ParameterError("peap crossing edges are implemented for the counterfactual reference only")
+
+
+def _edge_indices(edges, n_edges: int) -> torch.Tensor:
+    """`edges` (for `exact`) as a 1-D tensor of edge indices, each in [0, n_edges)."""
+    edges = torch.as_tensor(edges, device=HOST).flatten()
+    if edges.dtype == torch.bool or edges.is_floating_point() or edges.is_complex():
+        raise ParameterError(f"edges must be edge indices (integers), not a tensor of {edges.dtype}")
+    if edges.numel() and (int(edges.min()) < 0 or int(edges.max()) >= n_edges):
+        raise ParameterError(f"edges must be indices in [0, {n_edges}) for this model's graph; got "
+                             f"{int(edges.min())}..{int(edges.max())}")
+    return edges
+
+
 def _per_instance(summed: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """Scores summed over instances and divided by the number of examples, divided by the instances
     per example: the mean over instances (zero where a span pair has none)."""
@@ -136,4 +164,4 @@ def _per_instance(summed: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, summed / count.clamp(min=1e-12), torch.zeros_like(summed))
 
 
-__all__ = ["ALL_METHODS", "EdgeScores", "attribute"]
+__all__ = ["ALL_METHODS", "EdgeScores", "attribute", "check_method"]

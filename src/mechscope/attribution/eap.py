@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..data.dataset import Batch
+from ..errors import ParameterError
 from ..graph import Graph
 from ..metrics import compute_metric
 from .peap import crossing_from_runs, head_output_grads
@@ -98,10 +99,10 @@ def batch_gradients_and_deltas(
     With `crossing` (EAP, counterfactual reference) the same passes also give PEAP's crossing-edge
     scores: returns (delta, grad, crossing scores as `peap.crossing_scores` gives them)."""
     if method not in METHODS:
-        raise ValueError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+        raise ParameterError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
     fast_delta = ablation == "counterfactual"
     if crossing and (method != "eap" or not fast_delta):
-        raise ValueError("crossing-edge scores come with EAP gradients and the counterfactual reference")
+        raise ParameterError("crossing-edge scores come with EAP gradients and the counterfactual reference")
     with torch.enable_grad():
         with graph_hooks(model, graph, record_up=True, record_down=(method == "eap"), split_inputs=False,
                          heads_as_z=fast_delta, stop_at_final=True, capture_attention=crossing) as clean_run:

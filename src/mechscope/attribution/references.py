@@ -14,6 +14,7 @@ import torch
 
 from ..devices import model_device, batch_size_for
 from ..data.dataset import Batch, PromptPairDataset
+from ..errors import ParameterError
 from ..graph import Graph
 from .post_norm import head_write_weights
 from .runner import StopForward, graph_hooks, last_token_logits
@@ -23,7 +24,7 @@ ABLATIONS = ("counterfactual", "mean", "zero")
 
 def check_ablation(name: str) -> str:
     if name not in ABLATIONS:
-        raise ValueError(f"unknown ablation '{name}'; choose one of {', '.join(ABLATIONS)}")
+        raise ParameterError(f"unknown ablation '{name}'; choose one of {', '.join(ABLATIONS)}")
     return name
 
 

@@ -16,10 +16,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..data.dataset import parse_json_object
 from ..devices import HOST
 from ..errors import MechscopeError
 from ..fileio import atomic_path
-from ..graph import Graph
+from ..graph import Graph, GraphError
 
 
 class ScoresError(MechscopeError, ValueError):
@@ -122,18 +123,27 @@ class EdgeScores:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "EdgeScores":
         path = Path(path)
+        if path.is_dir():
+            raise ScoresError(f"{path}: is a directory, not a scores file")
         if not path.is_file():
             raise ScoresError(f"{path}: no such scores file")
         try:
             with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})["mechscope"])
+                header = (f.metadata() or {}).get("mechscope")
                 values = f.get_tensor("values")
                 extra = {name: f.get_tensor(name) for name in f.keys() if name != "values"}
-        except Exception as exc:
+        except Exception as exc:  # safetensors raises its own error types for a damaged file
             raise ScoresError(f"{path}: not a mechscope scores file ({type(exc).__name__}: {exc})") from None
-        graph = Graph(**meta["graph"])
-        if values.shape[-1] != graph.n_edges:
-            raise ScoresError(f"{path}: {values.shape[-1]} scores for a graph of {graph.n_edges} edges")
+        meta = _metadata(path, header)
+        try:
+            graph = Graph.from_spec(meta["graph"])
+        except GraphError as exc:
+            raise ScoresError(f"{path}: metadata {exc}") from None
+        if values.dim() not in (1, 2) or values.shape[-1] != graph.n_edges:
+            raise ScoresError(f"{path}: scores of shape {list(values.shape)} for a graph of {graph.n_edges} edges")
+        spans = tuple(meta.get("spans", ()))
+        if values.dim() == 2 and values.shape[0] != len(spans):
+            raise ScoresError(f"{path}: {values.shape[0]} rows of span scores for {len(spans)} spans in the metadata")
         return cls(
             graph=graph,
             values=values,
@@ -142,8 +152,36 @@ class EdgeScores:
             ablation=meta["ablation"],
             model=meta["model"],
             n_examples=meta["n_examples"],
-            spans=tuple(meta.get("spans", ())),
+            spans=spans,
             info=meta.get("info", {}),
             crossing={k[len("crossing_"):]: v for k, v in extra.items() if k.startswith("crossing_")},
             concrete={k[len("concrete_"):]: v for k, v in extra.items() if k.startswith("concrete_")},
         )
+
+
+# The metadata's fields: (type, what it must be); `spans` and `info` may be missing.
+_METADATA = {
+    "graph": (dict, "a JSON object"),
+    "method": (str, "a string"),
+    "metric": (str, "a string"),
+    "ablation": (str, "a string"),
+    "model": (str, "a string"),
+    "n_examples": (int, "an integer"),
+    "spans": (list, "a list of span names"),
+    "info": (dict, "a JSON object"),
+}
+
+
+def _metadata(path: Path, header: str | None) -> dict:
+    """The `mechscope` metadata of a scores file, each field checked for its type."""
+    if header is None:
+        raise ScoresError(f"{path}: not a mechscope scores file (no 'mechscope' metadata)")
+    meta = parse_json_object(header, f"{path}: metadata 'mechscope'", ScoresError)
+    for key, (kind, what) in _METADATA.items():
+        if key not in meta:
+            if key in ("spans", "info"):
+                continue
+            raise ScoresError(f"{path}: metadata is missing field '{key}'")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise ScoresError(f"{path}: metadata field '{key}' must be {what}")
+    return meta

@@ -12,7 +12,6 @@ group's key/value inputs, an MLP through its input.
 from __future__ import annotations
 
 import heapq
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +19,11 @@ from typing import Any
 
 import torch
 
+from ..data.dataset import parse_json_object, read_text_file
 from ..devices import HOST
 from ..errors import MechscopeError
 from ..fileio import write_json
-from ..graph import Graph
+from ..graph import Graph, GraphError
 
 
 class CircuitError(MechscopeError, ValueError):
@@ -83,19 +83,15 @@ class Circuit:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Circuit":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-            graph = Graph(**data["graph"])
-            names = data["edges"]
-        except FileNotFoundError:
-            raise CircuitError(f"{path}: no such circuit file") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CircuitError(f"{path}: not a mechscope circuit file ({type(exc).__name__}: {exc})") from None
+        data, graph = read_circuit_file(path, "circuit file", "mechscope-circuit/1")
+        names = data.get("edges")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise CircuitError(f"{path}: field 'edges' must be a list of edge names")
         index = {graph.edge_name(e): e for e in range(graph.n_edges)}
         edges = torch.zeros(graph.n_edges, dtype=torch.bool, device=HOST)
         for name in names:
             if name not in index:
-                raise CircuitError(f"{path}: edge '{name}' is not in a graph of this shape")
+                raise CircuitError(f"{path}: field 'edges': edge '{name}' is not in a graph of this shape")
             edges[index[name]] = True
         return cls(graph, edges, model=data.get("model", ""), method=data.get("method", ""), info=data.get("info", {}))
 
@@ -105,13 +101,33 @@ class Circuit:
 
 
 def check_graph(graph: Graph, model, built_for: str = "", source: str = "circuit") -> None:
-    """Raise CircuitError unless `graph` (of a circuit built for model `built_for`) has `model`'s shape."""
+    """Raise CircuitError unless `graph` (of a circuit built for model `built_for`) has `model`'s
+    shape; the message names what differs."""
     other = Graph.from_model(model)
     if not graph.same_shape(other):
         raise CircuitError(
-            f"{source} was built for a model with {graph.n_layers} layers x {graph.n_heads} heads "
-            f"('{built_for or '?'}'), not for this model ({other.n_layers} x {other.n_heads})"
+            f"{source} was built for a model of another shape ('{built_for or '?'}'): "
+            f"{', '.join(graph.differences(other))} (the {source}'s vs this model's)"
         )
+
+
+def read_circuit_file(path: Path, what: str, fmt: str | None) -> tuple[dict, Graph]:
+    """(the JSON object, its graph) of a circuit file of format `fmt` (None: any), or CircuitError
+    naming the file and field: missing, a directory, not UTF-8, not JSON, another format, a malformed
+    graph."""
+    data = parse_json_object(read_text_file(path, what, CircuitError), str(path), CircuitError)
+    if fmt is not None and data.get("format", fmt) != fmt:
+        raise CircuitError(f"{path}: field 'format' is {data['format']!r}, not {fmt!r}")
+    if "graph" not in data:
+        raise CircuitError(f"{path}: missing field 'graph'")
+    for key, kind in (("model", str), ("method", str), ("info", dict)):
+        if key in data and not isinstance(data[key], kind):
+            raise CircuitError(f"{path}: field '{key}' must be {'a string' if kind is str else 'a JSON object'}")
+    try:
+        graph = Graph.from_spec(data["graph"])
+    except GraphError as exc:
+        raise CircuitError(f"{path}: not a mechscope {what} ({exc})") from None
+    return data, graph
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,15 +13,17 @@ record `signal` (M(model) - M(all ablated) on the evaluation set and its standar
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..devices import batch_size_for
-from ..attribution import attribute
+from ..attribution import attribute, check_method
 from ..behaviour import check_compatible, keep_correct, measure_behaviour
 from ..data.dataset import DatasetError, PromptPairDataset
+from ..errors import ParameterError
 from ..metrics import Metric, metric_name, resolve_metric
-from .evaluation import DEFAULT_FRACTIONS, faithfulness_curve, select_circuits
+from .evaluation import DEFAULT_FRACTIONS, check_fractions, check_selection, faithfulness_curve, select_circuits
 from .span_circuit import SpanCircuit, SpanGraphScores
 
 
@@ -30,6 +32,7 @@ def prepare(model, dataset: PromptPairDataset, seed: int = 0, discovery_fraction
     """Measure the model's behaviour, keep the examples it gets right (with `only_correct`) and split
     them into discovery and evaluation halves. Returns (behaviour summary, discovery, evaluation)."""
     batch_size = batch_size_for(model, batch_size)
+    _check_split(discovery_fraction)
     check_compatible(model, dataset)
     metric = resolve_metric(metric, dataset)
     behaviour = measure_behaviour(model, dataset, batch_size, progress=progress, metric=metric)
@@ -37,7 +40,19 @@ def prepare(model, dataset: PromptPairDataset, seed: int = 0, discovery_fraction
     if len(kept) < 2:
         raise DatasetError(f"only {len(kept)} examples left after keeping the correct ones; nothing to split")
     discovery, evaluation = kept.split(discovery_fraction, seed=seed)
+    if not len(discovery) or not len(evaluation):
+        raise DatasetError(
+            f"discovery_fraction {discovery_fraction} of the {len(kept)} examples kept leaves the "
+            f"{'discovery' if not len(discovery) else 'evaluation'} half empty"
+        )
     return behaviour.summary(metric), discovery, evaluation
+
+
+def _check_split(discovery_fraction: float) -> None:
+    if isinstance(discovery_fraction, bool) or not isinstance(discovery_fraction, numbers.Real) \
+            or not 0 < discovery_fraction < 1:
+        raise ParameterError(f"discovery_fraction must be a number between 0 and 1 (both halves non-empty), "
+                             f"got {discovery_fraction!r}")
 
 
 def signal_record(curve) -> tuple[dict, list[str]]:
@@ -67,6 +82,13 @@ def compare_methods(
     """Returns (summary, scores by method). With `only_correct` the examples the model gets wrong on
     the clean prompt are dropped first (the behaviour summary is of the whole dataset)."""
     batch_size = batch_size_for(model, batch_size)
+    if not methods:
+        raise ParameterError("no methods to compare")
+    for method in methods:  # every choice checked before any model work
+        check_method(method, steps, ablation)
+    check_selection(selection)
+    fractions = check_fractions(fractions)
+    _check_split(discovery_fraction)
     metric = resolve_metric(metric, dataset)
     behaviour, discovery, evaluation = prepare(model, dataset, seed, discovery_fraction, only_correct,
                                                batch_size, progress, metric)
@@ -137,6 +159,9 @@ def discover_circuit(
     EAP baseline, faithfulness curves of both on the held-out half, the circuit to save and the small
     circuits to draw."""
     batch_size = batch_size_for(model, batch_size)
+    check_method(method, steps)
+    check_selection(selection)
+    fractions = check_fractions(fractions)
     metric = resolve_metric(metric, dataset)
     behaviour, discovery, evaluation = prepare(model, dataset, seed, batch_size=batch_size, progress=progress,
                                                metric=metric)

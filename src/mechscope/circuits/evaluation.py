@@ -37,9 +37,9 @@ from ..attribution.runner import Ablation, AttentionAblation, graph_hooks, run_t
 from ..behaviour import check_compatible
 from .circuit import Circuit
 from ..data.dataset import PromptPairDataset
-from ..errors import MechscopeWarning
+from ..errors import MechscopeWarning, ParameterError, check_finite
 from ..graph import Graph
-from ..metrics import Metric, accuracy, compute_metric, resolve_metric
+from ..metrics import Metric, accuracy, check_metric_values, compute_metric, resolve_metric
 from .span_circuit import (
     ALL_TOKENS,
     SpanCircuit,
@@ -50,6 +50,7 @@ from .span_circuit import (
 )
 
 DEFAULT_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+SELECTIONS = ("top_n", "greedy")
 SIGNAL_SE = 2.0  # |M(model) - M(empty)| below this many standard errors: normalized faithfulness is noise
 
 
@@ -170,33 +171,36 @@ class _Evaluator:
             span_of = batch_span_of(ds, indices, batch.clean.shape[1], device) if positional else None
             top = clean.argmax(-1)
 
-            def score(ablation: Ablation, into: _Totals) -> torch.Tensor:
+            def score(ablation: Ablation, into: _Totals, run_name: str) -> torch.Tensor:
                 with graph_hooks(model, graph, ablation=ablation, attention_mask=batch.attention_mask,
                                  stop_at_final=True) as run:
                     logits = run_to_final_logits(model, run, batch.clean, batch.attention_mask, batch.last)
                 values = compute_metric(metric, logits, batch, clean_logits=clean).double()
+                check_metric_values(values, metric, run_name, ds, indices)
                 into.metric += float(values.sum())
                 into.agree += float((logits.argmax(-1) == top).sum())
                 into.correct += float(accuracy(logits, batch).sum())
                 return values
 
             m_model = compute_metric(metric, clean, batch, clean_logits=clean).double()
+            check_metric_values(m_model, metric, "the clean run", ds, indices)
             model_t.metric += float(m_model.sum())
             model_t.agree += len(top)
             model_t.correct += float(accuracy(clean, batch).sum())
             m_empty = score(Ablation(torch.zeros(graph.n_upstream, graph.n_downstream, device=device), reference),
-                            empty_t)
+                            empty_t, "the all-ablated run")
             gaps.append((m_model - m_empty).cpu())
             bar.update(len(top))
-            for c, keep, mapping, into in zip(circuits, keeps, maps, totals):
+            for k, (c, keep, mapping, into) in enumerate(zip(circuits, keeps, maps, totals)):
+                run_name = f"the run of circuit {k} ({c.n_edges} edges)"
                 if keep is not None:
-                    score(Ablation(keep, reference), into)
+                    score(Ablation(keep, reference), into, run_name)
                 else:
                     within, (keep_k, keep_v, keep_q) = c.projection(mapping[span_of])
                     attention = AttentionAblation(
                         keep_k, keep_v, keep_q, attn_ref, attention_scale(model), score_soft_cap(model)
                     ) if keep_k else None
-                    score(Ablation(within, reference, mapping[span_of], attention), into)
+                    score(Ablation(within, reference, mapping[span_of], attention), into, run_name)
                 bar.update(len(top))
         bar.close()
         n = len(ds)
@@ -339,11 +343,38 @@ def _trapezoid(x: Sequence[float], y: Sequence[float]) -> float:
     return float(sum((x[i + 1] - x[i]) * (y[i + 1] + y[i]) / 2 for i in range(len(x) - 1)))
 
 
+def check_fractions(fractions: Sequence[float]) -> list[float]:
+    """`fractions` as a list, or ParameterError unless they are increasing numbers in (0, 1], at least
+    one: the circuit sizes of a curve, as fractions of all edges."""
+    try:
+        values = [float(f) for f in fractions]
+    except (TypeError, ValueError):
+        values = None
+    if not values or any(isinstance(f, bool) for f in fractions) or any(not 0 < f <= 1 for f in values) \
+            or any(a >= b for a, b in zip(values, values[1:])):
+        raise ParameterError(f"fractions must be increasing numbers in (0, 1], got {fractions!r}")
+    return values
+
+
+def check_selection(selection: str) -> str:
+    if selection not in SELECTIONS:
+        raise ParameterError(f"unknown selection '{selection}'; choose {' or '.join(SELECTIONS)}")
+    return selection
+
+
+def check_scores_finite(scores) -> None:
+    """NonFiniteError unless every score a circuit is selected by is finite."""
+    hint = "circuits are selected by every edge's score (exact scores of a subset of edges leave the others NaN)"
+    check_finite(scores.values, f"{scores.method} scores selecting the circuits", hint)
+    for name, part in scores.crossing.items():
+        check_finite(part, f"{scores.method} crossing-edge scores ({name}) selecting the circuits", hint)
+
+
 def select_circuits(scores, fractions: Sequence[float], selection: str = "top_n", attention: str = "scored"):
     """Circuits of `fractions` x all edges of the scores' graph (the span graph for positional scores),
     chosen by `selection` (top_n | greedy). Positional circuits share one greedy order."""
-    if selection not in ("top_n", "greedy"):
-        raise ValueError(f"unknown selection '{selection}'; choose top_n or greedy")
+    check_selection(selection)
+    check_scores_finite(scores)
     if not scores.positional:
         select: Callable = {"top_n": scores.top_n, "greedy": scores.greedy}[selection]
         n_total = scores.graph.n_edges
@@ -386,10 +417,11 @@ def faithfulness_curve(
     `metric`: a name or a function fn(final logits [batch, vocab], batch) -> [batch]; default the
     dataset's. Warns (MechscopeWarning) when normalized faithfulness is noise (`Curve.weak_signal`)."""
     batch_size = batch_size_for(model, batch_size)
+    fractions = check_fractions(fractions)
     if circuits is None:
         circuits = select_circuits(scores, fractions, selection, attention)
     elif len(circuits) != len(fractions):
-        raise ValueError(f"{len(circuits)} circuits for {len(fractions)} fractions")
+        raise ParameterError(f"{len(circuits)} circuits for {len(fractions)} fractions")
     for c in circuits:
         c.check_model(model)
     results = _Evaluator(model, dataset, ablation, reference, batch_size, metric).run(circuits, progress)

@@ -23,7 +23,6 @@ the circuit for free, which with one span is exactly the non-positional greedy.
 from __future__ import annotations
 
 import heapq
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +31,12 @@ from typing import Any
 import torch
 
 from ..devices import HOST
-from .circuit import Circuit, CircuitError, check_graph
+from .circuit import Circuit, CircuitError, check_graph, read_circuit_file
 from ..fileio import write_json
 from ..graph import Graph
 
 ALL_TOKENS = "*"
+SPAN_FORMAT = "mechscope-span-circuit/1"
 ATTENTION_MODES = ("scored", "whole")
 
 
@@ -168,7 +168,7 @@ class SpanCircuit:
         for l, h, s in self.crossing["q"].nonzero().tolist():
             crossing.append(f"{self.spans[s]}:a{l}.h{h}.q -> {self.spans[s]}:a{l}.h{h}")
         return {
-            "format": "mechscope-span-circuit/1",
+            "format": SPAN_FORMAT,
             "model": self.model,
             "method": self.method,
             "graph": g.spec(),
@@ -186,21 +186,25 @@ class SpanCircuit:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SpanCircuit":
         path = Path(path)
+        data, graph = read_circuit_file(path, "span circuit file", SPAN_FORMAT)
+        if data.get("format") != SPAN_FORMAT:
+            raise CircuitError(f"{path}: missing field 'format' (\"{SPAN_FORMAT}\")")
+        field_name = "spans"
         try:
-            data = json.loads(path.read_text())
-            if data.get("format") != "mechscope-span-circuit/1":
-                raise KeyError("format")
-            graph = Graph(**data["graph"])
             spans = tuple(data["spans"])
+            if not all(isinstance(x, str) for x in spans) or len(set(spans)) != len(spans):
+                raise ValueError("span names must be unique strings")
             span_index = {s: i for i, s in enumerate(spans)}
             edge_index = {graph.edge_name(e): e for e in range(graph.n_edges)}
             n = len(spans)
+            field_name = "within"
             within = torch.zeros(n, graph.n_edges, dtype=torch.bool, device=HOST)
             for span, names in data["within"].items():
                 for name in names:
                     if name not in edge_index:
-                        raise CircuitError(f"{path}: edge '{name}' is not in a graph of this shape")
+                        raise CircuitError(f"{path}: field 'within': edge '{name}' is not in a graph of this shape")
                     within[span_index[span], edge_index[name]] = True
+            field_name = "crossing"
             crossing = {k: torch.zeros_like(v) for k, v in _full_crossing(graph, n).items()}
             for item in data["crossing"]:
                 src, dst = (part.strip() for part in item.split("->"))
@@ -212,15 +216,15 @@ class SpanCircuit:
                     crossing["q"][l, h, span_index[src_span]] = True
                 else:
                     crossing[kind][l, h, span_index[src_span], span_index[dst_span]] = True
+            field_name = "logit_spans"
             logit_spans = torch.zeros(n, dtype=torch.bool, device=HOST)
             for s in data["logit_spans"]:
                 logit_spans[span_index[s]] = True
-        except FileNotFoundError:
-            raise CircuitError(f"{path}: no such span circuit file") from None
         except CircuitError:
             raise
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as exc:
-            raise CircuitError(f"{path}: not a mechscope span circuit file ({type(exc).__name__}: {exc})") from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise CircuitError(f"{path}: not a mechscope span circuit file (field '{field_name}': "
+                               f"{type(exc).__name__}: {exc})") from None
         return cls(graph, spans, within, crossing, logit_spans, model=data.get("model", ""),
                    method=data.get("method", ""), info=data.get("info", {}))
 
@@ -230,12 +234,9 @@ class SpanCircuit:
 
 
 def load_any_circuit(path: str | os.PathLike):
-    """A `Circuit` or `SpanCircuit` from its JSON file, whichever it holds."""
-    try:
-        fmt = json.loads(Path(path).read_text()).get("format")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        fmt = None
-    return SpanCircuit.load(path) if fmt == "mechscope-span-circuit/1" else Circuit.load(path)
+    """A `Circuit` or `SpanCircuit` from its JSON file, whichever it holds (by its `format`)."""
+    data, _ = read_circuit_file(Path(path), "circuit file", None)
+    return SpanCircuit.load(path) if data.get("format") == SPAN_FORMAT else Circuit.load(path)
 
 
 def _full_crossing(graph: Graph, n_spans: int) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..devices import HOST
-from ..errors import MechscopeError
+from ..errors import MechscopeError, ParameterError, check_count
 from ..fileio import atomic_path
 
 FORMAT_VERSION = 1
@@ -74,9 +75,17 @@ class PromptPair:
     clean_text: str = ""
     counterfactual_text: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    # Where the example was read from ("data.jsonl, line 7"; empty when made in memory), so that checks
+    # against a model (context length, vocabulary) name the file and line. Not saved.
+    origin: str = field(default="", compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.clean)
+
+    def where(self, index: int, source: str = "dataset") -> str:
+        """How errors name this example: its file and line when it was read from one, else
+        `source: example index` (counted from 0)."""
+        return self.origin or f"{source}: example {index}"
 
     def span_bounds(self) -> list[tuple[int, int]]:
         """[(start, end)] for every span, end exclusive."""
@@ -108,6 +117,10 @@ def validate_example(ex: PromptPair, schema: Schema, where: str, n_ctx: int | No
     n = len(ex.clean)
     if n == 0:
         raise DatasetError(f"{where}: field 'clean': empty prompt")
+    for name in ("clean", "counterfactual", "correct", "wrong"):
+        ids = getattr(ex, name)
+        if ids and min(ids) < 0:
+            raise DatasetError(f"{where}: field '{name}': negative token id {min(ids)}")
     if len(ex.counterfactual) != n:
         raise DatasetError(
             f"{where}: field 'counterfactual': {len(ex.counterfactual)} tokens but the clean prompt has "
@@ -202,6 +215,9 @@ class PromptPairDataset:
     tokenizer: str = ""  # tokenizer_fingerprint of the tokenizer the ids come from
     pad_token_id: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    # The file the dataset was read from (empty when made in memory): errors about the whole dataset
+    # name it. Not saved.
+    origin: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -216,8 +232,11 @@ class PromptPairDataset:
         return self.examples[idx]
 
     def validate(self, n_ctx: int | None = None, source: str = "dataset") -> None:
+        """DatasetError unless every example satisfies the invariants (and fits `n_ctx` tokens); an
+        error names the example's file and line, else `source: example i`."""
+        source = self.origin or source
         for i, ex in enumerate(self.examples):
-            validate_example(ex, self.schema, f"{source}: example {i}", n_ctx)
+            validate_example(ex, self.schema, ex.where(i, source), n_ctx)
 
     def subset(self, indices: Iterable[int]) -> "PromptPairDataset":
         return self._with([self.examples[i] for i in indices])
@@ -239,10 +258,14 @@ class PromptPairDataset:
             tokenizer=self.tokenizer,
             pad_token_id=self.pad_token_id,
             info=dict(self.info),
+            origin=self.origin,
         )
 
     def split(self, fraction: float = 0.5, seed: int = 0) -> tuple["PromptPairDataset", "PromptPairDataset"]:
-        """Shuffle with `seed` and split into (first `fraction`, rest), e.g. discovery / evaluation."""
+        """Shuffle with `seed` and split into (first `fraction`, rest), e.g. discovery / evaluation;
+        `fraction` is a number from 0 to 1."""
+        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 <= fraction <= 1:
+            raise ParameterError(f"split: fraction must be a number from 0 to 1, got {fraction!r}")
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self), generator=g, device=HOST).tolist()
         cut = int(round(fraction * len(self)))
@@ -261,6 +284,7 @@ class PromptPairDataset:
 
     def batches(self, batch_size: int) -> Iterable[tuple[list[int], Batch]]:
         """Yield (indices, Batch) over the dataset in order, `batch_size` examples at a time."""
+        batch_size = check_count("batch_size", batch_size)
         for start in range(0, len(self), batch_size):
             idx = list(range(start, min(start + batch_size, len(self))))
             yield idx, self.batch(idx)
@@ -293,11 +317,10 @@ class PromptPairDataset:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PromptPairDataset":
+        """Read a dataset JSONL (docs/formats.md §1), checking the header and every row; each example
+        remembers its file and line (`PromptPair.origin`) for later checks against a model."""
         path = Path(path)
-        if not path.is_file():
-            raise DatasetError(f"{path}: no such dataset file")
-        with path.open(encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = read_text_file(path, "dataset file").splitlines()
         if not lines:
             raise DatasetError(f"{path}: empty file, expected a mechscope dataset header on line 1")
         header = parse_json_line(path, 1, lines[0])
@@ -306,43 +329,101 @@ class PromptPairDataset:
                 f"{path}, line 1: not a mechscope dataset header (field 'mechscope_dataset' should be "
                 f"{FORMAT_VERSION})"
             )
-        for key in ("schema", "metric"):
-            if key not in header:
-                raise DatasetError(f"{path}, line 1: header is missing field '{key}'")
-        try:
-            schema = Schema(tuple(header["schema"]))
-        except DatasetError as exc:
-            raise DatasetError(f"{path}, line 1: field 'schema': {exc}") from None
+        fields = _header_fields(header, path)
         examples = []
         for lineno, line in enumerate(lines[1:], start=2):
             if not line.strip():
                 continue
             row = parse_json_line(path, lineno, line)
             examples.append(_example_from_json(row, path, lineno))
-            validate_example(examples[-1], schema, f"{path}, line {lineno}")
+            validate_example(examples[-1], fields["schema"], examples[-1].origin)
         try:
-            ds = cls(
-                examples=examples,
-                schema=schema,
-                task=header.get("task", "custom"),
-                metric=header["metric"],
-                model=header.get("model", ""),
-                tokenizer=header.get("tokenizer", ""),
-                pad_token_id=int(header.get("pad_token_id", 0)),
-                info=header.get("info", {}),
-            )
+            ds = cls(examples=examples, **fields, origin=str(path))
         except DatasetError as exc:
             raise DatasetError(f"{path}, line 1: {exc}") from None
         return ds
 
 
-def parse_json_line(path: Path, lineno: int, line: str) -> dict:
+# The header's fields: (type, what it must be, required); a missing optional one takes the dataclass default.
+_HEADER = {
+    "schema": (list, "a list of span names", True),
+    "metric": (str, "a string", True),
+    "task": (str, "a string", False),
+    "model": (str, "a string", False),
+    "tokenizer": (str, "a string", False),
+    "pad_token_id": (int, "a non-negative integer", False),
+    "info": (dict, "a JSON object", False),
+}
+
+
+def _header_fields(header: dict, path: Path) -> dict:
+    """The dataset's constructor arguments from a header, each checked for its type."""
+    out = {}
+    for key, (kind, what, required) in _HEADER.items():
+        if key not in header:
+            if required:
+                raise DatasetError(f"{path}, line 1: header is missing field '{key}'")
+            continue
+        value = header[key]
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            raise DatasetError(f"{path}, line 1: field '{key}' must be {what}, not {_shown(value)}")
+        out[key] = value
+    if not all(isinstance(name, str) and name for name in out["schema"]):
+        raise DatasetError(f"{path}, line 1: field 'schema' must be a list of non-empty strings, not "
+                           f"{_shown(out['schema'])}")
     try:
-        obj = json.loads(line)
+        out["schema"] = Schema(tuple(out["schema"]))
+    except DatasetError as exc:
+        raise DatasetError(f"{path}, line 1: field 'schema': {exc}") from None
+    return out
+
+
+def _shown(value, width: int = 60) -> str:
+    """A JSON value as a message shows it: its JSON text, cut to `width` characters."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def read_text_file(path: Path, what: str, error: type[MechscopeError] = DatasetError) -> str:
+    """The text of a UTF-8 file (a UTF-8 byte-order mark is dropped), or `error` with one line naming
+    the file, and the line for bytes that are not UTF-8: a missing file, a directory, an unreadable
+    file, UTF-16 or binary data."""
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{path}: is a directory, not a {what}")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in data[:4096]:
+        raise error(f"{path}: UTF-16 or binary data, not UTF-8 text; save the {what} as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise error(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at column {column}); save the "
+            f"{what} as UTF-8"
+        ) from None
+
+
+def parse_json_line(path: Path, lineno: int, line: str) -> dict:
+    return parse_json_object(line, f"{path}, line {lineno}")
+
+
+def parse_json_object(text: str, where: str, error: type[MechscopeError] = DatasetError) -> dict:
+    """The JSON object in `text`, or `error` prefixed by `where` (the place in a file; the line of a
+    syntax error is added for text of several lines)."""
+    try:
+        obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}, line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        at = f"line {exc.lineno}, column {exc.colno}" if "\n" in text.strip() else f"column {exc.colno}"
+        raise error(f"{where}: not valid JSON ({exc.msg} at {at})") from None
     if not isinstance(obj, dict):
-        raise DatasetError(f"{path}, line {lineno}: expected a JSON object")
+        raise error(f"{where}: expected a JSON object")
     return obj
 
 
@@ -356,13 +437,19 @@ def _int_list(row: dict, key: str, path: Path, lineno: int) -> list[int]:
 
 
 def _example_from_json(row: dict, path: Path, lineno: int) -> PromptPair:
+    where = f"{path}, line {lineno}"
+    for key, kind, what in (("clean_text", str, "a string"), ("counterfactual_text", str, "a string"),
+                            ("meta", dict, "a JSON object")):
+        if key in row and not isinstance(row[key], kind):
+            raise DatasetError(f"{where}: field '{key}' must be {what}, not {_shown(row[key])}")
     return PromptPair(
         clean=_int_list(row, "clean", path, lineno),
         counterfactual=_int_list(row, "counterfactual", path, lineno),
         correct=_int_list(row, "correct", path, lineno),
         wrong=_int_list(row, "wrong", path, lineno),
         span_starts=_int_list(row, "span_starts", path, lineno),
-        clean_text=str(row.get("clean_text", "")),
-        counterfactual_text=str(row.get("counterfactual_text", "")),
+        clean_text=row.get("clean_text", ""),
+        counterfactual_text=row.get("counterfactual_text", ""),
         meta=dict(row.get("meta", {})),
+        origin=where,
     )

@@ -27,6 +27,7 @@ from .dataset import (
     DatasetError,
     PromptPairDataset,
     parse_json_line,
+    read_text_file,
     tokenizer_fingerprint,
     validate_example,
 )
@@ -52,27 +53,24 @@ def is_dataset_jsonl(path: str | os.PathLike) -> bool:
     """Whether `path` is a tokenized mechscope dataset (its first line is the `mechscope_dataset`
     header) rather than a text JSONL. A missing or unreadable file counts as a dataset, so that its
     loader reports the problem."""
-    path = Path(path)
     try:
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    first = json.loads(line)
-                    return not isinstance(first, dict) or "mechscope_dataset" in first
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        text = read_text_file(Path(path), "data file")
+    except DatasetError:
         return True
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                first = json.loads(line)
+            except json.JSONDecodeError:
+                return True
+            return not isinstance(first, dict) or "mechscope_dataset" in first
     return True
 
 
 def read_text_jsonl(path: str | os.PathLike) -> list[TextRow]:
     """Parse and structurally check every row of a text JSONL (no tokenizer needed)."""
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such data file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    lines = read_text_file(path, "data file").splitlines()
     rows: list[TextRow] = []
     names: list[str] | None = None
     for lineno, line in enumerate(lines, start=1):
@@ -161,6 +159,7 @@ def text_dataset(
                            meta={**row.meta, "line": row.lineno})
         except DatasetError as exc:
             raise DatasetError(f"{where}: {exc}") from None
+        ex.origin = where
         validate_example(ex, schema, where, n_ctx)
         examples.append(ex)
     return PromptPairDataset(
@@ -171,6 +170,7 @@ def text_dataset(
         tokenizer=tokenizer_fingerprint(tokenizer),
         pad_token_id=pad_id(tokenizer),
         info={"source": str(path), "format": "text-jsonl"},
+        origin=str(path),
     )
 
 

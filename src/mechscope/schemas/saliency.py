@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..devices import HOST, model_device, batch_size_for
 from ..behaviour import check_compatible
 from ..data.dataset import PromptPairDataset
+from ..errors import ParameterError, check_count
 from ..metrics import Metric, compute_metric, final_logits, resolve_metric
 
 METHODS = ("input_x_gradient", "integrated_gradients")
@@ -44,9 +45,10 @@ def token_saliency(
     `metric`: a name or a function fn(logits, batch) -> [batch]; default the dataset's."""
     batch_size = batch_size_for(model, batch_size)
     if method not in METHODS:
-        raise ValueError(f"unknown saliency method '{method}'; choose one of {', '.join(METHODS)}")
+        raise ParameterError(f"unknown saliency method '{method}'; choose one of {', '.join(METHODS)}")
     if baseline not in BASELINES:
-        raise ValueError(f"unknown baseline '{baseline}'; choose one of {', '.join(BASELINES)}")
+        raise ParameterError(f"unknown baseline '{baseline}'; choose one of {', '.join(BASELINES)}")
+    check_count("steps", steps)
     check_compatible(model, dataset)
     metric = resolve_metric(metric, dataset)
     device = model_device(model)
