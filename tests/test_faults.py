@@ -82,6 +82,13 @@ def tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
+# PEAP CSV rows with the tiny tokenizer's indices (one token per word), and one whose indices say
+# ' Mary' was two tokens: every later span one word on would fit as well, so it cannot be placed.
+PEAP_CSV_HEADER = "prompt,start,IO,and,S1,event,punct,S2,rest,length,correct_token,wrong_token\n"
+PEAP_CSV_GOOD = "\"When Mary and John went to the store, John gave a drink to\",1,2,3,4,5,9,10,11,15, Mary, John\n"
+PEAP_CSV_AMBIGUOUS = "\"When Mary and John went to the store, John gave a drink to\",1,2,4,5,6,10,11,12,16, Mary, John\n"
+
+
 # ------------------------------------------------------------------------------------------------
 # The table. Rows are grouped by the part of the tool they exercise.
 # ------------------------------------------------------------------------------------------------
@@ -95,6 +102,16 @@ CLI_FAULTS: list[CliFault] = [
              "unknown method 'magic'"),
 
     # --- datasets and other input files
+    CliFault("csv: an ambiguous row is left out and counted",
+             lambda e: ["data", "--from-csv", str(e.root / "pairs.csv"), "--counterfactual", str(e.root / "pairs.csv"),
+                        "--model", e.llama, "--out", str(e.out)],
+             "excluded 1: ambiguous: the spans fit equally well in more than one place (1)",
+             setup=lambda e: e.write("pairs.csv", PEAP_CSV_HEADER + PEAP_CSV_GOOD + PEAP_CSV_AMBIGUOUS), status=0),
+    CliFault("csv: no row left",
+             lambda e: ["data", "--from-csv", str(e.root / "pairs.csv"), "--counterfactual", str(e.root / "pairs.csv"),
+                        "--model", e.llama, "--out", str(e.out)],
+             "no row could be converted for this tokenizer (excluded 1: ambiguous",
+             setup=lambda e: e.write("pairs.csv", PEAP_CSV_HEADER + PEAP_CSV_AMBIGUOUS)),
 
     # --- command-line options and parameters
 
