@@ -556,6 +556,8 @@ def test_peap_greater_than(smollm2_tokenizer, tmp_path):
     assert {n for n, _ in report.excluded} == {n for n, yy in labels.items() if yy >= 90}
     assert report.ambiguous == []
     assert all("field 'label'" in reason for _, reason in report.excluded)
+    # every year is cut " 14" + "53" (the even cut; " 1453" + " 1" + "4" would cost as much)
+    assert report.kept_by == {"closest": 176} and report.excluded_by == {"label": 24}
 
 
 @pytest.mark.slow
@@ -577,6 +579,7 @@ def test_peap_ioi(smollm2_tokenizer, tmp_path):
     # the loss comes from names that are several SmolLM2 tokens, never from an unplaceable row
     assert not any("no split" in reason for _, reason in report.excluded)
     assert report.ambiguous == []
+    assert report.kept_by == {"exact": 59} and report.excluded_by == {"pair": 89, "answer": 2}
     assert report.rows_kept / report.rows_read > 0.25
 
 
@@ -608,6 +611,7 @@ def test_peap_winobias(smollm2_tokenizer, tmp_path, name):
     # every row holds ' pronoun', so the rows agree that the file's tokenizer gave it two tokens
     assert report.learned_counts[" pronoun"] == 2
     assert report.ambiguous == []
+    assert report.kept_by == {"exact": 137} and report.excluded_by == {"answer": 13}
 
 
 @pytest.mark.slow
