@@ -201,7 +201,9 @@ class CsvReport:
         if self.excluded_by:
             lines.append(
                 f"excluded {len(self.excluded)}: "
-                + ", ".join(f"{EXCLUDED_KINDS[k]} ({n})" for k, n in _in_order(self.excluded_by, EXCLUDED_KINDS))
+                + ", ".join(
+                    f"{EXCLUDED_KINDS[k]} ({n})" for k, n in _in_order(self.excluded_by, EXCLUDED_KINDS)
+                )
             )
         if self.learned_counts:
             lines.append(
@@ -624,7 +626,8 @@ def _learn_counts(prompts: list[_Prompt]) -> dict[str, int]:
         candidates = set()
         for p, ok in zip(prompts, fits):
             if not ok:
-                candidates.update((w, k) for w, k, _ in _single_fixes(p, p.expected(learned)) if w not in learned)
+                fixes = _single_fixes(p, p.expected(learned))
+                candidates.update((w, k) for w, k, _ in fixes if w not in learned)
         scored = []
         for word, k in candidates:
             trial = {**learned, word: k}
