@@ -664,3 +664,23 @@ def test_peap_winobias_agent_schema(smollm2_tokenizer, tmp_path):
         cf = decoded_spans(tok, ds, ex, "counterfactual")
         assert cf["Referenced_Pronoun"] == swaps[spans["Referenced_Pronoun"]]
         assert spans["Subject"] == "The" + ex.meta["correct_token"]  # the first profession is the answer
+
+
+@pytest.mark.slow
+def test_peap_winobias_agent_schema_two_tokenizers_agree(smollm2_tokenizer):
+    """Gemma-3's tokenizer differs from the file's on other words: ' admires' and ' appreciates' are one
+    Gemma token each and, by the file's indices, two (as for SmolLM2). Rows holding both are two tokens
+    short, which one word two tokens off would fit as well: they are left out as ambiguous. Every row
+    both conversions keep has the same span text."""
+    from mechscope.models import load_tokenizer
+
+    smol, _ = load_peap_csv(PEAP / AGENT, None, smollm2_tokenizer, counterfactual_rule="swap-pronouns")
+    gemma, report = load_peap_csv(
+        PEAP / AGENT, None, load_tokenizer("gemma3-270m"), counterfactual_rule="swap-pronouns"
+    )
+    assert (report.rows_kept, report.kept_by, report.excluded_by) == (476, {"exact": 476}, {"ambiguous": 16})
+    assert len(report.ambiguous) == 16 and report.learned_counts == {" pronoun": 2}
+    by_row = {ex.meta["row"]: ex.meta["span_text"] for ex in smol.examples}
+    shared = [ex for ex in gemma.examples if ex.meta["row"] in by_row]
+    assert len(shared) == 424
+    assert all(ex.meta["span_text"] == by_row[ex.meta["row"]] for ex in shared)
