@@ -270,6 +270,20 @@ def nan_metric(logits, batch):
     return logits[:, 0] * float("nan")
 
 
+# PEAP CSV rows with the tiny tokenizer's indices (one token per word), and one whose indices say
+# ' Mary' was two tokens: every later span one word on would fit as well, so it cannot be placed.
+PEAP_CSV_HEADER = "prompt,start,IO,and,S1,event,punct,S2,rest,length,correct_token,wrong_token\n"
+PEAP_CSV_PROMPT = '"When Mary and John went to the store, John gave a drink to"'
+PEAP_CSV_GOOD = PEAP_CSV_PROMPT + ",1,2,3,4,5,9,10,11,15, Mary, John\n"
+PEAP_CSV_AMBIGUOUS = PEAP_CSV_PROMPT + ",1,2,4,5,6,10,11,12,16, Mary, John\n"
+
+
+def peap_csv_args(e: Env) -> list[str]:
+    """`data` on root/pairs.csv as both the clean and the counterfactual file."""
+    pairs = str(e.root / "pairs.csv")
+    return ["data", "--from-csv", pairs, "--counterfactual", pairs, "--model", e.llama, "--out", str(e.out)]
+
+
 # ------------------------------------------------------------------------------------------------
 # The table. Rows are grouped by the part of the tool they exercise.
 # ------------------------------------------------------------------------------------------------
@@ -321,6 +335,15 @@ CLI_FAULTS: list[CliFault] = [
     data_fault("dataset row: longer than the context", "r.jsonl", edit(row={"clean": [5] * 1600,
                                                                              "counterfactual": [5] * 1600}),
                "r.jsonl, line 3: field 'clean': 1600 tokens is longer than the model's context (128)"),
+
+
+    CliFault("csv: an ambiguous row is left out and counted", peap_csv_args,
+             "excluded 1: ambiguous: the spans fit equally well in more than one place (1)",
+             setup=lambda e: e.write("pairs.csv", PEAP_CSV_HEADER + PEAP_CSV_GOOD + PEAP_CSV_AMBIGUOUS),
+             status=0),
+    CliFault("csv: no row left", peap_csv_args,
+             "no row could be converted for this tokenizer (excluded 1: ambiguous",
+             setup=lambda e: e.write("pairs.csv", PEAP_CSV_HEADER + PEAP_CSV_AMBIGUOUS)),
 
     # --- command-line options and parameters
     # (choices; each row forbids the model to load, so a check made only after it fails the row)

@@ -240,8 +240,10 @@ def data(
         console.print(
             f"read {report.rows_read} rows from {from_csv}, kept {report.rows_kept} (span indices: {report.mode})"
         )
+        for line in report.summary():
+            console.print(f"  {line}", highlight=False, markup=False)
         for row, reason in report.excluded[:5]:
-            console.print(f"  excluded row {row}: {reason}")
+            console.print(f"  excluded row {row}: {reason}", highlight=False, markup=False)
     dataset.model = model
     behaviour = measure_behaviour(bridge, dataset, batch_size)
     _print_summary(f"{dataset.task} on {model}", {"task": dataset.task, **behaviour.summary(dataset.metric)})

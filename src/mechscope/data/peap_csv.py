@@ -47,36 +47,50 @@ digit, and trailing whitespace. Atoms that may share one token with the atom bef
 Llama-3 as " " + "145" + "3"), and letters written right after punctuation. Everything else is a word
 of one atom. The original tokenizer gave each word K >= 1 tokens; inside a word a token is a run of
 atoms or one of several tokens cut from a single atom (where a letter run was cut is unknown, so a
-span can start at an atom, never inside one). A small dynamic program over words looks for counts
-adding up to `length - 1` that put every span start at the start of an atom, and among those takes:
+span can start at an atom, never inside one). A placement gives every word a count, the counts add
+up to `length - 1`, and every span start falls at the start of an atom. The expected count of a word
+is the one learned for the file's tokenizer (rule 2) or else this tokenizer's (a token belongs to the
+word holding its first visible character). Rules:
 
-1. the one closest to the expected counts: least sum over words of |K - expected K|, where a word's
-   expected K is this tokenizer's count for it (a token belongs to the word holding its first visible
-   character), or the learned count of rule 2, which weighs double;
-2. learned counts: a tokenizer cuts a word (with its leading space) the same way wherever it occurs.
-   So every row of both files is first placed with this tokenizer's counts alone; a word that occurs
-   at least twice, and in more than half of its occurrences got the same count, one that differs from
-   this tokenizer's, has that count learned (`CsvReport.learned_counts`), and every row is placed
-   again. In the WinoBias files the rows agree that " pronoun" was two Llama-3 tokens (one for
-   SmolLM2), which keeps the few rows where another word also differs (" smelled") from shifting
-   every span by one word;
-3. on a tie, the one whose numbers are cut most evenly (least sum over number tokens of digits^2),
-   so " 1453" in two tokens reads " 14" + "53";
-4. on a further tie, the one whose disagreements with the expected counts sit latest in the prompt.
+1. a placement costs the sum over words of |K - expected K|, a learned count weighing double; a
+   prompt whose words take exactly their expected counts is placed by them;
+2. learned counts: a tokenizer cuts a word (with its leading space) the same way wherever it occurs,
+   so the rows of both files are read together. Among the single-word changes of count by one token
+   that make some prompt fit its row exactly (the word's count changed wherever it occurs in the
+   prompt; a word two tokens off is no likelier than two words one token off each), the
+   one that makes the most prompts of the files fit, less those it stops fitting, is learned, and so
+   on while a change gains at least two prompts (`CsvReport.learned_counts`). In the WinoBias files
+   every prompt ends in " The pronoun he refers to the", where " pronoun" was two Llama-3 tokens and
+   is one SmolLM2 token. Where " The pronoun" and " refers to" are each one span, giving " to" two
+   tokens would fit the prompts in which " to" occurs only there, but not those with another " to":
+   " pronoun" fits them all and is learned. On a tie the longer word is learned. A rival of a
+   learned count (another word's count that makes one of the same prompts fit, and would gain two
+   prompts in its place) is refuted when the learned count makes at least two more prompts fit;
+   otherwise every prompt that the two place differently is ambiguous (" The" in two tokens fits
+   every prompt that " pronoun" does, and places every span alike, so it contests none);
+3. otherwise the cheapest placement is found by a dynamic program over words, run forwards and
+   backwards, which gives for every span start the cheapest placement putting it at each possible
+   character. A number's cut is not told by counts: at equal cost the cut most even in digits is
+   cheaper (least sum over number tokens of digits^2), so " 1453" in two tokens reads " 14" + "53"
+   as GPT-2 cuts the years of its Greater-Than files. A span start whose cheapest character is not
+   unique makes the prompt ambiguous.
 
-Counts alone can be ambiguous: when a multi-word span sits before a word whose count differs,
-shifting the following boundaries by one word may cost the same. Rule 4 settles it, and kept rows
-whose span text depended on rule 4 (the opposite preference would have placed a span differently)
-are listed in `CsvReport.ambiguous` for the user to inspect. A placement that fits the counts but is
-wrong (two differences that cancel out) cannot be told from the file alone; rule 2 exists to catch
-the usual case of it, a word that differs in many rows.
+Every kept row is verified, and `CsvReport.kept_by` counts how: "exact" (the words take exactly their
+expected counts; any other placement would move a word off its count), "forced" (no other placement
+fits the indices at all, whatever the counts), or "closest" (the cheapest placement; putting any span
+start anywhere else costs more). A row that is ambiguous, clean or counterfactual, is left
+out and listed in `CsvReport.ambiguous`: a row is never kept with spans placed by a guess between
+equal fits. A placement that fits the counts but is wrong (two differences that cancel out) cannot
+be told from the file alone; rule 2 exists to catch the usual case of it, a word that differs in
+many rows.
 
 A row for which no placement fits, whose recovered spans cannot be tokenized by this tokenizer (one of
 its tokens straddles two spans), whose counterfactual comes out with a different length or different
 span boundaries from its clean prompt, or whose answers are not single tokens for this tokenizer, is
-left out and listed in `CsvReport.excluded` with the reason: those are the cost of moving to another
-tokenizer, not errors in the file. A row is never bent to fit: it is placed by these rules, or it is
-left out with its reason.
+left out and listed in `CsvReport.excluded` with the reason (`CsvReport.excluded_by` counts them by
+kind, `EXCLUDED_KINDS`): those are the cost of moving to another tokenizer, not errors in the file. A
+row is never bent to fit: it is placed by these rules, or it is left out with its reason. When no
+row is left, loading fails with the counts.
 
 Errors
 ------
@@ -136,6 +150,24 @@ METADATA_COLUMNS = frozenset(
     }
 )
 
+# How sure a kept row's spans are, surest first, and why a row is left out (CsvReport.kept_by and
+# .excluded_by count rows by these; the module docstring has the rules).
+KEPT_KINDS = {
+    "indices": "the file's own token indices",
+    "forced": "spans forced by the indices, whatever the token counts",
+    "exact": "fit the token counts exactly",
+    "closest": "closest fit to the token counts, no other as close",
+}
+EXCLUDED_KINDS = {
+    "ambiguous": "ambiguous: the spans fit equally well in more than one place",
+    "no fit": "no placement fits the indices",
+    "straddle": "a token of this tokenizer straddles two spans",
+    "pair": "clean and counterfactual differ for this tokenizer",
+    "answer": "answer not one token for this tokenizer",
+    "label": "no greater continuation to score",
+}
+
+
 @dataclass
 class CsvReport:
     """What `load_peap_csv` did: rows read and kept, the mode, and every row left out with why."""
@@ -144,10 +176,45 @@ class CsvReport:
     rows_kept: int = 0
     mode: str = "indices"
     excluded: list[tuple[int, str]] = field(default_factory=list)  # (1-based data row, reason)
-    # "rederived" mode (see the module docstring): kept rows whose span text rested on the last
-    # tie-break, and the token counts of the file's tokenizer learned from all rows (word -> count)
+    # rows kept by how sure their spans are, rows left out by reason (keys of KEPT_KINDS, EXCLUDED_KINDS)
+    kept_by: Counter = field(default_factory=Counter)
+    excluded_by: Counter = field(default_factory=Counter)
+    # "rederived" mode (see the module docstring): rows left out because their spans could be placed
+    # in more than one way, and the token counts of the file's tokenizer learned from all rows
     ambiguous: list[int] = field(default_factory=list)
     learned_counts: dict[str, int] = field(default_factory=dict)
+
+    def exclude(self, row: int, kind: str, detail: str) -> None:
+        self.excluded.append((row, detail))
+        self.excluded_by[kind] += 1
+        if kind == "ambiguous":
+            self.ambiguous.append(row)
+
+    def summary(self) -> list[str]:
+        """Lines for a person: rows kept and left out, counted by how sure and by reason."""
+        lines = []
+        if self.kept_by:
+            lines.append(
+                f"kept {self.rows_kept}: "
+                + ", ".join(f"{KEPT_KINDS[k]} ({n})" for k, n in _in_order(self.kept_by, KEPT_KINDS))
+            )
+        if self.excluded_by:
+            lines.append(
+                f"excluded {len(self.excluded)}: "
+                + ", ".join(
+                    f"{EXCLUDED_KINDS[k]} ({n})" for k, n in _in_order(self.excluded_by, EXCLUDED_KINDS)
+                )
+            )
+        if self.learned_counts:
+            lines.append(
+                "token counts learned for the file's tokenizer: "
+                + ", ".join(f"{w!r} {k}" for w, k in sorted(self.learned_counts.items()))
+            )
+        return lines
+
+
+def _in_order(counts: Counter, kinds: dict[str, str]) -> list[tuple[str, int]]:
+    return [(k, counts[k]) for k in kinds if counts[k]]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -453,10 +520,187 @@ def _split_word(word: list[_Atom], n_tokens: int, inner: frozenset[int]):
 
 
 @dataclass
+class _Prompt:
+    """One prompt of the file cut into words, with what its row says about the file's tokens."""
+
+    text: str
+    words: list[list[_Atom]]
+    texts: list[str]  # each word's text, leading whitespace included
+    own: list[int]  # this tokenizer's tokens in each word (at least 1: every word takes a token)
+    total: int  # the file's tokens without BOS: length - 1
+    starts: list[int]  # span starts as token positions without BOS (CSV index - 1)
+
+    def expected(self, learned: dict[str, int]) -> list[int]:
+        """The token count expected of each word: the learned one where known, else this tokenizer's."""
+        return [learned.get(t, k) for t, k in zip(self.texts, self.own)]
+
+    def capacity(self, w: int) -> int:
+        return sum(a.max_tokens for a in self.words[w])
+
+
+def _prompt(text: str, length: int, starts: list[int], offsets) -> _Prompt:
+    atoms = _atoms(text)
+    words = _words(atoms)
+    own_atom = _own_counts(text, atoms, offsets)
+    own, at = [], 0
+    for word in words:
+        own.append(max(1, sum(own_atom[at : at + len(word)])))
+        at += len(word)
+    texts = [text[w[0].start : w[-1].end] for w in words]
+    return _Prompt(text, words, texts, own, length - 1, [s - 1 for s in starts])
+
+
+def _fit(p: _Prompt, counts: list[int]) -> list[int] | None:
+    """The character where every span starts when word w takes exactly counts[w] tokens, or None when
+    those counts do not add up to the row's length or put a span start inside an atom."""
+    required = sorted(set(p.starts))
+    char_at, t = {p.total: len(p.text)}, 0
+    for w, (word, k) in enumerate(zip(p.words, counts)):
+        if not 1 <= k <= p.capacity(w) or t + k > p.total:
+            return None
+        inner = frozenset(q - t for q in required if t < q < t + k)
+        if inner:
+            split = None if len(word) == 1 else _split_word(word, k, inner)
+            if split is None:
+                return None
+            char_at.update({t + u: c for u, c in split[1].items()})
+        else:
+            char_at[t] = word[0].start
+        t += k
+    return [char_at[s] for s in p.starts] if t == p.total else None
+
+
+def _single_fixes(p: _Prompt, counts: list[int]) -> list[tuple[str, int, list[int]]]:
+    """(word, count, span starts) for every word that, given `count` tokens wherever it occurs in the
+    prompt and every other word keeping its count, makes the prompt fit exactly. The count may differ
+    by one token from the word's: a word two tokens off is no likelier than two words one token off
+    each, which a single change cannot tell apart."""
+    short = p.total - sum(counts)
+    if short == 0:
+        return []
+    where: dict[str, list[int]] = {}
+    for w, text in enumerate(p.texts):
+        where.setdefault(text, []).append(w)
+    out = []
+    for text, ws in where.items():
+        changed = sum(counts[w] for w in ws) + short
+        if changed % len(ws) or changed // len(ws) < 1:
+            continue
+        k = changed // len(ws)
+        if any(abs(k - counts[w]) > 1 for w in ws):
+            continue
+        trial = list(counts)
+        for w in ws:
+            trial[w] = k
+        chars = _fit(p, trial)
+        if chars is not None:
+            out.append((text, k, chars))
+    return out
+
+
+# A learned count must let at least this many more prompts of the files fit exactly.
+_MIN_GAIN = 2
+
+
+def _holding(prompts: list[_Prompt]) -> dict[str, list[int]]:
+    """{word: indices of the prompts that hold it}."""
+    out: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        for text in set(p.texts):
+            out.setdefault(text, []).append(i)
+    return out
+
+
+def _learn_counts(prompts: list[_Prompt]) -> dict[str, int]:
+    """Token counts of the file's tokenizer learned from all prompts (rule 2 of the module docstring).
+
+    Greedy: among the single-word changes that make some prompt fit exactly, take the one that makes
+    the most prompts of the files fit (the gain counts prompts it breaks against it), until no change
+    gains `_MIN_GAIN`. A change applies to every occurrence of the word, so a count that holds in one
+    place but not in another (" to" in " refers to" but not in " wanted to") loses there.
+    """
+    holding = _holding(prompts)
+    learned: dict[str, int] = {}
+    fits = [_fit(p, p.expected(learned)) is not None for p in prompts]
+    while True:
+        candidates = set()
+        for p, ok in zip(prompts, fits):
+            if not ok:
+                fixes = _single_fixes(p, p.expected(learned))
+                candidates.update((w, k) for w, k, _ in fixes if w not in learned)
+        scored = []
+        for word, k in candidates:
+            trial = {**learned, word: k}
+            after = [_fit(prompts[i], prompts[i].expected(trial)) is not None for i in holding[word]]
+            gain = sum(after) - sum(fits[i] for i in holding[word])
+            scored.append((gain, word, k, after))
+        if not scored:
+            break
+        # most gain; on a tie the longer word (a long rare word is the likelier to be cut in more pieces)
+        gain, word, k, after = min(scored, key=lambda s: (-s[0], -len(s[1].strip()), s[1], s[2]))
+        if gain < _MIN_GAIN:
+            break
+        learned[word] = k
+        for i, ok in zip(holding[word], after):
+            fits[i] = ok
+    return learned
+
+
+def _contested(prompts: list[_Prompt], learned: dict[str, int]) -> dict[int, str]:
+    """Prompts whose spans a rival of a learned count would place differently: {prompt index: why}.
+
+    A rival of a learned count (word, k) is another single-word count that makes one of the prompts
+    the learned count fits fit too. It counts when, in place of the learned count, it would itself
+    gain `_MIN_GAIN` prompts, and is refuted when the learned count makes at least `_MIN_GAIN` more
+    prompts of the files fit than it does; every prompt that a rival that counts and is not refuted
+    places differently is contested.
+    """
+    holding = _holding(prompts)
+    mine = [_fit(p, p.expected(learned)) is not None for p in prompts]
+    out: dict[int, str] = {}
+    for word, k in learned.items():
+        base = {w: c for w, c in learned.items() if w != word}
+        # without the learned count: only the prompts that hold the word fit differently
+        unlearned = list(mine)
+        for i in holding[word]:
+            unlearned[i] = _fit(prompts[i], prompts[i].expected(base)) is not None
+        rivals = set()
+        for i in holding[word]:
+            if mine[i]:
+                p = prompts[i]
+                rivals.update(
+                    (w, c) for w, c, _ in _single_fixes(p, p.expected(base)) if w != word and w not in learned
+                )
+        for other, c in sorted(rivals):
+            rival = {**base, other: c}
+            theirs = {i: _fit(prompts[i], prompts[i].expected(rival)) is not None for i in holding[other]}
+            union = set(holding[word]) | set(holding[other])
+            gain = sum(theirs.get(i, unlearned[i]) - unlearned[i] for i in union)
+            lead = sum(mine[i] - theirs.get(i, unlearned[i]) for i in union)
+            if gain < _MIN_GAIN or lead >= _MIN_GAIN:
+                continue  # the rival would not have been learned on its own, or is refuted
+            for i in sorted(union):
+                a, b = _place(prompts[i], learned), _place(prompts[i], rival)
+                if isinstance(a, _Placement) and isinstance(b, _Placement) and a.chars != b.chars:
+                    out.setdefault(
+                        i,
+                        f"the rows fit about as well with {other!r} in {c} tokens as with {word!r} in {k}, "
+                        "and the two place the spans differently",
+                    )
+    return out
+
+
+@dataclass
 class _Placement:
     chars: list[int]  # character offset of every span start
-    cost: int  # the placement's cost (rule 1 of the module docstring)
-    words: list[tuple[str, int, int]]  # (word text, tokens given, this tokenizer's tokens) per word
+    cost: int  # sum over words of |tokens given - expected| (learned counts weighted)
+    kind: str  # how sure: 'forced', 'exact' or 'closest' (KEPT_KINDS)
+
+
+@dataclass
+class _Rejected:
+    kind: str  # EXCLUDED_KINDS
+    detail: str
 
 
 # Learned word counts (rule 2) weigh this much more than this tokenizer's own counts.
@@ -464,95 +708,85 @@ _LEARNED_WEIGHT = 2
 
 
 def _rederive(
-    text: str,
-    length: int,
-    starts: list[int],
-    offsets,
-    late: bool = True,
-    learned: dict[str, int] | None = None,
-) -> _Placement | str:
-    """Where every span starts in `text`, or the reason why no placement fits (module docstring).
+    text: str, length: int, starts: list[int], offsets, learned: dict[str, int] | None = None
+) -> _Placement | _Rejected:
+    """Where every span of one prompt starts, and how sure that is, or why it cannot be told."""
+    return _place(_prompt(text, length, starts, offsets), learned or {})
 
-    `starts` are CSV indices (BOS = 0); the token positions without BOS are `s - 1`, in [0, length-1].
-    A dynamic program over words: state (w, t) means word w starts at token t; a word given K tokens
-    costs |K - expected count| (`learned` counts, weighted, where known; else this tokenizer's), and
-    must let every span start inside it fall on one of its atoms (`_split_word`). Ties go to the
-    placement whose numbers are cut most evenly, then to the one whose disagreements sit latest in the
-    prompt (earliest with `late=False`): rules 1-4 of the module docstring.
+
+def _place(p: _Prompt, learned: dict[str, int]) -> _Placement | _Rejected:
+    """Place the spans of `p` (rules 1-3 of the module docstring).
+
+    A prompt whose words fit the expected counts exactly is placed by them: any other placement would
+    have to move some word off its count. Otherwise a dynamic program over words, run forwards and
+    backwards: state (w, t) means word w starts at token t; a word given K tokens costs |K - expected|
+    (learned counts weighted) and must let every span start inside it fall on one of its atoms
+    (`_split_word`). For each span start it finds the cheapest placement that puts the start at each
+    possible character; the prompt is placed only when one character is cheapest for every start.
     """
-    atoms = _atoms(text)
-    words = _words(atoms)
-    own_atom = _own_counts(text, atoms, offsets)
-    own, at = [], 0
-    for word in words:
-        own.append(sum(own_atom[at : at + len(word)]))
-        at += len(word)
-    texts = [text[w[0].start : w[-1].end] for w in words]
-    learned = learned or {}
-    expected = [learned.get(t, k) for t, k in zip(texts, own)]
-    weight = [_LEARNED_WEIGHT if t in learned else 1 for t in texts]
-    n, total = len(words), length - 1
-    required = sorted({s - 1 for s in starts})
-    position = [n - w if late else w for w in range(n)]
-
-    Back = tuple[int, int, int, dict[int, int]] | None
-    best: dict[tuple[int, int], tuple[int, int, int, Back]] = {(0, 0): (0, 0, 0, None)}
+    expected = p.expected(learned)
+    chars = _fit(p, expected)
+    if chars is not None:
+        return _Placement(chars, 0, "exact")
+    weight = [_LEARNED_WEIGHT if t in learned else 1 for t in p.texts]
+    n, total = len(p.words), p.total
+    # a cost is (count cost, number-cut tie-break) folded into one integer, the tie-break below one unit
+    unit = len(p.text) ** 2 + 1
+    required = sorted(set(p.starts))
+    forward: list[dict[int, int]] = [{} for _ in range(n + 1)]
+    forward[0][0] = 0
+    edges: list[tuple[int, int, int, int, dict[int, int]]] = []  # (w, t, k, cost, {token: char})
     for w in range(n):
-        for t in sorted(t for (v, t) in list(best) if v == w):
-            cost, tie, order, _ = best[(w, t)]
-            max_k = min(sum(a.max_tokens for a in words[w]), total - t)
-            for k in range(1, max_k + 1):
-                inner = frozenset(p - t for p in required if t < p < t + k)
-                if len(words[w]) == 1 and inner:
+        for t, cost in forward[w].items():
+            for k in range(1, min(p.capacity(w), total - t) + 1):
+                inner = frozenset(q - t for q in required if t < q < t + k)
+                if len(p.words[w]) == 1 and inner:
                     break  # a span cannot start inside a single atom, and a larger k cannot help
-                split = _split_word(words[w], k, inner)
+                split = _split_word(p.words[w], k, inner)
                 if split is None:
                     continue
-                if w + 1 == n and t + k != total:
-                    continue
-                off = abs(k - expected[w]) * weight[w]
-                cand = (cost + off, tie + split[0], order + off * position[w], (w, t, k, split[1]))
-                key = (w + 1, t + k)
-                if key not in best or cand[:3] < best[key][:3]:
-                    best[key] = cand
-    if (n, total) not in best:
-        return (
-            f"no split of the prompt into {total} tokens (length {length} minus BOS) puts every span start "
-            "at the start of a word"
+                off = abs(k - expected[w]) * weight[w] * unit + split[0]
+                edges.append((w, t, k, off, split[1]))
+                if t + k not in forward[w + 1] or cost + off < forward[w + 1][t + k]:
+                    forward[w + 1][t + k] = cost + off
+    if total not in forward[n]:
+        return _Rejected(
+            "no fit",
+            f"no split of the prompt into {total} tokens (length {total + 1} minus BOS) puts every span "
+            "start at the start of a word",
         )
-    char_at, given = {total: len(text)}, [0] * n
-    key = (n, total)
-    while best[key][3] is not None:
-        w, t, k, inner_chars = best[key][3]
-        char_at.update({t + u: c for u, c in inner_chars.items()})
-        given[w] = k
-        key = (w, t)
-    return _Placement(
-        [char_at[s - 1] for s in starts], best[(n, total)][0], list(zip(texts, given, own))
-    )
-
-
-def _learn_word_counts(placements: list[_Placement | str]) -> dict[str, int]:
-    """Token counts of the file's tokenizer that the placements agree on (rule 2 of the docstring).
-
-    A word gets a learned count when it occurs at least twice, and more than half of its occurrences
-    were given the same count, one that differs from this tokenizer's. (Inside a multi-word span the
-    split between words is not observed, so a learned count there may be wrong; it cannot move a span
-    boundary unless the word sits elsewhere next to one.)
-    """
-    votes: dict[str, Counter] = {}
-    own: dict[str, int] = {}
-    for placed in placements:
-        if isinstance(placed, _Placement):
-            for word, given, mine in placed.words:
-                votes.setdefault(word, Counter())[given] += 1
-                own[word] = mine
-    learned = {}
-    for word, counter in votes.items():
-        count, hits = counter.most_common(1)[0]
-        if hits >= 2 and 2 * hits > sum(counter.values()) and count != own[word]:
-            learned[word] = count
-    return learned
+    backward: list[dict[int, int]] = [{} for _ in range(n + 1)]
+    backward[n][total] = 0
+    for w, t, k, off, _ in reversed(edges):
+        if t + k in backward[w + 1]:
+            rest = off + backward[w + 1][t + k]
+            if t not in backward[w] or rest < backward[w][t]:
+                backward[w][t] = rest
+    best = backward[0][0]
+    # the cheapest placement that puts span start q at each character: {q: {char: cost}}
+    cheapest: dict[int, dict[int, int]] = {q: {} for q in required if q < total}
+    for w, t, k, off, inner_chars in edges:
+        if t + k not in backward[w + 1]:
+            continue
+        cost = forward[w][t] + off + backward[w + 1][t + k]
+        for q in required:
+            if t <= q < t + k:
+                c = inner_chars[q - t]
+                cheapest[q][c] = min(cost, cheapest[q].get(c, cost))
+    char_at = {total: len(p.text)}
+    for q, costs in cheapest.items():
+        winners = [c for c, cost in costs.items() if cost == best]
+        if len(winners) > 1:
+            ends = {a.start: a.end for word in p.words for a in word}
+            at = " or ".join(repr(p.text[c : ends.get(c, c + 1)]) for c in sorted(winners))
+            return _Rejected(
+                "ambiguous",
+                f"the spans fit the token counts equally well in more than one way (index {q + 1} "
+                f"could start at {at})",
+            )
+        char_at[q] = winners[0]
+    forced = all(len(costs) == 1 for costs in cheapest.values())
+    return _Placement([char_at[s] for s in p.starts], best // unit, "forced" if forced else "closest")
 
 
 def _segments(names: list[str], text: str, chars: list[int]) -> list[tuple[str, str]]:
@@ -712,17 +946,18 @@ def load_peap_csv(
 
     schema = Schema(tuple(([BOS_SPAN] if prepend_bos else []) + columns))
     report = CsvReport(rows_read=n_rows, mode=mode)
-    placements: list[_Placement | str] = []
+    placements: list[_Placement | _Rejected] = []
     if mode == "rederived":
-        # first pass with this tokenizer's counts, then again with the counts the rows agree on
-        for k, row in enumerate(clean.rows + cf.rows):
-            placements.append(_rederive(row.prompt, row.length, row.starts, own_offsets[k]))
-        report.learned_counts = _learn_word_counts(placements)
-        if report.learned_counts:
-            placements = [
-                _rederive(row.prompt, row.length, row.starts, own_offsets[k], learned=report.learned_counts)
-                for k, row in enumerate(clean.rows + cf.rows)
-            ]
+        prompts = [
+            _prompt(row.prompt, row.length, row.starts, own_offsets[k])
+            for k, row in enumerate(clean.rows + cf.rows)
+        ]
+        report.learned_counts = _learn_counts(prompts)
+        contested = _contested(prompts, report.learned_counts)
+        placements = [
+            _Rejected("ambiguous", contested[k]) if k in contested else _place(p, report.learned_counts)
+            for k, p in enumerate(prompts)
+        ]
     examples: list[PromptPair] = []
     for k, (a, b) in enumerate(zip(clean.rows, cf.rows)):
         where = clean.where(a)
@@ -732,19 +967,18 @@ def load_peap_csv(
                 ids_c, ids_x, starts = [bos] + ids_c, [bos] + ids_x, [0] + list(a.starts)
             else:
                 starts = [s - 1 for s in a.starts]
-            texts, ambiguous = None, False
+            texts, kind = None, "indices"
         else:
             result = _rederive_pair(
                 tokenizer,
                 columns,
-                [(a, own_offsets[k], placements[k]), (b, own_offsets[n_rows + k], placements[n_rows + k])],
-                report.learned_counts,
+                [(a, placements[k]), (b, placements[n_rows + k])],
                 prepend_bos,
             )
-            if isinstance(result, str):
-                report.excluded.append((a.number, result))
+            if isinstance(result, _Rejected):
+                report.exclude(a.number, result.kind, result.detail)
                 continue
-            ids_c, ids_x, starts, texts, ambiguous = result
+            ids_c, ids_x, starts, texts, kind = result
         if n_ctx is not None and len(ids_c) > n_ctx:
             raise DatasetError(
                 f"{clean.where(a, 'prompt')}: {len(ids_c)} tokens is longer than the model's context "
@@ -757,7 +991,7 @@ def load_peap_csv(
                 column, message = problem
                 if mode == "indices":  # the file's own tokenizer: the file is wrong
                     raise DatasetError(f"{clean.where(a, column)}: {message}")
-                report.excluded.append((a.number, f"field '{column}': {message}"))
+                report.exclude(a.number, "answer", f"field '{column}': {message}")
                 continue
         else:
             yy = int(a.cells["label"])
@@ -766,7 +1000,7 @@ def load_peap_csv(
                 reason = (
                     f"field 'label': no {gt_scoring} continuation makes the end year greater than {yy:02d}"
                 )
-                report.excluded.append((a.number, reason))
+                report.exclude(a.number, "label", reason)
                 continue
 
         meta = {"row": a.number}
@@ -784,13 +1018,16 @@ def load_peap_csv(
             clean_text=a.prompt,
             counterfactual_text=b.prompt,
             meta=meta,
+            origin=where,  # later checks against a model name the file and row
         )
         validate_example(ex, schema, where, n_ctx)
         examples.append(ex)
-        if ambiguous:
-            report.ambiguous.append(a.number)
+        report.kept_by[kind] += 1
 
     report.rows_kept = len(examples)
+    if not examples:
+        counts = "; ".join(report.summary()) or "the file has no data rows"
+        raise DatasetError(f"{clean.path}: no row could be converted for this tokenizer ({counts})")
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         pad = getattr(tokenizer, "eos_token_id", None)
@@ -804,7 +1041,9 @@ def load_peap_csv(
             "rows_kept": report.rows_kept,
             "rows_excluded": len(report.excluded),
             "rows_ambiguous": len(report.ambiguous),
-            "learned_word_counts": len(report.learned_counts),
+            "rows_kept_by": dict(report.kept_by),
+            "rows_excluded_by": dict(report.excluded_by),
+            "learned_word_counts": dict(report.learned_counts),
         }
     )
     dataset = PromptPairDataset(
@@ -815,37 +1054,38 @@ def load_peap_csv(
         tokenizer=tokenizer_fingerprint(tokenizer),
         pad_token_id=int(pad or 0),
         info=info,
+        origin=str(clean.path),
     )
     return dataset, report
 
 
-def _rederive_pair(tokenizer, columns, pair, learned: dict[str, int], prepend_bos: bool):
-    """(clean ids, counterfactual ids, span starts, span texts, ambiguous) for one row pair, or the
-    reason it is excluded. `pair`: (row, offsets, placement) for the clean then the counterfactual row.
-    `ambiguous`: the opposite tie-break (rule 4) would have placed a span differently.
+def _rederive_pair(tokenizer, columns, pair, prepend_bos: bool):
+    """(clean ids, counterfactual ids, span starts, span texts, how sure) for one row pair, or why it is
+    left out. `pair`: (row, placement) for the clean then the counterfactual row; the pair is as sure
+    as the less sure of its two placements.
     """
-    out, ambiguous = [], False
-    for label, (row, offsets, placed) in zip(("clean", "counterfactual"), pair):
-        if isinstance(placed, str):
-            return f"{label} prompt: {placed}"
-        if placed.cost:
-            other = _rederive(row.prompt, row.length, row.starts, offsets, late=False, learned=learned)
-            ambiguous |= isinstance(other, _Placement) and other.chars != placed.chars
+    out, kinds = [], []
+    for label, (row, placed) in zip(("clean", "counterfactual"), pair):
+        if isinstance(placed, _Rejected):
+            return _Rejected(placed.kind, f"{label} prompt: {placed.detail}")
         segments = _segments(columns, row.prompt, placed.chars)
         try:
             ids, starts = tokenize_segments(tokenizer, segments, prepend_bos)
         except DatasetError as exc:
-            return f"{label} prompt: {exc}"
+            return _Rejected("straddle", f"{label} prompt: {exc}")
         out.append((ids, starts, {name: text for name, text in segments}))
+        kinds.append(placed.kind)
     (ids_c, starts_c, texts), (ids_x, starts_x, _) = out
     if len(ids_c) != len(ids_x):
-        return (
+        return _Rejected(
+            "pair",
             f"the counterfactual prompt is {len(ids_x)} tokens for this tokenizer but the clean one is "
-            f"{len(ids_c)}"
+            f"{len(ids_c)}",
         )
     if starts_c != starts_x:
-        return (
+        return _Rejected(
+            "pair",
             f"span boundaries differ between clean {starts_c} and counterfactual {starts_x} for this "
-            "tokenizer"
+            "tokenizer",
         )
-    return ids_c, ids_x, starts_c, texts, ambiguous
+    return ids_c, ids_x, starts_c, texts, max(kinds, key=list(KEPT_KINDS).index)
