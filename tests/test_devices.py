@@ -35,7 +35,7 @@ def core_paths(model, data, tmp_path) -> dict[str, float]:
     out["eap"] = float(eap.values.abs().sum())
     out["eap-ig"] = float(mechscope.attribute(model, data, "eap-ig", steps=2, batch_size=4, progress=False)
                           .values.abs().sum())
-    for agg in ("sum", "mean", "max"):
+    for agg in ("sum", "avg", "max_abs", "pooled_mean", "signed_max"):
         peap = mechscope.attribute(model, data, "peap", aggregation=agg, batch_size=4, progress=False)
         out[f"peap-{agg}"] = float(peap.values.abs().sum() + sum(v.abs().sum() for v in peap.crossing.values()))
     for ablation in ("counterfactual", "mean", "zero"):

@@ -170,8 +170,8 @@ def check_attribution_crossing_matches_stand_alone(model, data):
 
 
 def test_span_aggregations_match_token_level_brute_force(tiny_model, data):
-    """`mean` and `max` aggregation equal the mean / largest-magnitude token-level instance, found by
-    looping over every token (within) and every (t', t) pair (crossing)."""
+    """`pooled_mean` and `signed_max` aggregation equal the mean / largest-magnitude token-level
+    instance, found by looping over every token (within) and every (t', t) pair (crossing)."""
     from mechscope.attribution.eap import batch_gradients_and_deltas
 
     sub = data[:4]
@@ -193,8 +193,8 @@ def test_span_aggregations_match_token_level_brute_force(tiny_model, data):
             for j in range(t + 1):
                 for kind in ("k", "v"):
                     cross_inst.setdefault((kind, span[j], s), []).append(cross[kind][b, :, :, t, j])
-    mean = attribute(tiny_model, sub, "peap", aggregation="mean", batch_size=4, progress=False)
-    top = attribute(tiny_model, sub, "peap", aggregation="max", batch_size=4, progress=False)
+    mean = attribute(tiny_model, sub, "peap", aggregation="pooled_mean", batch_size=4, progress=False)
+    top = attribute(tiny_model, sub, "peap", aggregation="signed_max", batch_size=4, progress=False)
     for s in range(n_spans):
         stack = torch.stack(inst[s])  # [instances, u, v]
         want_mean = stack.nanmean(0).nan_to_num(0.0)[g.edge_up, g.edge_down]
@@ -211,7 +211,7 @@ def test_span_aggregations_match_token_level_brute_force(tiny_model, data):
         assert torch.allclose(got_mean.double(), stack.mean(0), atol=1e-6, rtol=1e-4), key
         assert torch.allclose(got_max.double(), want_max, atol=1e-6, rtol=1e-4), key
     with pytest.raises(ValueError, match="aggregation"):
-        attribute(tiny_model, sub, "eap", aggregation="max", progress=False)
+        attribute(tiny_model, sub, "eap", aggregation="signed_max", progress=False)
 
 
 def test_span_contraction_by_gather_equals_the_per_example_views(tiny_model, data):

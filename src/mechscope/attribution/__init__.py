@@ -16,8 +16,8 @@ from ..data.dataset import PromptPairDataset
 from ..graph import Graph
 from ..metrics import Metric, metric_name, resolve_metric
 from .eap import METHODS, batch_gradients_and_deltas, contract
+from .aggregation import PER_EXAMPLE, PerExample, check_aggregation
 from .peap import (
-    AGGREGATIONS,
     aggregate_crossing,
     batch_span_of,
     concrete_counts,
@@ -50,17 +50,17 @@ def attribute(
     steps: interpolation points for eap-ig. ablation: counterfactual | mean | zero; `reference` is the
     set the mean is taken over (default: `dataset`). edges: for `exact`, the edge indices to patch
     (others get NaN); default all edges. aggregation (peap, docs/method.md §4): how token-level scores
-    become span-level ones: `sum` over tokens and examples divided by the number of examples (the
-    default; sums over spans to EAP), `mean` over the token-level instances, or `max` (the instance of
-    largest magnitude, signed). metric: a metric name or a function fn(final logits [batch, vocab],
+    become span-level ones (attribution/aggregation.py): `sum` over tokens and examples divided by the
+    number of examples (the default; sums over spans to EAP); `avg`, per example the mean over its
+    instances, then the mean over the examples that have one (the PEAP authors' default); `max_abs`,
+    per example the largest |instance|, then the mean over the examples that have one; `pooled_mean`,
+    the mean over the instances of all examples pooled (differs from `avg` when span lengths vary:
+    longer examples weigh more); `signed_max`, the one instance of largest magnitude, signed. metric: a metric name or a function fn(final logits [batch, vocab],
     batch) -> [batch]; default the dataset's metric. The scores record it by name (`metrics.metric_name`).
     """
     batch_size = batch_size_for(model, batch_size)
     check_method(method, steps, ablation)
-    if aggregation not in AGGREGATIONS:
-        raise ParameterError(f"unknown aggregation '{aggregation}'; choose one of {', '.join(AGGREGATIONS)}")
-    if aggregation != "sum" and method != "peap":
-        raise ParameterError("aggregation applies to peap's span-level scores only")
+    check_aggregation(aggregation, method)
     check_compatible(model, dataset)
     metric = resolve_metric(metric, dataset)
     graph = Graph.from_model(model)
@@ -78,6 +78,7 @@ def attribute(
         n_spans = len(dataset.schema) if positional else 1
         total = torch.zeros(n_spans, graph.n_upstream, graph.n_downstream, dtype=torch.float64, device=HOST)
         device = model_device(model)
+        per_example = PerExample(aggregation, graph, n_spans) if aggregation in PER_EXAMPLE else None
         bar = tqdm(total=len(dataset), desc=f"{method} attribution", unit="ex", disable=not progress)
         for indices, batch in dataset.batches(batch_size):
             batch = batch.to(device)
@@ -86,7 +87,9 @@ def attribute(
                                              ablation, mean, crossing=positional)
             delta, grad = out[:2]
             span_of = batch_span_of(dataset, indices, batch.clean.shape[1], device) if positional else None
-            if aggregation == "max":
+            if per_example is not None:
+                per_example.add(delta, grad, out[2], span_of, batch.last)
+            elif aggregation == "signed_max":
                 total = signed_absmax(total, within_max(graph, delta, grad, span_of, n_spans))
                 part = crossing_max(out[2], span_of, n_spans)
                 crossing = {k: signed_absmax(crossing[k], v.cpu()) if k in crossing else v.cpu() for k, v in part.items()}
@@ -97,13 +100,16 @@ def attribute(
                     crossing = {k: crossing.get(k, 0) + v.cpu() for k, v in part.items()}
             bar.update(len(batch.last))
         bar.close()
-        scale = 1.0 if aggregation == "max" else 1.0 / len(dataset)
+        scale = 1.0 if aggregation == "signed_max" else 1.0 / len(dataset)
         values = total[:, graph.edge_up, graph.edge_down] * scale
+        if per_example is not None:
+            values, crossing = per_example.result()
         if positional:
-            crossing = {k: v * scale for k, v in crossing.items()}
+            if per_example is None:
+                crossing = {k: v * scale for k, v in crossing.items()}
             concrete = {k: v.float() for k, v in concrete_counts(dataset, n_spans).items()}
             spans = dataset.schema.spans
-            if aggregation == "mean":  # sum / n_examples -> sum / instances (instances per example: concrete)
+            if aggregation == "pooled_mean":  # sum / n_examples -> sum / instances (instances per example: concrete)
                 per_edge = concrete["within"][:, None].expand(-1, graph.n_edges).clone()
                 logit_edges = graph.edge_down == graph.logits_index
                 per_edge[:, logit_edges] = concrete["last"][:, None]  # the logits read one token

@@ -175,9 +175,6 @@ def aggregate_crossing(scores: dict[str, torch.Tensor], span_of: torch.Tensor, n
     }
 
 
-AGGREGATIONS = ("sum", "mean", "max")
-
-
 def signed_absmax(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Elementwise, whichever of a and b has the larger magnitude (keeping its sign)."""
     return torch.where(b.abs() > a.abs(), b, a)

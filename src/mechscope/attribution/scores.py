@@ -76,8 +76,11 @@ class EdgeScores:
         return top_n(self, n, prune=prune)
 
     def threshold(self, value: float, prune: bool = True):
+        """The edges (span edges for positional scores) with |score| >= value, a finite number >= 0."""
         if self.positional:
-            raise NotImplementedError("threshold selection of span circuits: use top_n or greedy")
+            from ..circuits.span_circuit import span_threshold
+
+            return span_threshold(self, value, prune=prune)
         from ..circuits.circuit import threshold
 
         return threshold(self, value, prune=prune)

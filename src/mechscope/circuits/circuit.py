@@ -12,6 +12,7 @@ group's key/value inputs, an MLP through its input.
 from __future__ import annotations
 
 import heapq
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 
 from ..data.dataset import parse_json_object, read_text_file
 from ..devices import HOST
-from ..errors import MechscopeError
+from ..errors import MechscopeError, ParameterError
 from ..fileio import write_json
 from ..graph import Graph, GraphError
 
@@ -148,7 +149,20 @@ def top_n(scores, n: int, prune: bool = True) -> Circuit:
     return prune_circuit(c) if prune else c
 
 
+def check_threshold(value) -> float:
+    """`value` as a float, or ParameterError unless it is a finite number >= 0 (a |score| bound)."""
+    try:
+        bound = float(value)
+    except (TypeError, ValueError):
+        bound = None
+    if bound is None or isinstance(value, bool) or not math.isfinite(bound) or bound < 0:
+        raise ParameterError(f"threshold must be a finite number >= 0 (edges with |score| >= it are kept), "
+                             f"got {value!r}")
+    return bound
+
+
 def threshold(scores, value: float, prune: bool = True) -> Circuit:
+    value = check_threshold(value)
     edges = _abs_scores(scores) >= value
     c = Circuit(scores.graph, edges, model=scores.model, method=scores.method,
                 info={"selection": "threshold", "threshold": value, "metric": scores.metric})

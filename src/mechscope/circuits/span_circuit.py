@@ -15,7 +15,7 @@ averaged over the evaluation examples.
 A non-positional `Circuit` is the special case of one span covering every token (named `*`) with every
 crossing edge kept (non-positional evaluation never ablates inside attention): `from_circuit`.
 
-Selection (`span_greedy`, `span_top_n`) follows §5. `attention="scored"` makes crossing edges compete
+Selection (`span_greedy`, `span_top_n`, `span_threshold`) follows §5. `attention="scored"` makes crossing edges compete
 for the budget like any other edge (PEAP); `attention="whole"` keeps all crossing edges of every head in
 the circuit for free, which with one span is exactly the non-positional greedy.
 """
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ..devices import HOST
-from .circuit import Circuit, CircuitError, check_graph, read_circuit_file
+from .circuit import Circuit, CircuitError, check_graph, check_threshold, read_circuit_file
 from ..fileio import write_json
 from ..graph import Graph
 
@@ -454,6 +454,17 @@ def span_greedy(scores, n: int, attention: str = "scored") -> SpanCircuit:
 
 def span_top_n(scores, n: int) -> SpanCircuit:
     return circuit_from_order(scores, span_top_order(scores, n), "scored", info={"selection": "top_n", "n": int(n)})
+
+
+def span_threshold(scores, value: float, prune: bool = True) -> SpanCircuit:
+    """Every span-graph edge (within and crossing) with |score| >= `value` (a finite number >= 0),
+    pruned to the edges on a path from the input to the logits unless `prune` is False."""
+    value = check_threshold(value)
+    sg = scores if isinstance(scores, SpanGraphScores) else SpanGraphScores(scores)
+    kept = int((sg.within >= value).sum()) + sum(int((v >= value).sum()) for v in sg.crossing.values())
+    # top-n order is by decreasing |score|, so its first `kept` items are exactly those >= value
+    return circuit_from_order(sg, span_top_order(sg, kept), "scored", prune=prune,
+                              info={"selection": "threshold", "threshold": value})
 
 
 def prune_span_circuit(circuit: SpanCircuit) -> SpanCircuit:

@@ -6,7 +6,7 @@ compute the AUROC of |score| against the circuit (the contrast circuit of `groun
 program's whole circuit is reported beside it).
 
 Edge scores per method: EAP and EAP-IG, |mean over examples of the edge's score|; PEAP, the largest
-|score| of the edge at any position (`aggregation="max"` over token-level instances, then max over
+|score| of the edge at any position (`aggregation="signed_max"` over token-level instances, then max over
 spans); exact patching, the mean over examples of |change in M| when the edge alone is ablated to
 its counterfactual value. A node's score is the sum of the |scores| of the edges into and out of it
 (a head's q/k/v inputs included); nodes are the heads and MLPs (the input and logits are in every
@@ -70,7 +70,7 @@ def method_edge_scores(compiled: CompiledProgram, dataset, method: str, batch_si
         return exact_scores(model, Graph.from_model(model), dataset, batch_size=batch_size, progress=False,
                             absolute=True)
     if method == "peap":
-        scores = attribute(model, dataset, "peap", batch_size=batch_size, progress=False, aggregation="max")
+        scores = attribute(model, dataset, "peap", batch_size=batch_size, progress=False, aggregation="signed_max")
         return scores.values.abs().amax(0)
     return attribute(model, dataset, method, batch_size=batch_size, progress=False).values.abs()
 
