@@ -34,7 +34,7 @@ import torch
 from ..devices import HOST
 from ..errors import ParameterError
 from ..graph import Graph
-from .eap import contract
+from .eap import contract, span_runs
 from .peap import span_one_hot
 
 AGGREGATIONS = ("sum", "avg", "max_abs", "pooled_mean", "signed_max")
@@ -71,18 +71,6 @@ def _mean_where(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """total / count, and 0 where count is 0."""
     count = count.to(total.dtype)
     return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
-
-
-def span_runs(row: list[int]):
-    """(span, start, end) of each run of equal span ids in one example's row (padding, -1, skipped)."""
-    t = 0
-    while t < len(row):
-        s, e = row[t], t
-        while e < len(row) and row[e] == s:
-            e += 1
-        if s >= 0:
-            yield s, t, e
-        t = e
 
 
 class PerExample:

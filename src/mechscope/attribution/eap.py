@@ -25,6 +25,18 @@ from .runner import downstream_grads, graph_hooks, run_to_final_logits, tokens_b
 METHODS = ("eap", "eap-ig")
 
 
+def span_runs(row: list[int]):
+    """(span, start, end) of each run of equal span ids in one example's row (padding, -1, skipped)."""
+    t = 0
+    while t < len(row):
+        s, e = row[t], t
+        while e < len(row) and row[e] == s:
+            e += 1
+        if s >= 0:
+            yield s, t, e
+        t = e
+
+
 def contract(
     graph: Graph,
     delta: torch.Tensor,
@@ -62,16 +74,8 @@ def contract(
     else:
         # A span's tokens are contiguous within each example, so delta[:, b, a:e] is a view whose
         # (token, d) block flattens without a copy: one product per (example, span), nothing gathered.
-        parts = []
-        for b, row in enumerate(span_of.tolist()):
-            t = 0
-            while t < len(row):
-                s, e = row[t], t
-                while e < len(row) and row[e] == s:
-                    e += 1
-                if s >= 0:
-                    parts.append((s, delta[:, b, t:e].reshape(n_up, -1), grad[:, b, t:e].reshape(n_down, -1)))
-                t = e
+        parts = [(s, delta[:, b, t:e].reshape(n_up, -1), grad[:, b, t:e].reshape(n_down, -1))
+                 for b, row in enumerate(span_of.tolist()) for s, t, e in span_runs(row)]
     steps = graph.downstream_read_step.tolist()
     bounds = [round(i * n_down / n_blocks) for i in range(n_blocks + 1)]
     for first, last in zip(bounds[:-1], bounds[1:]):
