@@ -144,7 +144,7 @@ def load_program(ref: str) -> tuple[str, ProgramSpec]:
     if fn is None:
         raise ProgramError(f"--program {ref}: {where} has no attribute {attr!r}")
     if not callable(fn):
-        raise ProgramError(f"--program {ref}: {where}.{attr} is a {type(fn).__name__}, not a function")
+        raise ProgramError(f"--program {ref}: {attr} is an object of type {type(fn).__name__}, not a function")
     try:
         spec = fn()
     except Exception as e:  # noqa: BLE001
