@@ -107,6 +107,9 @@ def test_reverse_ground_truth_follows_the_program():
 def test_length_counterfactuals_compute_the_shorter_length():
     cp = compiled("length")
     ds = make_tracr_task(cp, n=24, seed=1, pad_counterfactuals=SUITE["length"].pad_counterfactuals)
+    info = ds.info["inputs"]
+    assert info["space"] == 9 + 27 + 81 + 243 and info["sampled_lengths"] == [2, 3, 4, 5] and info["dropped"] == 0
+    assert info["evaluated"] >= 2 * 24  # each drawn input and its unpadded suffix
     for ex in ds.examples:
         cf = cp.tokenizer.convert_ids_to_tokens(ex.counterfactual)[1:]
         real = [t for t in cf if t != PAD]

@@ -125,8 +125,10 @@ def make_tracr_task(compiled: CompiledProgram, n: int = 64, seed: int = 0, uniqu
     inputs = _Inputs(compiled, seed, max(max_inputs, n))
     examples = []
     lengths = list(range(min_len, max_len + 1))
-    if pad_counterfactuals:
+    if pad_counterfactuals:  # clean inputs are drawn at random (their suffixes are evaluated too)
         vocab = sorted(compiled.vocab, key=str)
+        inputs.space = sum(count_inputs(len(vocab), length) for length in lengths)
+        inputs.sampled = list(lengths)
         for _ in range(100 * n + 1000):
             if len(examples) == n:
                 break
