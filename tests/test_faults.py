@@ -102,6 +102,28 @@ def no_model(mp: pytest.MonkeyPatch) -> None:
     mp.setattr("mechscope.models.load_model", load_model)
 
 
+def no_compile(mp: pytest.MonkeyPatch) -> None:
+    """Fail the row if the tracr benchmark compiles a program (its checks must come first)."""
+    def compile_program(*args, **kwargs):
+        raise AssertionError("a program compiled before the check")
+    mp.setattr("mechscope.toys.tracr.benchmark.compile_program", compile_program)
+
+
+def user_programs(e: Env) -> None:
+    """A module of user programs for the tracr benchmark, each wrong in one way."""
+    e.write("mine.py", "from mechscope.toys.tracr import ProgramSpec\n"
+                              "def number():\n    return 3\n"
+                              "def one_value():\n    return ProgramSpec(lambda: None, ('a',), 3)\n"
+                              "def short():\n    return ProgramSpec(lambda: None, ('a', 'b'), 1)\n"
+                              "def not_rasp():\n    return ProgramSpec(lambda: 'tokens', ('a', 'b'), 3)\n"
+                              "def fails():\n    raise RuntimeError('no spec today')\n"
+                              "value = 5\n")
+
+
+def user_program(function: str) -> Callable[[Env], list[str]]:
+    return lambda e: ["benchmark", "tracr", "--program", f"{e.root / 'mine.py'}:{function}", "--out", str(e.out)]
+
+
 def full_disk(mp: pytest.MonkeyPatch) -> None:
     """Every output flushed to the disk fails as a full disk does."""
     def sync_file(path):
@@ -382,6 +404,30 @@ CLI_FAULTS: list[CliFault] = [
     CliFault("benchmark tracr: unknown method", lambda e: ["benchmark", "tracr", "--methods", "eap,acdc",
                                                            "--out", str(e.out)],
              "unknown method in eap, acdc"),
+    CliFault("benchmark tracr: --program without a function",
+             lambda e: ["benchmark", "tracr", "--program", "my_programs", "--out", str(e.out)],
+             "--program my_programs: expected module:function or path/to/file.py:function", inject=no_compile),
+    CliFault("benchmark tracr: --program of a missing module",
+             lambda e: ["benchmark", "tracr", "--program", "no_such_module_q:spec", "--out", str(e.out)],
+             "cannot import module no_such_module_q: ModuleNotFoundError", inject=no_compile),
+    CliFault("benchmark tracr: --program of a missing file",
+             lambda e: ["benchmark", "tracr", "--program", f"{e.root}/nope.py:spec", "--out", str(e.out)],
+             "nope.py:spec: no file", inject=no_compile),
+    CliFault("benchmark tracr: --program of a missing function", user_program("spec"),
+             "mine.py has no attribute 'spec'", setup=user_programs, inject=no_compile),
+    CliFault("benchmark tracr: --program of a value, not a function", user_program("value"),
+             "mine.py:value: value is an object of type int, not a function", setup=user_programs, inject=no_compile),
+    CliFault("benchmark tracr: --program function raises", user_program("fails"),
+             "fails() raised RuntimeError: no spec today", setup=user_programs, inject=no_compile),
+    CliFault("benchmark tracr: --program returns no ProgramSpec", user_program("number"),
+             "number() returned an object of type int, not a mechscope.toys.tracr.ProgramSpec",
+             setup=user_programs, inject=no_compile),
+    CliFault("benchmark tracr: --program vocabulary of one value", user_program("one_value"),
+             "vocab needs at least two values, got ['a']", setup=user_programs, inject=no_compile),
+    CliFault("benchmark tracr: --program max_seq_len 1", user_program("short"),
+             "max_seq_len must be an integer of at least 2, got 1", setup=user_programs, inject=no_compile),
+    CliFault("benchmark tracr: --program build gives no RASP", user_program("not_rasp"),
+             "build() returned an object of type str, not a RASP SOp", setup=user_programs, inject=no_compile),
 
     CliFault("curves: --steps 0", lambda e: curves(e, e.dataset, "--methods", "eap-ig", "--steps", "0"),
              "steps must be at least 1, got 0", inject=no_model),

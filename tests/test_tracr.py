@@ -19,10 +19,14 @@ from mechscope.behaviour import measure_behaviour  # noqa: E402
 from mechscope.cli import app  # noqa: E402
 from mechscope.graph import Graph  # noqa: E402
 from mechscope.metrics import final_logits  # noqa: E402
-from mechscope.toys.tracr import PAD, SUITE, compile_program, ground_truth, make_tracr_task  # noqa: E402
-from mechscope.toys.tracr.benchmark import auroc, benchmark_program, node_scores  # noqa: E402
+from mechscope.toys.tracr import (  # noqa: E402
+    PAD, SUITE, ProgramSpec, compile_program, ground_truth, load_program, make_tracr_task)
+from mechscope.toys.tracr.benchmark import (  # noqa: E402
+    auroc, benchmark_program, circuit_aurocs, floor_scores, node_scores)
 from mechscope.toys.tracr.ground_truth import varying_directions  # noqa: E402
-from mechscope.toys.tracr.tasks import all_inputs  # noqa: E402
+from mechscope.toys.tracr.programs import ProgramError  # noqa: E402
+from mechscope.toys.tracr.report import benchmark_json  # noqa: E402
+from mechscope.toys.tracr.tasks import all_inputs, count_inputs, nth_input  # noqa: E402
 
 runner = CliRunner()
 _COMPILED = {}
@@ -103,6 +107,9 @@ def test_reverse_ground_truth_follows_the_program():
 def test_length_counterfactuals_compute_the_shorter_length():
     cp = compiled("length")
     ds = make_tracr_task(cp, n=24, seed=1, pad_counterfactuals=SUITE["length"].pad_counterfactuals)
+    info = ds.info["inputs"]
+    assert info["space"] == 9 + 27 + 81 + 243 and info["sampled_lengths"] == [2, 3, 4, 5] and info["dropped"] == 0
+    assert info["evaluated"] >= 2 * 24  # each drawn input and its unpadded suffix
     for ex in ds.examples:
         cf = cp.tokenizer.convert_ids_to_tokens(ex.counterfactual)[1:]
         real = [t for t in cf if t != PAD]
@@ -148,6 +155,61 @@ def test_auroc_counts_pairs_and_ties():
     assert np.isnan(auroc(torch.tensor([1.0, 2.0]), torch.tensor([True, True])))
 
 
+def pairwise_auroc(scores, labels):
+    """The slow count: over every (circuit, other) pair, 1 when the circuit one scores higher, 1/2 on a tie."""
+    pos = [float(s) for s, l in zip(scores, labels) if l]
+    neg = [float(s) for s, l in zip(scores, labels) if not l]
+    wins = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p in pos for q in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def test_auroc_with_ties_equals_the_pairwise_count():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        scores = torch.randint(0, 4, (30,), generator=gen).double()  # many ties
+        labels = torch.rand(30, generator=gen) < 0.3
+        assert auroc(scores, labels) == pytest.approx(pairwise_auroc(scores, labels), abs=1e-12)
+
+
+def test_the_floor_takes_away_a_ranking_made_of_tiny_scores_alone():
+    # Three circuit edges: one real score and two tiny ones that beat the five exact zeros only because
+    # they are not zero.
+    scores = torch.tensor([0.5, 1e-15, -1e-33, 0.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    labels = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0], dtype=torch.bool)
+    assert auroc(scores.abs(), labels) == 1.0  # as now
+    floored = floor_scores(scores)
+    assert floored.tolist() == [0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert auroc(floored, labels) == pytest.approx(pairwise_auroc(floored, labels)) == pytest.approx((5 + 2 * 5 * 0.5) / 15)
+    # The floor is relative to the largest |score|, strict, and leaves all-zero scores alone.
+    edge = torch.tensor([-3.0, 3.3e-6, 2.7e-6, 2.0], dtype=torch.float64)
+    assert floor_scores(edge).tolist() == [-3.0, 3.3e-6, 0.0, 2.0]
+    small = (edge * 1e-9).tolist()  # the floor is relative: scaling every score keeps the same ones
+    assert floor_scores(edge * 1e-9).tolist() == [small[0], small[1], 0.0, small[3]]
+    assert floor_scores(torch.zeros(3)).tolist() == [0.0, 0.0, 0.0]
+    # Real circuit scores separated from the zeros keep their AUROC of 1 under the floor.
+    strong = torch.tensor([0.5, 0.2, 1e-3, 0, 0, 0, 0, 0], dtype=torch.float64)
+    assert auroc(floor_scores(strong), labels) == 1.0
+
+
+def test_circuit_aurocs_floor_edges_and_nodes_alike():
+    """reverse's whole circuit: one edge (a3.h0->logits) scores 1, its other nine 1e-20, the rest 0."""
+    cp = compiled("reverse")
+    whole = ground_truth(cp)
+    graph = whole.graph
+    scores = torch.where(whole.edges, 1e-20, 0.0).double()
+    strong = [e for e in range(graph.n_edges) if graph.edge_name(e) == "a3.h0->logits"]
+    scores[strong] = 1.0
+    got = circuit_aurocs(graph, scores, whole, whole)
+    assert got["edge_auroc"] == got["program_edge_auroc"] == 1.0
+    assert got["edge_auroc_floor"] == pytest.approx((67 + 9 * 67 * 0.5) / (10 * 67))
+    assert got["edge_auroc_floor"] == pytest.approx(pairwise_auroc(floor_scores(scores), whole.edges))
+    # Nodes: the five circuit nodes (a0.h0, m0, m1, m2, a3.h0) against a1.h0, a2.h0, m3. As computed
+    # every circuit node touches a non-zero edge; floored, only a3.h0 does and four tie at 0 with the rest.
+    assert got["node_auroc"] == 1.0
+    assert got["node_auroc_floor"] == pytest.approx((3 + 4 * 3 * 0.5) / (5 * 3))
+    assert got["program_node_auroc_floor"] == got["node_auroc_floor"]
+
+
 def test_node_scores_sum_edges_into_and_out_of_a_node():
     cp = compiled("length")
     graph = Graph.from_model(cp.model)
@@ -163,6 +225,134 @@ def test_exact_patching_finds_the_contrast_circuit_of_first_frac():
     r = benchmark_program("first_frac", n=16, methods=("exact", "eap"))
     assert r.edge_auroc["exact"] == 1.0 and r.node_auroc["exact"] == 1.0
     assert set(r.truth["nodes"]) == {"a0.h0", "m0", "m1", "a2.h0"}
+    # Every edge's scores and circuit flags are kept, and the AUROCs are those of the kept scores.
+    edges = r.edges
+    assert len(edges["names"]) == len(edges["in_circuit"]) == len(edges["in_program_circuit"]) == r.n_edges
+    assert [n for n, c in zip(edges["names"], edges["in_circuit"]) if c] == r.truth["edges"]
+    assert [n for n, c in zip(edges["names"], edges["in_program_circuit"]) if c] == r.program_truth["edges"]
+    for m in ("exact", "eap"):
+        s = torch.tensor(edges["scores"][m], dtype=torch.float64)
+        assert r.edge_auroc[m] == pytest.approx(pairwise_auroc(s, edges["in_circuit"]))
+        assert r.edge_auroc_floor[m] == pytest.approx(pairwise_auroc(floor_scores(s), edges["in_circuit"]))
+        assert r.program_edge_auroc_floor[m] == pytest.approx(pairwise_auroc(floor_scores(s), edges["in_program_circuit"]))
+        assert 0.0 <= r.program_node_auroc[m] <= 1.0 and 0.0 <= r.program_node_auroc_floor[m] <= 1.0
+    assert r.inputs["dropped"] == 0 and r.inputs["sampled_lengths"] == [] and r.inputs["evaluated"] == r.inputs["space"]
+
+
+def test_nth_input_follows_the_enumeration():
+    for unique in (False, True):
+        for length in (1, 2, 3):
+            xs = all_inputs((3, "b", 1, "a"), length, unique)
+            assert len(xs) == count_inputs(4, length, unique)
+            assert [nth_input((3, "b", 1, "a"), length, unique, i) for i in range(len(xs))] == xs
+
+
+def test_large_input_spaces_are_sampled_with_the_seed():
+    cp = compiled("reverse")  # 3 ** L inputs of length L: 9, 27, 81, 243
+    ds = make_tracr_task(cp, n=10, seed=3, max_inputs=10)
+    info = ds.info["inputs"]
+    assert info["sampled_lengths"] == [3, 4, 5] and info["space"] == 9 + 27 + 81 + 243
+    assert info["evaluated"] == 9 + 3 * 10 and info["dropped"] == 0
+    again = make_tracr_task(cp, n=10, seed=3, max_inputs=10)
+    assert [e.clean for e in again.examples] == [e.clean for e in ds.examples]
+    other = make_tracr_task(cp, n=10, seed=4, max_inputs=10)
+    assert [e.clean for e in other.examples] != [e.clean for e in ds.examples]
+    b = measure_behaviour(cp.model, ds, progress=False)
+    assert float(b.correct.mean()) == 1.0
+    for ex in ds.examples:
+        assert ex.meta["clean_output"] != ex.meta["counterfactual_output"]
+    assert make_tracr_task(cp, n=10).info["inputs"]["sampled_lengths"] == []  # 243 <= 4096: enumerated
+
+
+TAGGED = '''
+from mechscope.toys.tracr import ProgramSpec
+
+
+def _build():
+    from tracr.rasp import rasp
+
+    # A categorical mean over the positions holding my token: a float on repeated tokens, so "xyz"[i] raises.
+    where = rasp.Aggregate(rasp.Select(rasp.tokens, rasp.tokens, rasp.Comparison.EQ), rasp.indices).named("where")
+    return rasp.SequenceMap(lambda t, i: t + "xyz"[i], rasp.tokens, where).named("tagged")
+
+
+def tagged():
+    return ProgramSpec(_build, ("a", "b", "c"), 3, "each token tagged with its position")
+
+
+def not_a_spec():
+    return 3
+
+
+def one_value():
+    return ProgramSpec(_build, ("a",), 3)
+
+
+def not_rasp():
+    return ProgramSpec(lambda: "tokens", ("a", "b"), 3)
+'''
+
+
+def test_inputs_the_program_raises_on_are_dropped_and_counted(tmp_path):
+    (tmp_path / "mine.py").write_text(TAGGED)
+    name, spec = load_program(f"{tmp_path / 'mine.py'}:tagged")
+    assert name == "tagged" and isinstance(spec, ProgramSpec)
+    cp = compile_program(spec.build(), spec.vocab, spec.max_seq_len, name=name)
+    ds = make_tracr_task(cp, n=12)
+    info = ds.info["inputs"]
+    # Lengths 2 and 3 over three tokens: 9 + 27 inputs, of which 6 + 6 have no repeated token.
+    assert info["space"] == info["evaluated"] == 36 and info["dropped"] == 36 - 12
+    for ex in ds.examples:
+        for text in (ex.clean_text, ex.counterfactual_text):
+            assert len(set(text.split())) == len(text.split())
+    assert float(measure_behaviour(cp.model, ds, progress=False).correct.mean()) == 1.0
+    assert not (tmp_path / "__pycache__").exists()
+
+
+def test_load_program_by_module_name_and_its_one_line_errors(tmp_path, monkeypatch):
+    (tmp_path / "mine_tracr_mod.py").write_text(TAGGED)
+    monkeypatch.chdir(tmp_path)  # module names resolve from the working directory
+    assert load_program("mine_tracr_mod:tagged")[0] == "tagged"
+    for ref, message in (("mine_tracr_mod", "expected module:function"),
+                         ("no_such_module_xyz:f", "cannot import module no_such_module_xyz: ModuleNotFoundError"),
+                         ("mine_tracr_mod:nope", "mine_tracr_mod has no attribute 'nope'"),
+                         ("mine_tracr_mod:ProgramSpec", "ProgramSpec() raised TypeError"),
+                         ("mine_tracr_mod:not_a_spec", "returned an object of type int, not a mechscope.toys.tracr.ProgramSpec"),
+                         ("mine_tracr_mod:one_value", "vocab needs at least two values"),
+                         ("mine_tracr_mod:not_rasp", "build() returned an object of type str, not a RASP SOp"),
+                         ("missing/file.py:tagged", "no file missing/file.py")):
+        with pytest.raises(ProgramError) as info:
+            load_program(ref)
+        assert message in str(info.value) and "\n" not in str(info.value), (ref, str(info.value))
+
+
+def test_benchmark_json_keeps_value_lists_on_one_line():
+    summary = {"programs": [{"edges": {"names": ["a->b", "x[y", "c d"], "scores": {"eap": [0.0, 1e-15, 2.5]}}}],
+               "nested": [[1, 2], []], "text": "two  spaces"}
+    text = benchmark_json(summary)
+    assert json.loads(text) == summary
+    assert '"scores": {\n' in text and '"eap": [0.0, 1e-15, 2.5]' in text
+    assert '"c d"' in text  # strings keep their spaces; a list holding a bracket stays as json.dumps laid it out
+
+
+def test_benchmark_command_on_a_program_users_bring(tmp_path):
+    (tmp_path / "mine.py").write_text(TAGGED)
+    out = tmp_path / "bench"
+    result = runner.invoke(app, ["benchmark", "tracr", "--program", f"{tmp_path / 'mine.py'}:tagged",
+                                 "--methods", "eap,exact", "--n", "8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "36 of 36 inputs evaluated; 24 dropped because the RASP program raised on them" in text
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("best_mean_edge_auroc_floor=") and lines[-3].startswith("best_mean_edge_auroc=")
+    summary = json.loads((out / "benchmark.json").read_text())
+    (r,) = summary["programs"]
+    assert r["program"] == "tagged" and r["inputs"]["dropped"] == 24
+    assert float(lines[-1].split("=")[1]) == pytest.approx(summary["best_mean_edge_auroc_floor"], abs=1e-4)
+    assert set(r["edges"]["scores"]) == {"eap", "exact"} and len(r["edges"]["scores"]["eap"]) == r["n_edges"]
+    page = (out / "report.html").read_text()
+    assert "eap (floor)" in page and "Node-level ROC AUC (the program's whole circuit)" in page
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench", "mine.py"]
 
 
 def test_benchmark_bad_input_is_one_line(tmp_path):
@@ -177,12 +367,13 @@ def test_benchmark_command_on_the_whole_suite(tmp_path):
     out = tmp_path / "bench"
     result = runner.invoke(app, ["benchmark", "tracr", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    last = result.output.strip().splitlines()[-1]
-    assert last.startswith("best_mean_edge_auroc=")
-    best = float(last.split("=")[1])
+    lines = result.output.strip().splitlines()
+    assert lines[-3].startswith("best_mean_edge_auroc=") and lines[-1].startswith("best_mean_edge_auroc_floor=")
+    best, best_floor = float(lines[-3].split("=")[1]), float(lines[-1].split("=")[1])
     summary = json.loads((out / "benchmark.json").read_text())
     assert [p["program"] for p in summary["programs"]] == list(SUITE)
     assert best == pytest.approx(summary["best_mean_edge_auroc"], abs=1e-4)
+    assert best_floor == pytest.approx(summary["best_mean_edge_auroc_floor"], abs=1e-4)
     assert best >= 0.95
     page = (out / "report.html").read_text()
     for name in SUITE:

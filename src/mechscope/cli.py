@@ -484,41 +484,62 @@ app.add_typer(benchmark_app, name="benchmark")
 @benchmark_app.command("tracr")
 @_user_errors
 def benchmark_tracr(
-    programs: Optional[str] = typer.Option(None, help="Comma-separated programs (default: the whole suite)."),
+    programs: Optional[str] = typer.Option(None, help="Comma-separated programs of the suite (default: the "
+                                           "whole suite, or none when --program is given)."),
+    program: Optional[list[str]] = typer.Option(None, "--program", help="A program of your own, "
+                                                "module:function or path/to/file.py:function; the function "
+                                                "returns a mechscope.toys.tracr.ProgramSpec (repeatable)."),
     methods: str = typer.Option("eap,eap-ig,peap,exact", help="Comma-separated methods."),
     n: int = typer.Option(48, "--n", help="Prompt pairs per program."),
-    seed: int = typer.Option(0, help="Seed of the task generator."),
+    seed: int = typer.Option(0, help="Seed of the task generator (and of the inputs sampled)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="New directory for report.html and benchmark.json."),
     device: Optional[str] = _device_option(),
 ) -> None:
     """Compile RASP programs with tracr (circuits known by construction), score every edge with each
-    method, and report node- and edge-level ROC AUC against the ground-truth circuits."""
+    method, and report node- and edge-level ROC AUC against the ground-truth circuits, as computed
+    and with scores below 1e-6 of each method's largest set to 0 (floor)."""
     from .report import check_output_dir
     from .devices import resolve_device
-    from .toys.tracr.benchmark import check_choices, run_benchmark
-    from .toys.tracr.programs import SUITE
+    from .toys.tracr.benchmark import BenchmarkError, check_choices, run_benchmark
+    from .toys.tracr.programs import SUITE, load_program
     from .toys.tracr.report import fmt_auroc, write_benchmark
 
-    chosen = [p.strip() for p in programs.split(",") if p.strip()] if programs else list(SUITE)
+    chosen = [p.strip() for p in programs.split(",") if p.strip()] if programs else ([] if program else list(SUITE))
     wanted = [m.strip() for m in methods.split(",") if m.strip()]
     check_choices(chosen, wanted, n)  # before any compilation, like the output directory
     resolve_device(device)
     if out is not None:
         check_output_dir(out)
+    specs = {}
+    for ref in program or []:  # imports the user's module and builds the RASP program; compiles nothing
+        name, spec = load_program(ref)
+        if name in specs or name in chosen:
+            raise BenchmarkError(f"--program {ref}: a program named {name} is already chosen; rename the function")
+        specs[name] = spec
+    chosen += list(specs)
 
     def done(r):
-        aucs = "  ".join(f"{m} {r.edge_auroc[m]:.3f}" for m in wanted)
+        aucs = "  ".join(f"{m} {fmt_auroc(r.edge_auroc[m])} (floor {fmt_auroc(r.edge_auroc_floor[m])})" for m in wanted)
         err_console.print(f"{r.program}: {r.n_edges} graph edges, {r.truth['n_edges']} in the circuit; edge AUROC {aucs}")
+        inputs = r.inputs
+        if inputs.get("dropped") or inputs.get("sampled_lengths"):
+            sampled = inputs["sampled_lengths"]
+            err_console.print(f"{r.program}: {inputs['evaluated']} of {inputs['space']} inputs evaluated"
+                              + (f" (lengths {', '.join(map(str, sampled))} sampled)" if sampled else "")
+                              + f"; {inputs['dropped']} dropped because the RASP program raised on them", highlight=False)
 
-    summary = run_benchmark(chosen, n=n, seed=seed, methods=wanted, progress=done, device=device)
-    table = Table(title="ROC AUC against the compiled ground truth (edge / node; whole-program edge)")
+    summary = run_benchmark(chosen, n=n, seed=seed, methods=wanted, progress=done, device=device, specs=specs)
+    table = Table(title="ROC AUC against the compiled ground truth (edge / node; whole-program edge), "
+                        f"as computed and with scores below {summary['floor']:g} x the largest as 0 (floor)")
     table.add_column("program")
     for m in wanted:
         table.add_column(m)
 
     def cells(auc):  # auc(key, method) -> AUROC
         return [f"{fmt_auroc(auc('edge_auroc', m))} / {fmt_auroc(auc('node_auroc', m))}; "
-                f"{fmt_auroc(auc('program_edge_auroc', m))}" for m in wanted]
+                f"{fmt_auroc(auc('program_edge_auroc', m))}\n"
+                f"floor {fmt_auroc(auc('edge_auroc_floor', m))} / {fmt_auroc(auc('node_auroc_floor', m))}; "
+                f"{fmt_auroc(auc('program_edge_auroc_floor', m))}" for m in wanted]
 
     for r in summary["programs"]:
         table.add_row(r["program"], *cells(lambda key, m, r=r: r[key][m]))
@@ -529,6 +550,8 @@ def benchmark_tracr(
         console.print(f"wrote {out}/report.html and {out}/benchmark.json")
     console.print(f"best_method={summary['best_method']}")
     console.print(f"best_mean_edge_auroc={summary['best_mean_edge_auroc']:.4f}", highlight=False)
+    console.print(f"best_method_floor={summary['best_method_floor']}")
+    console.print(f"best_mean_edge_auroc_floor={summary['best_mean_edge_auroc_floor']:.4f}", highlight=False)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -11,6 +11,13 @@ spans); exact patching, the mean over examples of |change in M| when the edge al
 its counterfactual value. A node's score is the sum of the |scores| of the edges into and out of it
 (a head's q/k/v inputs included); nodes are the heads and MLPs (the input and logits are in every
 circuit and not scored).
+
+A compiled model leaves every edge outside its circuit exactly 0, so a gradient method can reach
+AUROC 1 with circuit edges that score 1e-15 and rank above the rest only because the rest are exact
+zeros. Each AUROC is therefore reported twice: as computed, and "floored" (`floor_scores`): a
+method's edge scores below FLOOR times its largest |score| on the program are set to 0 first, so they
+tie with everything outside the circuit (ties count one half). Floored node scores are summed from
+the floored edge scores.
 """
 
 from __future__ import annotations
@@ -26,21 +33,23 @@ from ...attribution import attribute
 from ...errors import MechscopeError
 from ...attribution.patching import exact_scores
 from ...graph import Graph
-from .compile import CompiledProgram, compile_program
+from .compile import CompiledProgram, ProgramSpec, compile_program
 from .ground_truth import GroundTruth, ground_truth, varying_directions
 from .programs import SUITE
 from .tasks import make_tracr_task
 
 METHODS = ("eap", "eap-ig", "peap", "exact")
+FLOOR = 1e-6  # scores below FLOOR * the method's largest |score| count as 0 in the floored AUROCs
 
 
 class BenchmarkError(MechscopeError, ValueError):
     """An unknown program or method, or too few examples."""
 
 
-def check_choices(programs, methods, n: int) -> None:
-    """Raise BenchmarkError unless every program is in the suite, every method known and n >= 2."""
-    unknown = [p for p in programs if p not in SUITE]
+def check_choices(programs, methods, n: int, extra=()) -> None:
+    """Raise BenchmarkError unless every program is in the suite (or `extra`), every method known
+    and n >= 2."""
+    unknown = [p for p in programs if p not in SUITE and p not in extra]
     if unknown:
         raise BenchmarkError(f"unknown program(s) {', '.join(unknown)}; the suite has {', '.join(SUITE)}")
     if not methods or any(m not in METHODS for m in methods):
@@ -61,6 +70,16 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     greater = (pos[:, None] > neg[None, :]).double().sum()
     ties = (pos[:, None] == neg[None, :]).double().sum()
     return float((greater + 0.5 * ties) / (n_pos * n_neg))
+
+
+def floor_scores(scores: torch.Tensor, floor: float = FLOOR) -> torch.Tensor:
+    """`scores` (float64) with every entry whose |value| is below `floor` * max |score| set to 0;
+    unchanged when every score is 0."""
+    s = scores.double()
+    top = float(s.abs().max()) if s.numel() else 0.0
+    if top == 0.0:
+        return s.clone()
+    return torch.where(s.abs() < floor * top, torch.zeros_like(s), s)
 
 
 def method_edge_scores(compiled: CompiledProgram, dataset, method: str, batch_size: int = 64) -> torch.Tensor:
@@ -87,6 +106,10 @@ def node_scores(graph: Graph, edge_scores: torch.Tensor) -> torch.Tensor:
     return out
 
 
+AUROC_KEYS = ("edge_auroc", "node_auroc", "program_edge_auroc", "program_node_auroc")
+FLOOR_KEYS = tuple(f"{k}_floor" for k in AUROC_KEYS)
+
+
 @dataclass
 class ProgramResult:
     program: str
@@ -99,19 +122,39 @@ class ProgramResult:
     program_truth: dict
     metric_clean: float
     metric_counterfactual: float
+    inputs: dict = field(default_factory=dict)  # how the task's inputs were drawn (tasks.make_tracr_task)
     edge_auroc: dict[str, float] = field(default_factory=dict)
     node_auroc: dict[str, float] = field(default_factory=dict)
     program_edge_auroc: dict[str, float] = field(default_factory=dict)
+    program_node_auroc: dict[str, float] = field(default_factory=dict)
+    edge_auroc_floor: dict[str, float] = field(default_factory=dict)
+    node_auroc_floor: dict[str, float] = field(default_factory=dict)
+    program_edge_auroc_floor: dict[str, float] = field(default_factory=dict)
+    program_node_auroc_floor: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    # Every edge of the graph: its name, whether it is in the contrast / whole circuit, and each
+    # method's score (the |score| the AUROCs rank, before any floor).
+    edges: dict = field(default_factory=dict)
+
+
+def circuit_aurocs(graph: Graph, scores: torch.Tensor, truth: GroundTruth, program_truth: GroundTruth) -> dict:
+    """The eight AUROCs of one method's edge `scores`: edge and node level against the contrast
+    circuit and the whole circuit, as computed and floored (`floor_scores`)."""
+    out = {}
+    for suffix, s in (("", scores.double()), ("_floor", floor_scores(scores))):
+        for prefix, t in (("", truth), ("program_", program_truth)):
+            out[f"{prefix}edge_auroc{suffix}"] = auroc(s, t.edges)
+            out[f"{prefix}node_auroc{suffix}"] = _node_auroc(graph, s, t)
+    return out
 
 
 def benchmark_program(name: str, n: int = 48, seed: int = 0, methods=METHODS, batch_size: int = 64,
-                      device: str | torch.device | None = "cpu") -> ProgramResult:
-    """Compile program `name`, make its task and score every method against the ground truth; the
-    compiled model runs on `device` (None: CUDA when available)."""
+                      device: str | torch.device | None = "cpu", spec: ProgramSpec | None = None) -> ProgramResult:
+    """Compile program `name` (of the suite, or `spec`), make its task and score every method against
+    the ground truth; the compiled model runs on `device` (None: CUDA when available)."""
     from ...behaviour import measure_behaviour
 
-    spec = SUITE[name]
+    spec = spec if spec is not None else SUITE[name]
     compiled = compile_program(spec.build(), spec.vocab, spec.max_seq_len, name=name)
     compiled.model.to(resolve_device(device))
     dataset = make_tracr_task(compiled, n=n, seed=seed, unique=spec.unique_tokens,
@@ -125,14 +168,17 @@ def benchmark_program(name: str, n: int = 48, seed: int = 0, methods=METHODS, ba
     result = ProgramResult(
         program=name, description=spec.description, n_layers=graph.n_layers, n_heads=graph.n_heads,
         n_edges=graph.n_edges, n_examples=len(dataset), truth=truth.summary(), program_truth=program_truth.summary(),
-        metric_clean=float(behaviour.metric_clean.mean()), metric_counterfactual=float(behaviour.metric_counterfactual.mean()))
+        metric_clean=float(behaviour.metric_clean.mean()), metric_counterfactual=float(behaviour.metric_counterfactual.mean()),
+        inputs=dict(dataset.info.get("inputs", {})),
+        edges={"names": [graph.edge_name(e) for e in range(graph.n_edges)], "in_circuit": truth.edges.tolist(),
+               "in_program_circuit": program_truth.edges.tolist(), "scores": {}})
     for method in methods:
         start = time.perf_counter()
-        scores = method_edge_scores(compiled, dataset, method, batch_size)
+        scores = method_edge_scores(compiled, dataset, method, batch_size).detach().to(HOST).double()
         result.seconds[method] = time.perf_counter() - start
-        result.edge_auroc[method] = auroc(scores, truth.edges)
-        result.node_auroc[method] = _node_auroc(graph, scores, truth)
-        result.program_edge_auroc[method] = auroc(scores, program_truth.edges)
+        for key, value in circuit_aurocs(graph, scores, truth, program_truth).items():
+            getattr(result, key)[method] = value
+        result.edges["scores"][method] = scores.tolist()
     return result
 
 
@@ -147,18 +193,21 @@ def mean_over_programs(results: list[ProgramResult], key: str, method: str) -> f
 
 
 def run_benchmark(programs=None, n: int = 48, seed: int = 0, methods=METHODS, progress=None,
-                  device: str | torch.device | None = "cpu") -> dict:
-    """Every program of the suite (or `programs`); returns a JSON-ready summary."""
-    programs, methods = list(programs or SUITE), list(methods)
-    check_choices(programs, methods, n)
+                  device: str | torch.device | None = "cpu", specs: dict[str, ProgramSpec] | None = None) -> dict:
+    """Every program of the suite (or `programs`: names of the suite or keys of `specs`, programs
+    users bring); returns a JSON-ready summary."""
+    specs = dict(specs or {})
+    programs, methods = list(programs or (list(specs) or SUITE)), list(methods)
+    check_choices(programs, methods, n, extra=specs)
     results = []
     for name in programs:
-        results.append(benchmark_program(name, n=n, seed=seed, methods=methods, device=device))
+        results.append(benchmark_program(name, n=n, seed=seed, methods=methods, device=device, spec=specs.get(name)))
         if progress is not None:
             progress(results[-1])
-    means = {m: {"edge_auroc": mean_over_programs(results, "edge_auroc", m),
-                 "node_auroc": mean_over_programs(results, "node_auroc", m),
-                 "program_edge_auroc": mean_over_programs(results, "program_edge_auroc", m)} for m in methods}
+    means = {m: {k: mean_over_programs(results, k, m) for k in AUROC_KEYS + FLOOR_KEYS} for m in methods}
     best = max(methods, key=lambda m: means[m]["edge_auroc"])
+    best_floor = max(methods, key=lambda m: means[m]["edge_auroc_floor"])
     return {"programs": [r.__dict__ for r in results], "methods": list(methods), "means": means,
-            "best_method": best, "best_mean_edge_auroc": means[best]["edge_auroc"], "n_examples": n, "seed": seed}
+            "best_method": best, "best_mean_edge_auroc": means[best]["edge_auroc"],
+            "best_method_floor": best_floor, "best_mean_edge_auroc_floor": means[best_floor]["edge_auroc_floor"],
+            "floor": FLOOR, "n_examples": n, "seed": seed}

@@ -195,11 +195,12 @@ def _import_assembled(assembled, sink, name: str, dtype) -> tuple[CompiledTransf
 
 @dataclass(frozen=True)
 class ProgramSpec:
-    """A program of the benchmark suite: how to build it and the inputs it is defined on."""
+    """A program of the benchmark (the suite's, or one a user brings with `--program module:function`):
+    how to build it (a function returning the RASP SOp) and the inputs it is defined on."""
 
     build: Callable[[], Any]
     vocab: tuple
     max_seq_len: int
-    description: str
+    description: str = ""
     unique_tokens: bool = False  # the program is defined on inputs without repeated tokens only
     pad_counterfactuals: bool = False  # equal-length inputs share one output: counterfactuals pad instead
