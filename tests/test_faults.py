@@ -683,7 +683,8 @@ import pathlib, sys, time
 import mechscope.fileio
 def held(path):
     pathlib.Path(sys.argv[1]).write_text(str(path))
-    time.sleep(600)
+    for _ in range(6000):  # short sleeps: a signal that lands on another thread is seen within 0.1 s
+        time.sleep(0.1)
 mechscope.fileio.sync_file = held
 from mechscope.cli import main
 main(sys.argv[2:])
