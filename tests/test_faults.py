@@ -679,7 +679,12 @@ def test_every_row_has_a_distinct_name():
 # The command, with the flush of its outputs to the disk held back: it says when it is there (it has
 # written everything into its temporaries) and waits for the signal.
 HELD_WRITE = """
-import pathlib, sys, time
+import pathlib, signal, sys, time
+# As a shell starts a command: SIGINT handled by Python, neither signal blocked (a disposition or mask
+# inherited from the test process, where some library may have changed them, would hide the signal).
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
 import mechscope.fileio
 def held(path):
     pathlib.Path(sys.argv[1]).write_text(str(path))
