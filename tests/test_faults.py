@@ -437,6 +437,8 @@ CLI_FAULTS: list[CliFault] = [
              "batch_size must be at least 1, got 0", inject=no_model),
     CliFault("curves: --fractions 2", lambda e: curves(e, e.dataset, "--fractions", "2"),
              "--fractions must be increasing numbers in (0, 1]", inject=no_model),
+    CliFault("curves: --fractions repeated", lambda e: curves(e, e.dataset, "--fractions", "0.1,0.1"),
+             "--fractions must be increasing numbers in (0, 1]", inject=no_model),
     CliFault("curves: --n 0",
              lambda e: ["curves", "--task", "ioi", "--n", "0", "--model", e.llama, "--out", str(e.out)],
              "--n must be at least 2 (a discovery and an evaluation half), got 0", inject=no_model),

@@ -279,7 +279,8 @@ def curves(
     from .attribution.references import ABLATIONS
     from .data.dataset import DatasetError
     from .circuits.discovery import compare_methods
-    from .circuits.evaluation import DEFAULT_FRACTIONS
+    from .circuits.evaluation import DEFAULT_FRACTIONS, check_fractions, check_selection
+    from .errors import ParameterError
     from .fileio import check_writable_file, write_json
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
@@ -288,14 +289,15 @@ def curves(
         raise DatasetError(f"unknown method in --methods '{methods}'; choose from {', '.join(ALL_METHODS)}")
     if ablation not in ABLATIONS:
         raise DatasetError(f"unknown ablation '{ablation}'; choose one of {', '.join(ABLATIONS)}")
-    if selection not in ("top_n", "greedy"):
-        raise DatasetError(f"unknown selection '{selection}'; choose top_n or greedy")
+    check_selection(selection)
     try:
         sizes = DEFAULT_FRACTIONS if fractions is None else tuple(float(f) for f in fractions.split(","))
     except ValueError:
         raise DatasetError(f"--fractions must be comma-separated numbers, got '{fractions}'") from None
-    if not sizes or any(not 0 < f <= 1 for f in sizes) or list(sizes) != sorted(sizes):
-        raise DatasetError("--fractions must be increasing numbers in (0, 1]")
+    try:
+        check_fractions(sizes)  # the check compare_methods makes, here before the model loads
+    except ParameterError:
+        raise DatasetError("--fractions must be increasing numbers in (0, 1]") from None
     if task is not None and n < 2:
         raise DatasetError(f"--n must be at least 2 (a discovery and an evaluation half), got {n}")
     for method in chosen:
