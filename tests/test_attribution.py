@@ -192,8 +192,13 @@ def test_faithfulness_curve_end_points(tiny_model, tiny_data):
 def test_other_ablations_keep_identities(tiny_model, tiny_data, ablation):
     scores = attribute(tiny_model, tiny_data[:6], "eap", ablation=ablation, progress=False)
     assert torch.isfinite(scores.values).all() and scores.values.abs().sum() > 0
-    full = evaluate(tiny_model, Circuit.full(scores.graph), tiny_data[:6], ablation=ablation, progress=False)
-    assert full.normalized == pytest.approx(1.0, abs=1e-4)
+    from mechscope.circuits.evaluation import _Evaluator
+
+    # The plain ablated passes (no shortcuts): the full circuit is the model, the empty one the ablated run.
+    full, empty = _Evaluator(tiny_model, tiny_data[:6], ablation, None, 4, shortcuts=False).run(
+        [Circuit.full(scores.graph), Circuit.empty(scores.graph)], progress=False)
+    assert full.normalized == pytest.approx(1.0, abs=1e-4) and full.metric_circuit != full.metric_empty
+    assert empty.normalized == pytest.approx(0.0, abs=1e-4)
 
 
 def test_bad_inputs(tmp_path, tiny_model, tiny_data, tiny_model_dirs, tiny_tokenizer):

@@ -176,7 +176,7 @@ def test_span_circuit_identities(tiny_gemma, data):
     g, logit_spans = peap.graph, SpanGraphScores(peap).logit_spans
     full = SpanCircuit.full(g, data.schema.spans, logit_spans)
     empty = SpanCircuit.empty(g, data.schema.spans, logit_spans)
-    r_full, r_empty, r_dense_empty = _Evaluator(tiny_gemma, data, "counterfactual", None, 4).run(
+    r_full, r_empty, r_dense_empty = _Evaluator(tiny_gemma, data, "counterfactual", None, 4, shortcuts=False).run(
         [full, empty, Circuit.empty(g)], progress=False)
     assert r_full.metric_circuit == pytest.approx(r_full.metric_model, abs=1e-5)
     assert r_empty.metric_circuit == pytest.approx(r_full.metric_empty, abs=1e-5)

@@ -43,12 +43,31 @@ def test_full_span_circuit_is_the_model_and_empty_one_the_ablated_run(tiny_model
     logit_spans = SpanGraphScores(peap).logit_spans
     full = SpanCircuit.full(g, data.schema.spans, logit_spans)
     empty = SpanCircuit.empty(g, data.schema.spans, logit_spans)
-    r_full, r_empty, r_dense_empty = _Evaluator(tiny_model, data, ablation, None, 4).run(
+    # Without shortcuts: the full circuit and M(empty) are ablated passes, not the clean / reference runs.
+    r_full, r_empty, r_dense_empty = _Evaluator(tiny_model, data, ablation, None, 4, shortcuts=False).run(
         [full, empty, Circuit.empty(g)], progress=False)
     assert r_full.metric_circuit == pytest.approx(r_full.metric_model, abs=1e-5)
     assert r_empty.metric_circuit == pytest.approx(r_full.metric_empty, abs=1e-5)
     assert r_empty.metric_circuit == pytest.approx(r_dense_empty.metric_circuit, abs=1e-6)
     assert abs(r_full.metric_model - r_full.metric_empty) > 1e-3  # not vacuous
+
+
+@pytest.mark.parametrize("ablation", ["counterfactual", "mean"])
+def test_evaluation_shortcuts_change_nothing(tiny_model, data, peap, ablation):
+    """The evaluator's shortcuts (the full circuit is the clean run; with the counterfactual reference
+    the all-ablated run is the counterfactual run) and its sparse corrections give what the plain
+    ablated passes give."""
+    from mechscope.circuits.evaluation import select_circuits
+
+    eap = attribute(tiny_model, data, "eap", progress=False)
+    fractions = [0.01, 0.3, 1.0]
+    circuits = select_circuits(peap, fractions, "greedy") + select_circuits(eap, fractions, "top_n")
+    fast = _Evaluator(tiny_model, data, ablation, None, 4).run(circuits, progress=False)
+    slow = _Evaluator(tiny_model, data, ablation, None, 4, shortcuts=False).run(circuits, progress=False)
+    for a, b in zip(fast, slow):
+        for key in ("metric_circuit", "metric_model", "metric_empty", "hard", "circuit_accuracy"):
+            assert getattr(a, key) == pytest.approx(getattr(b, key), rel=1e-5, abs=1e-6), key
+    assert fast[2].metric_circuit == fast[2].metric_model  # the full span circuit took the shortcut
 
 
 def test_non_positional_circuit_as_span_circuit_evaluates_the_same(tiny_model, data):
@@ -262,7 +281,8 @@ def test_smollm2_span_circuit_identities(smollm2):
     logit_spans = SpanGraphScores(peap).logit_spans
     full = SpanCircuit.full(g, spans, logit_spans)
     empty = SpanCircuit.empty(g, spans, logit_spans)
-    r_full, r_empty = _Evaluator(smollm2, data, "counterfactual", None, 4).run([full, empty], progress=False)
+    r_full, r_empty = _Evaluator(smollm2, data, "counterfactual", None, 4, shortcuts=False).run(
+        [full, empty], progress=False)
     assert r_full.metric_circuit == pytest.approx(r_full.metric_model, abs=1e-4)
     assert r_empty.metric_circuit == pytest.approx(r_full.metric_empty, abs=1e-3)
     assert r_full.metric_model - r_full.metric_empty > 1.0

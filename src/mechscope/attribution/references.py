@@ -46,8 +46,17 @@ def upstream_and_attention(model, graph: Graph, tokens, attention_mask, attentio
 def clean_pass(model, graph: Graph, batch: Batch, attention: bool = True) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """`upstream_and_attention` on the batch's clean prompts and, from the same pass, the logits at
     each example's last token [b, vocab]."""
-    run = _reference_pass(model, graph, batch.clean, batch.attention_mask, heads_as_z=False,
-                          capture_attention=attention)
+    return _pass_with_logits(model, graph, batch.clean, batch, attention)
+
+
+@torch.no_grad()
+def counterfactual_pass(model, graph: Graph, batch: Batch, attention: bool = True) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """`clean_pass` on the batch's counterfactual prompts (read at the clean prompts' last tokens)."""
+    return _pass_with_logits(model, graph, batch.counterfactual, batch, attention)
+
+
+def _pass_with_logits(model, graph: Graph, tokens, batch: Batch, attention: bool):
+    run = _reference_pass(model, graph, tokens, batch.attention_mask, heads_as_z=False, capture_attention=attention)
     attn = {layer: tuple(t) for layer, t in run.attention.items()}
     return run.up, attn, last_token_logits(model, run, batch.last)
 

@@ -98,6 +98,11 @@ class Ablation:
     reference: torch.Tensor  # [n_up, batch, pos, d_model] reference outputs of the upstream nodes
     span_of: torch.Tensor | None = None  # [batch, pos] span of each token (-1: padding), with span keep
     attention: AttentionAblation | None = None
+    # Compute each correction from the nodes with non-zero weight only, choosing per group of readers
+    # between the drop weights and their complement (GraphRun._plan). Same values to float rounding;
+    # off by default so that forward-mode derivatives through `keep` (whose zero pattern the plan
+    # reads) stay exact.
+    sparse: bool = False
 
 
 class GraphRun:
@@ -140,7 +145,8 @@ class GraphRun:
         # (shared) pre-norm input of each head; these hold the projections and the norm inputs.
         self.projected: dict[int, tuple[int, str, torch.Tensor]] = {}
         self.norm_inputs: dict[int, torch.Tensor] = {}
-        self.record_up = record_up or ablation is not None
+        self.record_up = record_up or ablation is not None  # upstream outputs are needed
+        self.store_up = record_up  # ... and kept in `up` (ablation alone only needs their deltas)
         self.record_down = record_down
         self.ablation = ablation
         self.input_override = input_override
@@ -162,6 +168,12 @@ class GraphRun:
             else:
                 self.delta = torch.empty_like(ablation.reference)
             self._fix_key = None
+            # Sum of delta over the upstream nodes [0, summed) written so far, for the complement form
+            # of a correction (see `_plan`); None once nodes write out of order (then it is summed
+            # at the read) or with per-position keep, which does not use it.
+            self.summed: int | None = 0 if ablation.sparse and (self.by_span or self.drop.dim() == 2) else None
+            self.running: torch.Tensor | None = None
+            self._plans: dict | None = None
 
     def _init_span_layout(self, ablation: Ablation) -> None:
         """Keep delta with the (batch, pos) axis flattened and sorted by span ([n_up, tokens, d]), so
@@ -173,27 +185,88 @@ class GraphRun:
         self.delta = torch.empty_like(self.ref_sorted)
         self.bt = ref.shape[1:3]
 
-    def _set_delta(self, index, value: torch.Tensor) -> None:
-        """delta[index] = reference - value, for node-major values [n, batch, pos, d] or [batch, pos, d]."""
-        if self.by_span:
+    def _set_delta(self, index, value: torch.Tensor, sorted_tokens: bool = False) -> None:
+        """delta[index] = reference - value, for node-major values [n, batch, pos, d] or [batch, pos, d]
+        (span circuits: or, with `sorted_tokens`, [n, tokens, d] already in the span-sorted layout)."""
+        if sorted_tokens:
+            self.delta[index] = self.ref_sorted[index] - value
+        elif self.by_span:
             flat = value.flatten(-3, -2) if value.dim() == 3 else value.flatten(1, 2)
             self.delta[index] = self.ref_sorted[index] - flat[..., self.order, :]
         else:
             self.delta[index] = self.ablation.reference[index] - value
+        if self.summed is not None:
+            start, stop = (index, index + 1) if isinstance(index, int) else (index.start, index.stop)
+            if start != self.summed:
+                self.summed = None
+                return
+            part = self.delta[start:stop].sum(0)
+            self.running = part if self.running is None else self.running + part
+            self.summed = stop
+
+    def _sum_before(self, n_before: int) -> torch.Tensor:
+        """Sum of delta over the upstream nodes [0, n_before)."""
+        if self.summed == n_before and self.running is not None:
+            return self.running
+        return self.delta[:n_before].sum(0)
+
+    def _plan(self) -> dict:
+        """How each correction is computed, from the drop weights, once per pass (on the host: one
+        transfer instead of a synchronisation per read).
+
+        A correction sum_u drop[v, u] delta_u costs one read of delta_u per upstream node u with a
+        non-zero weight. Small circuits keep few edges, so most weights are 1; then the complement
+        sum_u delta_u - sum_u keep[v, u] delta_u, with the first sum kept running as nodes write,
+        reads only the kept nodes. Each group of readers (and, for span circuits, each span) takes the
+        form with fewer nodes to read: (complement?, node indices, weights [readers, nodes])."""
+        drop = self.drop_t.detach().to("cpu", torch.float64)  # [n_down, n_up] or [span, n_down, n_up]
+        dev, dtype = self.drop_t.device, self.drop_t.dtype
+        plans = {}
+        steps = self.graph.downstream_read_step
+        for read_step in sorted(set(steps.tolist())):
+            lo, hi = self._read_group(read_step)
+            n_before = self.graph.n_upstream_before(read_step)
+            blocks = drop[..., lo:hi, :n_before]
+            per = []
+            for block in (blocks if self.by_span else [blocks]):
+                keep = 1.0 - block
+                d_cols = block.ne(0).any(0).nonzero().flatten()
+                k_cols = keep.ne(0).any(0).nonzero().flatten()
+                complement = len(k_cols) + 1 < len(d_cols)
+                cols, weights = (k_cols, keep) if complement else (d_cols, block)
+                per.append((complement, cols.to(dev), weights[:, cols].to(dev, dtype)))
+            plans[read_step] = per
+        return plans
+
+    def _apply(self, plan, n_before: int, delta: torch.Tensor, lo: int, hi: int, tokens=None) -> torch.Tensor:
+        """One group's correction [readers, tokens * d] from delta [u, tokens, d] (a span's tokens with
+        `tokens` = (start, end) in the sorted layout)."""
+        complement, cols, weights = plan
+        if tokens is not None:
+            delta = delta[:, tokens[0]:tokens[1]]
+        flat = delta.reshape(delta.shape[0], -1)
+        fix = weights @ flat.index_select(0, cols) if len(cols) else None
+        if complement:
+            total = self._sum_before(n_before)
+            total = (total if tokens is None else total[tokens[0]:tokens[1]]).reshape(1, -1)
+            return total.expand(hi - lo, -1) if fix is None else total - fix
+        return fix if fix is not None else torch.zeros(hi - lo, flat.shape[1], dtype=flat.dtype, device=flat.device)
 
     # --------------------------------------------------------------------------------------------
 
     def _store_up(self, index: int | slice, value: torch.Tensor) -> None:
         if not self.record_up:
             return
-        if self.up is None:
-            b, t, d = value.shape[0], value.shape[1], value.shape[-1]
-            # Every upstream node writes its slot during the pass, so no zero-fill is needed.
-            self.up = torch.empty(self.graph.n_upstream, b, t, d, dtype=value.dtype, device=value.device)
         value = value.detach()
-        self.up[index] = value.permute(2, 0, 1, 3) if value.dim() == 4 else value
+        value = value.permute(2, 0, 1, 3) if value.dim() == 4 else value
+        if self.store_up:
+            if self.up is None:
+                b, t, d = value.shape[-3:]
+                # Every upstream node writes its slot during the pass, so no zero-fill is needed.
+                self.up = torch.empty(self.graph.n_upstream, b, t, d, dtype=value.dtype, device=value.device)
+            self.up[index] = value
         if self.ablation is not None:
-            self._set_delta(index, self.up[index])
+            self._set_delta(index, value)
 
     def _correct(self, first: int, count: int, read_step: int, value: torch.Tensor) -> torch.Tensor:
         """Apply edge ablation to the inputs of downstream nodes first..first+count-1."""
@@ -206,9 +279,16 @@ class GraphRun:
             if self._fix_key != key:
                 lo, hi = self._read_group(read_step)
                 fix_sorted = torch.empty(hi - lo, *delta.shape[1:], dtype=delta.dtype, device=delta.device)
-                for s, a, b in self.span_ranges:
-                    part = delta[:, a:b].reshape(n_before, -1)  # a view: a span's tokens are contiguous
-                    fix_sorted[:, a:b] = (self.drop_t[s, lo:hi, :n_before] @ part).view(hi - lo, b - a, -1)
+                if self.ablation.sparse:
+                    if self._plans is None:
+                        self._plans = self._plan()
+                    plans = self._plans[read_step]
+                    for s, a, b in self.span_ranges:
+                        fix_sorted[:, a:b] = self._apply(plans[s], n_before, delta, lo, hi, (a, b)).view(hi - lo, b - a, -1)
+                else:
+                    for s, a, b in self.span_ranges:
+                        part = delta[:, a:b].reshape(n_before, -1)  # a view: a span's tokens are contiguous
+                        fix_sorted[:, a:b] = (self.drop_t[s, lo:hi, :n_before] @ part).view(hi - lo, b - a, -1)
                 fix = torch.zeros(hi - lo, self.bt[0] * self.bt[1], delta.shape[-1], dtype=delta.dtype,
                                   device=delta.device)
                 fix[:, self.order] = fix_sorted
@@ -220,8 +300,13 @@ class GraphRun:
             key = (read_step, n_before)
             if self._fix_key != key:
                 lo, hi = self._read_group(read_step)
-                drop_t = self.drop_t[lo:hi, :n_before]  # [v, u]
-                fix = (drop_t @ delta.flatten(1)).view(hi - lo, *delta.shape[1:])
+                if self.ablation.sparse:
+                    if self._plans is None:
+                        self._plans = self._plan()
+                    fix = self._apply(self._plans[read_step][0], n_before, delta, lo, hi)
+                else:
+                    fix = self.drop_t[lo:hi, :n_before] @ delta.flatten(1)  # [v, u] @ [u, b * t * d]
+                fix = fix.view(hi - lo, *delta.shape[1:])
                 self._fix_key, self._fix, self._fix_lo = key, fix, lo
             fix = self._fix[first - self._fix_lo : first - self._fix_lo + count].permute(1, 2, 0, 3)
         else:
@@ -342,7 +427,7 @@ class GraphRun:
             if self.heads_as_z:
                 self.z[layer] = z.detach()
                 return z
-            if self.up is None:
+            if not self.record_up:
                 return z
             if self.post_norms:
                 self.pending_z[layer] = z.detach()
@@ -355,9 +440,15 @@ class GraphRun:
     def _write_heads(self, layer: int, z: torch.Tensor) -> None:
         w = self.W_O[layer].to(z.dtype)
         heads = self.graph.upstream_slice(layer)
-        self.up[heads] = torch.einsum("bthe,hed->hbtd", z, w)
-        if self.ablation is not None:
-            self._set_delta(heads, self.up[heads])
+        if self.store_up:
+            self.up[heads] = torch.einsum("bthe,hed->hbtd", z, w)
+            if self.ablation is not None:
+                self._set_delta(heads, self.up[heads])
+        elif self.by_span:  # the writes go straight into the span-sorted layout of delta
+            zs = z.flatten(0, 1)[self.order]  # [tokens, head, d_head]
+            self._set_delta(heads, torch.einsum("nhe,hed->hnd", zs, w), sorted_tokens=True)
+        else:
+            self._set_delta(heads, torch.einsum("bthe,hed->hbtd", z, w))
 
     def _post_scale_hook(self, layer: int):
         """ln1_post's scale r [b, t, 1] on this run: the heads' writes of `layer` are z / r times W."""

@@ -29,6 +29,7 @@ from ..attribution.references import (
     attention_references,
     check_ablation,
     clean_pass,
+    counterfactual_pass,
     mean_reference,
     reference_outputs,
     upstream_and_attention,
@@ -119,11 +120,28 @@ class _Totals:
     correct: float = 0.0
 
 
+def is_full(circuit: Circuit | SpanCircuit) -> bool:
+    """Whether the circuit keeps every edge (a span circuit: every edge the full one has), so that it
+    is the model itself."""
+    if isinstance(circuit, Circuit):
+        return bool(circuit.edges.all())
+    full = SpanCircuit.full(circuit.graph, circuit.spans, circuit.logit_spans)
+    return bool((circuit.within >= full.within).all()) and all(
+        bool((circuit.crossing[k] >= part).all()) for k, part in full.crossing.items())
+
+
 class _Evaluator:
-    """Runs each batch's clean, reference and empty passes once and any number of circuits on it."""
+    """Runs each batch's clean, reference and empty passes once and any number of circuits on it.
+
+    With `shortcuts` (the default) two runs whose result is known exactly are not run: a circuit that
+    keeps every edge is the clean run, and with the counterfactual reference the all-ablated run is
+    the counterfactual run (every node reads the counterfactual prompt's residual stream; its logits
+    come from the reference pass). Its ablated passes also compute each correction from the nodes
+    with non-zero weight only (`Ablation.sparse`). All of this equals the plain ablated passes to
+    float rounding (tests/test_span_circuits.py runs them both ways)."""
 
     def __init__(self, model, dataset: PromptPairDataset, ablation: str, reference, batch_size: int,
-                 metric: Metric | None = None):
+                 metric: Metric | None = None, shortcuts: bool = True):
         check_ablation(ablation)
         check_compatible(model, dataset)
         self.metric = resolve_metric(metric, dataset)
@@ -131,6 +149,7 @@ class _Evaluator:
         self.graph = Graph.from_model(model)
         self.batch_size = batch_size
         self.reference_set = reference or dataset
+        self.shortcuts = shortcuts
         self._mean = None
 
     def mean(self, attention: bool):
@@ -153,6 +172,7 @@ class _Evaluator:
         maps = [torch.tensor(c.span_map(ds) + [-1], device=device) if isinstance(c, SpanCircuit) else None
                 for c in circuits]
         mean = self.mean(positional)
+        full = [is_full(c) for c in circuits]
         metric = self.metric
         gaps = []  # per-example M(model) - M(empty)
         bar = tqdm(total=len(ds) * (len(circuits) + 1), desc="evaluating circuits", unit="run", disable=not progress)
@@ -162,7 +182,10 @@ class _Evaluator:
             # One clean pass gives the upstream outputs, q/k/v and the logits at the last positions only
             # (with a large vocabulary, Gemma's 262k, unembedding every position dominates a pass).
             clean_up, clean_attn, clean = clean_pass(model, graph, batch, attention=positional)
-            if self.ablation == "counterfactual" and positional:
+            cf_logits = None
+            if self.ablation == "counterfactual" and self.shortcuts:
+                reference, cf_attn, cf_logits = counterfactual_pass(model, graph, batch, attention=positional)
+            elif self.ablation == "counterfactual" and positional:
                 reference, cf_attn = upstream_and_attention(model, graph, batch.counterfactual, batch.attention_mask)
             else:
                 reference, cf_attn = reference_outputs(model, graph, batch, self.ablation, clean_up, mean), None
@@ -171,10 +194,11 @@ class _Evaluator:
             span_of = batch_span_of(ds, indices, batch.clean.shape[1], device) if positional else None
             top = clean.argmax(-1)
 
-            def score(ablation: Ablation, into: _Totals, run_name: str) -> torch.Tensor:
-                with graph_hooks(model, graph, ablation=ablation, attention_mask=batch.attention_mask,
-                                 stop_at_final=True) as run:
-                    logits = run_to_final_logits(model, run, batch.clean, batch.attention_mask, batch.last)
+            def score(ablation: Ablation | None, into: _Totals, run_name: str, logits=None) -> torch.Tensor:
+                if logits is None:
+                    with graph_hooks(model, graph, ablation=ablation, attention_mask=batch.attention_mask,
+                                     stop_at_final=True) as run:
+                        logits = run_to_final_logits(model, run, batch.clean, batch.attention_mask, batch.last)
                 values = compute_metric(metric, logits, batch, clean_logits=clean).double()
                 check_metric_values(values, metric, run_name, ds, indices)
                 into.metric += float(values.sum())
@@ -187,20 +211,23 @@ class _Evaluator:
             model_t.metric += float(m_model.sum())
             model_t.agree += len(top)
             model_t.correct += float(accuracy(clean, batch).sum())
-            m_empty = score(Ablation(torch.zeros(graph.n_upstream, graph.n_downstream, device=device), reference),
-                            empty_t, "the all-ablated run")
+            empty = None if cf_logits is not None else \
+                Ablation(torch.zeros(graph.n_upstream, graph.n_downstream, device=device), reference, sparse=self.shortcuts)
+            m_empty = score(empty, empty_t, "the all-ablated run", cf_logits)
             gaps.append((m_model - m_empty).cpu())
             bar.update(len(top))
             for k, (c, keep, mapping, into) in enumerate(zip(circuits, keeps, maps, totals)):
                 run_name = f"the run of circuit {k} ({c.n_edges} edges)"
-                if keep is not None:
-                    score(Ablation(keep, reference), into, run_name)
+                if self.shortcuts and full[k]:
+                    score(None, into, run_name, clean)
+                elif keep is not None:
+                    score(Ablation(keep, reference, sparse=self.shortcuts), into, run_name)
                 else:
                     within, (keep_k, keep_v, keep_q) = c.projection(mapping[span_of])
                     attention = AttentionAblation(
                         keep_k, keep_v, keep_q, attn_ref, attention_scale(model), score_soft_cap(model)
                     ) if keep_k else None
-                    score(Ablation(within, reference, mapping[span_of], attention), into, run_name)
+                    score(Ablation(within, reference, mapping[span_of], attention, sparse=self.shortcuts), into, run_name)
                 bar.update(len(top))
         bar.close()
         n = len(ds)
