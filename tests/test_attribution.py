@@ -175,6 +175,37 @@ def test_selection_sizes_and_pruning(tiny_model, tiny_data):
     assert Circuit.full(g).n_edges == g.n_edges and prune_circuit(Circuit.full(g)).n_edges == g.n_edges
 
 
+def test_greedy_order_equals_a_naive_greedy():
+    """The k-way-merge greedy order equals the definition (§5): at each step the edge of largest |score|
+    (lowest index on ties) among those whose child belongs to the logits or to a node already in the
+    circuit; each of a curve's greedy circuits is the pruned prefix of that one order."""
+    from mechscope.circuits.circuit import greedy, greedy_order
+    from mechscope.circuits.evaluation import select_circuits
+
+    g = Graph(n_layers=3, n_heads=4, n_kv_heads=2)
+    gen = torch.Generator().manual_seed(0)
+    values = (torch.randn(g.n_edges, generator=gen, dtype=torch.float64) * 4).round() / 4  # many ties
+    scores = EdgeScores(g, values, "eap", "logit_diff", "counterfactual", "tiny", 4)
+    owners = g.downstream_owner()
+    open_owners, naive = {-1}, []
+    for _ in range(g.n_edges):
+        ready = [e for e in range(g.n_edges) if e not in naive
+                 and any(o in open_owners for o in (owners[int(g.edge_down[e])] or [-1]))]
+        if not ready:
+            break
+        best = min(ready, key=lambda e: (-abs(float(values[e])), e))
+        naive.append(best)
+        if int(g.edge_up[best]) != 0:
+            open_owners.add(int(g.edge_up[best]))
+    assert greedy_order(scores, g.n_edges) == naive
+    fractions = [0.05, 0.3, 1.0]
+    for f, c in zip(fractions, select_circuits(scores, fractions, "greedy")):
+        n = max(1, round(f * g.n_edges))
+        assert torch.equal(c.edges, greedy(scores, n).edges)
+        assert torch.equal(c.edges, prune_circuit(Circuit(g, torch.isin(torch.arange(g.n_edges),
+                                                                         torch.tensor(naive[:n])))).edges)
+
+
 def test_faithfulness_curve_end_points(tiny_model, tiny_data):
     scores = attribute(tiny_model, tiny_data, "eap", progress=False)
     curve = faithfulness_curve(tiny_model, scores, tiny_data, fractions=(0.01, 0.1, 0.5, 1.0), progress=False)

@@ -12,14 +12,15 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .attribution.runner import graph_hooks, run_to_final_logits
 from .devices import model_device, batch_size_for
+from .graph import Graph
 from .data.dataset import DatasetError, PromptPairDataset, tokenizer_fingerprint
 from .metrics import (
     Metric,
     accuracy,
     check_metric_values,
     compute_metric,
-    final_logits,
     metric_name,
     resolve_metric,
     top1_accuracy,
@@ -87,10 +88,16 @@ def measure_behaviour(model, dataset: PromptPairDataset, batch_size: int | None 
     device = model_device(model)
     cols = {k: [] for k in ("clean", "cf", "correct", "top1")}
     bar = tqdm(total=len(dataset), desc="model behaviour", unit="ex", disable=not progress)
+    graph = Graph.from_model(model)
+
+    def last_logits(batch, tokens):
+        # The pass stops at the final residual and unembeds the last positions only.
+        with graph_hooks(model, graph, split_inputs=False, stop_at_final=True) as run:
+            return run_to_final_logits(model, run, tokens, batch.attention_mask, batch.last).float()
+
     for indices, batch in dataset.batches(batch_size):
         batch = batch.to(device)
-        clean = final_logits(model(batch.clean, attention_mask=batch.attention_mask), batch.last).float()
-        cf = final_logits(model(batch.counterfactual, attention_mask=batch.attention_mask), batch.last).float()
+        clean, cf = last_logits(batch, batch.clean), last_logits(batch, batch.counterfactual)
         cols["clean"].append(compute_metric(metric, clean, batch, clean_logits=clean))
         cols["cf"].append(compute_metric(metric, cf, batch, clean_logits=clean))
         check_metric_values(cols["clean"][-1], metric, "the clean run", dataset, indices)

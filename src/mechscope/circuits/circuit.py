@@ -171,6 +171,23 @@ def threshold(scores, value: float, prune: bool = True) -> Circuit:
 
 def greedy(scores, n: int) -> Circuit:
     """Grow from the logits: repeatedly add the best edge whose child is in the circuit, then prune."""
+    return circuit_from_greedy_order(scores, greedy_order(scores, n), n)
+
+
+def circuit_from_greedy_order(scores, order: list[int], n: int | None = None) -> Circuit:
+    """The pruned circuit of the edges of a `greedy_order` prefix (greedy with budget n takes the
+    first n; `n` is recorded, default the prefix's length)."""
+    g = scores.graph
+    chosen = torch.zeros(g.n_edges, dtype=torch.bool, device=HOST)
+    chosen[torch.tensor(order, dtype=torch.long, device=HOST)] = True
+    c = Circuit(g, chosen, model=scores.model, method=scores.method,
+                info={"selection": "greedy", "n": int(len(order) if n is None else n), "metric": scores.metric})
+    return prune_circuit(c)
+
+
+def greedy_order(scores, budget: int) -> list[int]:
+    """The edges greedy construction adds, in order, up to `budget` of them: one order serves every
+    budget up to it."""
     g = scores.graph
     s = _abs_scores(scores).tolist()
     owners = g.downstream_owner()
@@ -180,29 +197,38 @@ def greedy(scores, n: int) -> Circuit:
     for e, v in enumerate(edge_down):
         for o in owners[v] or [-1]:
             by_owner.setdefault(o, []).append(e)
-    chosen = torch.zeros(g.n_edges, dtype=torch.bool, device=HOST)
+    chosen = [False] * g.n_edges
     in_circuit: set[int] = set()
-    heap: list[tuple[float, int]] = []
+    # A k-way merge: each opened owner offers its edges best first, so the heap holds one entry per
+    # opened owner; (-|score|, edge) orders them as one heap of all offered edges would.
+    heap: list[tuple[float, int, int, int]] = []  # (-|score|, edge, owner, pointer)
+    ranked: dict[int, list[int]] = {}
+
+    def offer(o: int, pointer: int) -> None:
+        edges = ranked[o]
+        if pointer < len(edges):
+            e = edges[pointer]
+            heapq.heappush(heap, (-s[e], e, o, pointer))
 
     def open_node(o: int) -> None:
-        for e in by_owner.get(o, []):
-            heapq.heappush(heap, (-s[e], e))
+        ranked[o] = sorted(by_owner.get(o, []), key=lambda e: (-s[e], e))
+        offer(o, 0)
 
     open_node(-1)
     edge_up = g.edge_up.tolist()
-    count = 0
-    while heap and count < n:
-        _, e = heapq.heappop(heap)
+    order: list[int] = []
+    while heap and len(order) < budget:
+        _, e, o, pointer = heapq.heappop(heap)
+        offer(o, pointer + 1)
         if chosen[e]:
             continue
         chosen[e] = True
-        count += 1
+        order.append(e)
         u = edge_up[e]
         if u != 0 and u not in in_circuit:
             in_circuit.add(u)
             open_node(u)
-    c = Circuit(g, chosen, model=scores.model, method=scores.method, info={"selection": "greedy", "n": int(n), "metric": scores.metric})
-    return prune_circuit(c)
+    return order
 
 
 def prune_circuit(circuit: Circuit) -> Circuit:

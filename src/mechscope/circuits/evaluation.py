@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -36,7 +36,7 @@ from ..attribution.references import (
 )
 from ..attribution.runner import Ablation, AttentionAblation, graph_hooks, run_to_final_logits
 from ..behaviour import check_compatible
-from .circuit import Circuit
+from .circuit import Circuit, circuit_from_greedy_order, greedy_order
 from ..data.dataset import PromptPairDataset
 from ..errors import MechscopeWarning, ParameterError, check_finite
 from ..graph import Graph
@@ -403,9 +403,12 @@ def select_circuits(scores, fractions: Sequence[float], selection: str = "top_n"
     check_selection(selection)
     check_scores_finite(scores)
     if not scores.positional:
-        select: Callable = {"top_n": scores.top_n, "greedy": scores.greedy}[selection]
         n_total = scores.graph.n_edges
-        return [select(max(1, round(f * n_total))) for f in fractions]
+        budgets = [max(1, round(f * n_total)) for f in fractions]
+        if selection == "top_n":
+            return [scores.top_n(b) for b in budgets]
+        order = greedy_order(scores, max(budgets))  # greedy circuits of growing budgets share one order
+        return [circuit_from_greedy_order(scores, order[:b], b) for b in budgets]
     sg = SpanGraphScores(scores)
     n_total = sg.n_edges
     budgets = [max(1, round(f * n_total)) for f in fractions]
