@@ -156,6 +156,18 @@ def test_peap_scores_round_trip(tmp_path, tiny_model, data):
     for key in ("k", "v", "q"):
         assert torch.equal(again.crossing[key], peap.crossing[key])
     assert again.query_edges == "per_key" and again.info["query_edges"] == "per_key"
+    # Whole-row query edges, and a file of format /1 (before per-key edges: no query_edges in its info),
+    # load as whole-row scores.
+    row = attribute(tiny_model, data, "peap", progress=False, query_edges="whole_row")
+    assert torch.equal(mechscope.EdgeScores.load(row.save(tmp_path / "r.safetensors")).crossing["q"], row.crossing["q"])
+    row.info.pop("query_edges")
+    old = row.metadata() | {"format": "mechscope-edge-scores/1"}
+    from safetensors.torch import save_file
+
+    save_file({"values": row.values, **{f"crossing_{k}": v.contiguous() for k, v in row.crossing.items()}},
+              str(tmp_path / "old.safetensors"), metadata={"mechscope": __import__("json").dumps(old)})
+    loaded = mechscope.EdgeScores.load(tmp_path / "old.safetensors")
+    assert loaded.query_edges == "whole_row" and loaded.crossing["q"].shape == row.crossing["k"].shape[:2] + (len(data.schema),)
     assert torch.equal(again.concrete["within"], peap.concrete["within"])
     # Concrete counts: the mean prompt length is the sum of the within-position counts.
     mean_len = sum(len(ex) for ex in data.examples) / len(data)
