@@ -50,12 +50,15 @@ def varied(tiny_tokenizer):
     return data
 
 
-def token_instances(model, data):
+def token_instances(model, data, query_edges="per_key"):
     """Every token-level instance of every span edge, per example, by a loop over tokens and pairs:
     within[(example, span)] -> list of [n_edges] scores (NaN for the logits edge away from the last
-    token: it is no instance there); crossing[(kind, example, *spans)] -> list of [L, H] scores."""
+    token: it is no instance there); crossing[(kind, example, *spans)] -> list of [L, H] scores
+    (a per-key query edge has one per pair (t', t) like k and v, a whole-row one one per token t)."""
     g = mechscope.Graph.from_model(model)
-    delta, grad, cross = batch_gradients_and_deltas(model, g, data.batch(), data.metric, "eap", crossing=True)
+    delta, grad, cross = batch_gradients_and_deltas(model, g, data.batch(), data.metric, "eap", crossing=True,
+                                                    query_edges=query_edges)
+    pair_kinds = ("k", "v", "q") if query_edges == "per_key" else ("k", "v")
     within, crossing = {}, {}
     for b, ex in enumerate(data.examples):
         span = ex.span_of_positions()
@@ -64,9 +67,10 @@ def token_instances(model, data):
             if t != len(ex) - 1:
                 prod[:, g.logits_index] = float("nan")
             within.setdefault((b, span[t]), []).append(prod[g.edge_up, g.edge_down])
-            crossing.setdefault(("q", b, span[t]), []).append(cross["q"][b, :, :, t].double())
+            if query_edges == "whole_row":
+                crossing.setdefault(("q", b, span[t]), []).append(cross["q"][b, :, :, t].double())
             for j in range(t + 1):
-                for kind in ("k", "v"):
+                for kind in pair_kinds:
                     crossing.setdefault((kind, b, span[j], span[t]), []).append(cross[kind][b, :, :, t, j].double())
     return g, within, crossing
 
@@ -95,8 +99,9 @@ def example_value(instances: list[torch.Tensor], how: str) -> torch.Tensor:
     return torch.where(n > 0, value, float("nan"))
 
 
-def brute_force(model, data, how: str):
-    g, within, crossing = token_instances(model, data)
+def brute_force(model, data, how: str, query_edges: str = "per_key"):
+    g, within, crossing = token_instances(model, data, query_edges)
+    pair_kinds = ("k", "v", "q") if query_edges == "per_key" else ("k", "v")
     n_spans, N = len(data.schema), len(data)
     nan_within = torch.full((g.n_edges,), float("nan"), dtype=torch.float64)
     want_within = torch.stack([
@@ -105,14 +110,15 @@ def brute_force(model, data, how: str):
         for s in range(n_spans)])
     L, H = model.cfg.n_layers, model.cfg.n_heads
     nan_head = torch.full((L, H), float("nan"), dtype=torch.float64)
-    want_crossing = {"k": torch.zeros(L, H, n_spans, n_spans, dtype=torch.float64),
-                     "v": torch.zeros(L, H, n_spans, n_spans, dtype=torch.float64),
-                     "q": torch.zeros(L, H, n_spans, dtype=torch.float64)}
+    want_crossing = {kind: torch.zeros(L, H, n_spans, n_spans, dtype=torch.float64) for kind in pair_kinds}
+    if query_edges == "whole_row":
+        want_crossing["q"] = torch.zeros(L, H, n_spans, dtype=torch.float64)
     for s in range(n_spans):
-        want_crossing["q"][:, :, s] = per_example_then_mean(
-            [example_value(crossing[("q", b, s)], how) if ("q", b, s) in crossing else nan_head for b in range(N)])
+        if query_edges == "whole_row":
+            want_crossing["q"][:, :, s] = per_example_then_mean(
+                [example_value(crossing[("q", b, s)], how) if ("q", b, s) in crossing else nan_head for b in range(N)])
         for a in range(s + 1):
-            for kind in ("k", "v"):
+            for kind in pair_kinds:
                 key = (kind, a, s)
                 want_crossing[kind][:, :, a, s] = per_example_then_mean(
                     [example_value(crossing[(kind, b, a, s)], how) if (kind, b, a, s) in crossing else nan_head
@@ -128,12 +134,15 @@ def close(got: torch.Tensor, want: torch.Tensor, what) -> None:
     assert err <= 1e-5 * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
 
 
-@pytest.mark.parametrize("how", ["avg", "max_abs"])
-def test_per_example_aggregations_match_token_level_brute_force(tiny_model, varied, how):
-    want_within, want_crossing = brute_force(tiny_model, varied, how)
+@pytest.mark.parametrize("how,query_edges", [("avg", "per_key"), ("max_abs", "per_key"), ("avg", "whole_row"),
+                                              ("max_abs", "whole_row")])
+def test_per_example_aggregations_match_token_level_brute_force(tiny_model, varied, how, query_edges):
+    want_within, want_crossing = brute_force(tiny_model, varied, how, query_edges)
     # batches of 3 over 7 examples: the per-example means and counts must carry across batches
-    got = attribute(tiny_model, varied, "peap", aggregation=how, batch_size=3, progress=False)
-    assert got.info == {"aggregation": how}
+    got = attribute(tiny_model, varied, "peap", aggregation=how, batch_size=3, progress=False,
+                    query_edges=query_edges)
+    assert got.info == {"aggregation": how, "query_edges": query_edges}
+    assert got.query_edges == query_edges and got.crossing["q"].shape == want_crossing["q"].shape
     # the rest of the scores is that of any peap aggregation
     assert got.spans == varied.schema.spans and got.values.dtype == torch.float32
     assert set(got.concrete) == {"within", "crossing", "last"}

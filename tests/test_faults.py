@@ -271,6 +271,18 @@ def saved_scores(e: "ApiEnv", drop: str) -> Path:
     return path
 
 
+def bad_query_scores(e: "ApiEnv") -> Path:
+    """A peap scores file whose crossing_q is neither per-key (k's shape) nor whole-row."""
+    from safetensors.torch import save_file
+
+    scores = attribute(e.model, e.dataset, "peap", batch_size=4, progress=False)
+    tensors = {"values": scores.values, **{f"crossing_{k}": v.contiguous() for k, v in scores.crossing.items()}}
+    tensors["crossing_q"] = tensors["crossing_q"][..., :-1].contiguous()
+    path = e.root / "bad_q.safetensors"
+    save_file(tensors, str(path), metadata={"mechscope": json.dumps(scores.metadata())})
+    return path
+
+
 def circuit_file(e: "ApiEnv", name: str, insert: bytes) -> Path:
     """A circuit file of the tiny Llama's graph with `insert` put into its JSON text (in a string)."""
     from mechscope.circuits.circuit import Circuit
@@ -439,6 +451,12 @@ CLI_FAULTS: list[CliFault] = [
              "--fractions must be increasing numbers in (0, 1]", inject=no_model),
     CliFault("curves: --fractions repeated", lambda e: curves(e, e.dataset, "--fractions", "0.1,0.1"),
              "--fractions must be increasing numbers in (0, 1]", inject=no_model),
+    CliFault("curves: --query-edges unknown", lambda e: curves(e, e.dataset, "--query-edges", "rows"),
+             "unknown query_edges 'rows'; choose one of per_key, whole_row", inject=no_model),
+    CliFault("circuit: --query-edges unknown",
+             lambda e: ["circuit", "--data", str(e.dataset), "--model", e.llama, "--query-edges", "rows", "--out",
+                        str(e.out)],
+             "unknown query_edges 'rows'; choose one of per_key, whole_row", inject=no_model),
     CliFault("curves: --n 0",
              lambda e: ["curves", "--task", "ioi", "--n", "0", "--model", e.llama, "--out", str(e.out)],
              "--n must be at least 2 (a discovery and an evaluation half), got 0", inject=no_model),
@@ -536,6 +554,12 @@ API_FAULTS: list[ApiFault] = [
     ApiFault("attribute: aggregation 'mean' (renamed)",
              lambda e: attribute(e.model, e.dataset, "peap", aggregation="mean", progress=False),
              ParameterError, "aggregation 'mean' is now called 'pooled_mean'"),
+    ApiFault("attribute: unknown query_edges",
+             lambda e: attribute(e.model, e.dataset, "peap", query_edges="rows", progress=False),
+             ParameterError, "unknown query_edges 'rows'; choose one of per_key, whole_row"),
+    ApiFault("attribute: query_edges for eap",
+             lambda e: attribute(e.model, e.dataset, "eap", query_edges="whole_row", progress=False),
+             ParameterError, "query_edges applies to peap's crossing edges only"),
     ApiFault("EdgeScores.threshold: NaN", lambda e: scores_for(e).threshold(float("nan")),
              ParameterError, "threshold must be a finite number >= 0 (edges with |score| >= it are kept), got nan"),
     ApiFault("span threshold: negative",
@@ -608,6 +632,8 @@ API_FAULTS: list[ApiFault] = [
              ScoresError, "no_method.safetensors: metadata is missing field 'method'"),
     ApiFault("EdgeScores.load: a directory", lambda e: EdgeScores.load(e.root),
              ScoresError, "is a directory, not a scores file"),
+    ApiFault("EdgeScores.load: crossing_q of neither shape", lambda e: EdgeScores.load(bad_query_scores(e)),
+             ScoresError, "bad_q.safetensors: crossing scores of shapes k [2, 4, 9, 9], v [2, 4, 9, 9], q [2, 4, 9, 8]"),
 ]
 
 

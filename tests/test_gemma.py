@@ -21,7 +21,9 @@ from test_attribution import (
     jvp_edge_derivatives,
 )
 from test_peap import (
+    CROSSING_CASES,
     check_attribution_crossing_matches_stand_alone,
+    crossing_value,
     frozen_scale_hooks,
     naive_crossing,
     post_norm_scales,
@@ -96,10 +98,11 @@ def check_peap_identities(model, data, checks, floor: float = 1e-4):
     assert torch.allclose(peap.values.sum(0), eap.values, atol=1e-5, rtol=1e-4)
     batch = data.batch([0])
     scores = crossing_scores(model, batch, data.metric)
+    whole_row = crossing_scores(model, batch, data.metric, query_edges="whole_row")
     n = batch.clean.shape[1]
     checked = []
     for layer, head, kind, t_key, t in checks(n):
-        got = float(scores[kind][0, layer, head, t] if kind == "q" else scores[kind][0, layer, head, t, t_key])
+        got = crossing_value(scores, whole_row, kind, layer, head, t_key, t)
         want = naive_crossing(model, batch, data.metric, layer, head, kind, t_key, t)
         assert abs(got - want) <= 1e-5 * max(abs(want), floor), (layer, head, kind, t_key, t, got, want)
         checked.append(abs(want))
@@ -155,7 +158,7 @@ def test_peap_spans_sum_to_eap_and_crossing_scores_equal_naive(tiny_gemma, data)
         (layer, head, kind, t_key, t)
         for layer in range(3)
         for head in (0, 3)
-        for kind, t_key, t in (("k", 2, n - 1), ("v", 0, n - 1), ("k", n - 3, n - 2), ("v", 3, 5), ("q", None, n - 1))
+        for kind, t_key, t in CROSSING_CASES(n)
     ]
     check_peap_identities(tiny_gemma, data, checks)
 
@@ -228,7 +231,8 @@ def test_gemma3_peap_identities(gemma3, gemma_ioi):
     b = data.batch([0])
     t_diff = int((b.clean[0] != b.counterfactual[0]).nonzero()[0])
     checks = lambda n: [(layer, head, kind, t_key, n - 1) for layer in (5, 13) for head in (0, 2)  # noqa: E731
-                        for kind, t_key in (("k", t_diff), ("v", t_diff), ("q", None))]
+                        for kind, t_key in (("k", t_diff), ("v", t_diff), ("q", t_diff), ("q", 0),
+                                            ("q_row", None))]
     # float32 gradients through 18 layers: about 1e-8 absolute error (scores reach ~3), so scores
     # below 1e-3 are held to 1e-8 absolute rather than 1e-5 relative.
     check_peap_identities(gemma3, data, checks, floor=1e-3)

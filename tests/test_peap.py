@@ -10,7 +10,7 @@ from test_attribution import ioi_like
 
 import mechscope
 from mechscope.attribution import attribute
-from mechscope.attribution.attention import attention_scale, qkv_hook_names
+from mechscope.attribution.attention import attention_scale, qkv_hook_names, score_soft_cap
 from mechscope.attribution.peap import crossing_scores
 from mechscope.metrics import compute_metric, final_logits
 
@@ -54,6 +54,8 @@ def frozen_scale_hooks(scales: dict[str, torch.Tensor]):
 def naive_crossing(model, batch, metric, layer, head, kind, t_key, t):
     """Patch one key / value (at t_key) or query (at t) of one head, rerun the head by hand with an
     explicit softmax, and take the change of its write at t times dM/d(resid after attention)[t].
+    kind "q": the query at t in its score against the key at t_key only (per-key query edge); "q_row":
+    the query at t in every score of row t (whole-row query edge; t_key unused).
     With post-sublayer norms the write is w1 * (z @ W_O) / r, r ln1_post's scale on the clean run,
     and dM/d(resid) is taken with every post-norm scale held at its clean value."""
     qn, kn, vn = qkv_hook_names(model, layer)
@@ -78,21 +80,29 @@ def naive_crossing(model, batch, metric, layer, head, kind, t_key, t):
     q, k, v = (store[n][0, :, i].detach().double() for n, i in ((qn, head), (kn, group), (vn, group)))
     q2, k2, v2 = (cf[n][0, :, i].double() for n, i in ((qn, head), (kn, group), (vn, group)))
     w_o = model.W_O[layer, head].double()
-    scale = attention_scale(model)
+    scale, cap = attention_scale(model), score_soft_cap(model)
     post = f"blocks.{layer}.ln1_post.hook_scale"
     if post in scales:
         norm = model.blocks[layer].ln1_post
         weight = (1.0 + norm.weight) if norm.uses_weight_offset else norm.weight
         w_o = w_o * weight.double() / float(scales[post][0, t, 0])
 
-    def head_output(q_t, keys, values):
-        logits_row = torch.stack([q_t @ keys[j] * scale for j in range(t + 1)])
+    def logit(q_t, key):
+        x = q_t @ key * scale
+        return cap * torch.tanh(x / cap) if cap is not None else x
+
+    def head_output(q_t, keys, values, q_key=None):
+        """q_key: the query used against key t_key alone (default q_t)."""
+        logits_row = torch.stack([logit(q_key if q_key is not None and j == t_key else q_t, keys[j])
+                                  for j in range(t + 1)])
         weights = logits_row.softmax(0)
         return sum(weights[j] * values[j] for j in range(t + 1)) @ w_o
 
     before = head_output(q[t], k, v)
-    if kind == "q":
+    if kind == "q_row":
         after = head_output(q2[t], k, v)
+    elif kind == "q":
+        after = head_output(q[t], k, v, q_key=q2[t])
     else:
         keys, values = k.clone(), v.clone()
         (keys if kind == "k" else values)[t_key] = (k2 if kind == "k" else v2)[t_key]
@@ -100,21 +110,42 @@ def naive_crossing(model, batch, metric, layer, head, kind, t_key, t):
     return float(((after - before) @ g_mid[0, t].double()).detach())
 
 
+# (kind, key position, query position) of the crossing edges checked against the naive loop, for a
+# prompt of n tokens: keys, values and per-key queries, the BOS key (0) included, and a whole-row query.
+CROSSING_CASES = lambda n: (("k", 2, n - 1), ("v", 0, n - 1), ("k", n - 3, n - 2), ("v", 3, 5),  # noqa: E731
+                            ("q", 0, n - 1), ("q", 3, n - 1), ("q", n - 2, n - 2), ("q_row", None, n - 1))
+
+
+def crossing_value(scores, whole_row, kind, layer, head, t_key, t) -> float:
+    """One token-level score: `scores` per-key (crossing_scores' default), `whole_row` whole-row q."""
+    if kind == "q_row":
+        return float(whole_row["q"][0, layer, head, t])
+    return float(scores[kind][0, layer, head, t, t_key])
+
+
 def test_crossing_scores_equal_naive_head_recomputation(tiny_model, data):
     batch = data.batch([0])  # one example, no padding, so the naive loop needs no mask
     scores = crossing_scores(tiny_model, batch, data.metric)
+    whole_row = crossing_scores(tiny_model, batch, data.metric, query_edges="whole_row")
     n = batch.clean.shape[1]
-    checked = 0
+    assert scores["q"].shape == scores["k"].shape and whole_row["q"].shape == scores["k"].shape[:4]
+    for kind in ("k", "v"):  # the other kinds do not depend on the query edges' definition
+        assert torch.equal(scores[kind], whole_row[kind])
+    checked = []
     for layer in range(tiny_model.cfg.n_layers):
         for head in (0, tiny_model.cfg.n_heads - 1):
-            for kind, t_key, t in (("k", 2, n - 1), ("v", 0, n - 1), ("k", n - 3, n - 2), ("v", 3, 5), ("q", None, n - 1)):
-                got = float(scores[kind][0, layer, head, t] if kind == "q" else scores[kind][0, layer, head, t, t_key])
+            # and the key whose per-key query edge at the last position is largest
+            top = int(scores["q"][0, layer, head, n - 1].abs().argmax())
+            for kind, t_key, t in CROSSING_CASES(n) + (("q", top, n - 1),):
+                got = crossing_value(scores, whole_row, kind, layer, head, t_key, t)
                 want = naive_crossing(tiny_model, batch, data.metric, layer, head, kind, t_key, t)
                 assert abs(got - want) <= 1e-5 * max(abs(want), 1e-4), (layer, head, kind, t_key, t, got, want)
-                checked += 1
-    assert checked == tiny_model.cfg.n_layers * 2 * 5
+                checked.append((kind, abs(want)))
+    assert len(checked) == tiny_model.cfg.n_layers * 2 * 9
+    assert max(w for kind, w in checked if kind == "q") > 3e-4  # per-key query edges carry real effects
     # Keys after the query position cannot be seen: those crossing scores are zero.
-    assert scores["k"][0, :, :, 2, 3:].abs().max() == 0
+    for kind in ("k", "v", "q"):
+        assert scores[kind][0, :, :, 2, 3:].abs().max() == 0
 
 
 def test_peap_scores_round_trip(tmp_path, tiny_model, data):
@@ -124,6 +155,19 @@ def test_peap_scores_round_trip(tmp_path, tiny_model, data):
     assert torch.equal(again.values, peap.values) and again.spans == peap.spans
     for key in ("k", "v", "q"):
         assert torch.equal(again.crossing[key], peap.crossing[key])
+    assert again.query_edges == "per_key" and again.info["query_edges"] == "per_key"
+    # Whole-row query edges, and a file of format /1 (before per-key edges: no query_edges in its info),
+    # load as whole-row scores.
+    row = attribute(tiny_model, data, "peap", progress=False, query_edges="whole_row")
+    assert torch.equal(mechscope.EdgeScores.load(row.save(tmp_path / "r.safetensors")).crossing["q"], row.crossing["q"])
+    row.info.pop("query_edges")
+    old = row.metadata() | {"format": "mechscope-edge-scores/1"}
+    from safetensors.torch import save_file
+
+    save_file({"values": row.values, **{f"crossing_{k}": v.contiguous() for k, v in row.crossing.items()}},
+              str(tmp_path / "old.safetensors"), metadata={"mechscope": __import__("json").dumps(old)})
+    loaded = mechscope.EdgeScores.load(tmp_path / "old.safetensors")
+    assert loaded.query_edges == "whole_row" and loaded.crossing["q"].shape == row.crossing["k"].shape[:2] + (len(data.schema),)
     assert torch.equal(again.concrete["within"], peap.concrete["within"])
     # Concrete counts: the mean prompt length is the sum of the within-position counts.
     mean_len = sum(len(ex) for ex in data.examples) / len(data)
@@ -140,12 +184,14 @@ def test_smollm2_peap_identities(smollm2):
     assert torch.allclose(peap.values.sum(0), eap.values, atol=1e-5, rtol=1e-4)
     batch = data.batch([0])
     scores = crossing_scores(smollm2, batch, data.metric)
+    whole_row = crossing_scores(smollm2, batch, data.metric, query_edges="whole_row")
     n = batch.clean.shape[1]
-    # A grouped-query head in a late layer (rotary keys), key and value at an early position.
-    for kind, t_key in (("k", 3), ("v", 3), ("q", None)):
-        got = float(scores[kind][0, 23, 3, n - 1] if kind == "q" else scores[kind][0, 23, 3, n - 1, t_key])
+    # A grouped-query head in a late layer (rotary queries and keys): key, value and per-key query at
+    # an early position and at BOS, and the whole-row query.
+    for kind, t_key in (("k", 3), ("v", 3), ("q", 3), ("q", 0), ("q", n - 1), ("q_row", None)):
+        got = crossing_value(scores, whole_row, kind, 23, 3, t_key, n - 1)
         want = naive_crossing(smollm2, batch, data.metric, 23, 3, kind, t_key, n - 1)
-        assert abs(got - want) <= 1e-5 * max(abs(want), 1e-4), (kind, got, want)
+        assert abs(got - want) <= 1e-5 * max(abs(want), 1e-4), (kind, t_key, got, want)
 
 
 def test_attribution_crossing_scores_reuse_the_eap_passes(tiny_model, data):
@@ -157,16 +203,18 @@ def check_attribution_crossing_matches_stand_alone(model, data):
     gradients) equal those of the stand-alone computation, which the naive loop checks above."""
     from mechscope.attribution.peap import aggregate_crossing, batch_span_of
 
-    peap = attribute(model, data, "peap", batch_size=4, progress=False)
-    want = None
-    for indices, batch in data.batches(4):
-        part = aggregate_crossing(crossing_scores(model, batch, data.metric),
-                                  batch_span_of(data, indices, batch.clean.shape[1]), len(data.schema))
-        want = part if want is None else {k: want[k] + v for k, v in part.items()}
-    for key in ("k", "v", "q"):
-        expected = (want[key] / len(data)).float()
-        assert torch.allclose(peap.crossing[key], expected, atol=1e-6, rtol=1e-4), key
-        assert expected.abs().max() > 1e-4
+    for query_edges in ("per_key", "whole_row"):
+        peap = attribute(model, data, "peap", batch_size=4, progress=False, query_edges=query_edges)
+        want = None
+        for indices, batch in data.batches(4):
+            part = aggregate_crossing(crossing_scores(model, batch, data.metric, query_edges),
+                                      batch_span_of(data, indices, batch.clean.shape[1]), len(data.schema))
+            want = part if want is None else {k: want[k] + v for k, v in part.items()}
+        for key in ("k", "v", "q"):
+            expected = (want[key] / len(data)).float()
+            assert peap.crossing[key].shape == expected.shape, (query_edges, key)
+            assert torch.allclose(peap.crossing[key], expected, atol=1e-6, rtol=1e-4), (query_edges, key)
+            assert expected.abs().max() > 1e-4
 
 
 def test_span_aggregations_match_token_level_brute_force(tiny_model, data):
@@ -179,6 +227,8 @@ def test_span_aggregations_match_token_level_brute_force(tiny_model, data):
     g = mechscope.Graph.from_model(tiny_model)
     batch = sub.batch()
     delta, grad, cross = batch_gradients_and_deltas(tiny_model, g, batch, sub.metric, "eap", crossing=True)
+    row = batch_gradients_and_deltas(tiny_model, g, batch, sub.metric, "eap", crossing=True,
+                                     query_edges="whole_row")[2]["q"]
     inst = {s: [] for s in range(n_spans)}
     cross_inst: dict = {}
     for b, ex in enumerate(sub.examples):
@@ -189,12 +239,14 @@ def test_span_aggregations_match_token_level_brute_force(tiny_model, data):
             if t != len(ex) - 1:
                 prod[:, g.logits_index] = float("nan")  # the logits read only the last token
             inst[s].append(prod.double())
-            cross_inst.setdefault(("q", s), []).append(cross["q"][b, :, :, t])
+            cross_inst.setdefault(("q_row", s), []).append(row[b, :, :, t])
             for j in range(t + 1):
-                for kind in ("k", "v"):
+                for kind in ("k", "v", "q"):
                     cross_inst.setdefault((kind, span[j], s), []).append(cross[kind][b, :, :, t, j])
     mean = attribute(tiny_model, sub, "peap", aggregation="pooled_mean", batch_size=4, progress=False)
     top = attribute(tiny_model, sub, "peap", aggregation="signed_max", batch_size=4, progress=False)
+    mean_row, top_row = (attribute(tiny_model, sub, "peap", aggregation=how, batch_size=4, progress=False,
+                                   query_edges="whole_row") for how in ("pooled_mean", "signed_max"))
     for s in range(n_spans):
         stack = torch.stack(inst[s])  # [instances, u, v]
         want_mean = stack.nanmean(0).nan_to_num(0.0)[g.edge_up, g.edge_down]
@@ -206,8 +258,11 @@ def test_span_aggregations_match_token_level_brute_force(tiny_model, data):
     for key, items in cross_inst.items():
         stack = torch.stack(items)
         want_max = stack.gather(0, stack.abs().argmax(0, keepdim=True))[0]
-        got_mean = mean.crossing[key[0]][(slice(None), slice(None), *key[1:])]
-        got_max = top.crossing[key[0]][(slice(None), slice(None), *key[1:])]
+        if key[0] == "q_row":  # whole-row query edges: one instance per token of the query span
+            got_mean, got_max = mean_row.crossing["q"][:, :, key[1]], top_row.crossing["q"][:, :, key[1]]
+        else:
+            got_mean = mean.crossing[key[0]][(slice(None), slice(None), *key[1:])]
+            got_max = top.crossing[key[0]][(slice(None), slice(None), *key[1:])]
         assert torch.allclose(got_mean.double(), stack.mean(0), atol=1e-6, rtol=1e-4), key
         assert torch.allclose(got_max.double(), want_max, atol=1e-6, rtol=1e-4), key
     with pytest.raises(ValueError, match="aggregation"):

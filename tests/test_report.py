@@ -194,3 +194,30 @@ def test_report_in_a_headless_browser_offline(report_dir, tmp_path):
     background = pixels.reshape(-1, 3).mean(0)
     drawn = (abs(pixels - pixels[0, 0]).sum(-1) > 0.15).mean()
     assert drawn > 0.005, (drawn, background)
+
+
+@pytest.mark.parametrize("query_edges", ["per_key", "whole_row"])
+def test_graph_data_draws_query_edges_with_their_key_span(tiny_model_dirs, query_edges):
+    """Every query edge of a circuit is drawn once, from the head's query input to its output at the
+    query span, with its score and concrete count: the (t', t) pairs of its key span and query span for
+    a per-key edge (whose key span it names), the query span's tokens for a whole-row one."""
+    from mechscope.attribution import attribute
+    from mechscope.circuits.span_circuit import span_counts, span_greedy
+
+    model = mechscope.load_model(str(tiny_model_dirs["llama"]), device="cpu")
+    data = make_task("ioi", model.tokenizer, 6, seed=0)
+    scores = attribute(model, data, "peap", batch_size=6, progress=False, query_edges=query_edges)
+    circuit = span_greedy(scores, 300)
+    drawn = [e for e in graph_data(scores, [circuit], data)["edges"] if e["kind"] == "q"]
+    kept = circuit.crossing["q"].nonzero().tolist()
+    assert len(drawn) == len(kept) > 0
+    spans, counts = list(data.schema.spans), span_counts(data, list(range(len(data.schema))), len(data.schema))
+    want = set()
+    for idx in kept:
+        l, h, b = idx[0], idx[1], idx[-1]
+        a = idx[2] if query_edges == "per_key" else None
+        concrete = counts["tokens"][b] if a is None else counts["pairs"][a, b]
+        want.add((f"a{l}.h{h}.q@{spans[b]}", f"a{l}.h{h}@{spans[b]}", None if a is None else spans[a],
+                  round(float(scores.crossing["q"][tuple(idx)]), 6), round(float(concrete), 6)))
+    got = {(e["source"], e["target"], e["key_span"], round(e["score"], 6), round(e["concrete"], 6)) for e in drawn}
+    assert got == want

@@ -15,7 +15,7 @@ from mechscope.attribution.runner import Ablation, AttentionAblation, graph_hook
 from mechscope.circuits.circuit import Circuit, CircuitError
 from mechscope.circuits.evaluation import _Evaluator, evaluate, faithfulness_curve
 from mechscope.graph import Graph
-from mechscope.metrics import final_logits
+from mechscope.metrics import compute_metric, final_logits
 from mechscope.circuits.span_circuit import (
     SpanCircuit,
     SpanGraphScores,
@@ -98,7 +98,8 @@ def test_single_span_peap_greedy_equals_eap_greedy_end_to_end(tiny_model, data):
 def naive_crossing_ablated_logits(model, data, index, layer, head, kind, key_span, query_span):
     """Logits with one crossing edge type of one head ablated between two spans, computed by hand:
     the head's output at each query position of `query_span` is recomputed with an explicit loop in
-    which the keys (or values) at positions of `key_span`, or the query, come from the counterfactual."""
+    which the keys (or values) at positions of `key_span` come from the counterfactual, or the query
+    does in its scores against the keys of `key_span` (kind "q") or against every key ("q_row")."""
     batch = data.batch([index])
     qn, kn, vn = qkv_hook_names(model, layer)
     span = data.examples[index].span_of_positions()
@@ -118,10 +119,10 @@ def naive_crossing_ablated_logits(model, data, index, layer, head, kind, key_spa
         for t in range(z.shape[1]):
             if span[t] != query_span:
                 continue
-            q_t = q2[t] if kind == "q" else q[t]
             logits = []
             for j in range(t + 1):
                 swap = kind == "k" and span[j] == key_span
+                q_t = q2[t] if kind == "q_row" or (kind == "q" and span[j] == key_span) else q[t]
                 logits.append(q_t @ (k2[j] if swap else k[j]) * scale)
             w = torch.stack(logits).softmax(0)
             out = 0
@@ -146,15 +147,18 @@ def test_crossing_edge_ablation_equals_a_naive_head_recomputation(tiny_model, da
         ref_up, cf_attn = upstream_and_attention(tiny_model, g, batch.counterfactual, batch.attention_mask)
         clean = final_logits(tiny_model(batch.clean, attention_mask=batch.attention_mask), batch.last)
     last = len(spans) - 1
-    cases = [("k", spans.index("s1"), last), ("v", spans.index("io"), last), ("q", last, last),
-             ("k", spans.index("io"), spans.index("s2"))]
+    # per-key query edges against the BOS key's span, a name and the last span itself; a whole-row one
+    cases = [("k", spans.index("s1"), last), ("v", spans.index("io"), last), ("q", 0, last),
+             ("q", spans.index("io"), last), ("q", last, last), ("q", spans.index("s1"), spans.index("s2")),
+             ("q_row", last, last), ("k", spans.index("io"), spans.index("s2"))]
     changed = {}
     for layer in range(g.n_layers):
         for kind, key_span, query_span in cases:
-            c = SpanCircuit.full(g, spans)
-            if kind == "q":
+            if kind == "q_row":
+                c = SpanCircuit.full(g, spans, query_edges="whole_row")
                 c.crossing["q"][layer, 1, query_span] = False
             else:
+                c = SpanCircuit.full(g, spans)
                 c.crossing[kind][layer, 1, key_span, query_span] = False
             within, (kk, kv, kq) = c.projection(span_of)
             att = AttentionAblation(kk, kv, kq, cf_attn, attention_scale(tiny_model), score_soft_cap(tiny_model))
@@ -170,6 +174,25 @@ def test_crossing_edge_ablation_equals_a_naive_head_recomputation(tiny_model, da
     assert min(changed.values()) > 1e-4, changed
 
 
+def test_one_per_key_query_edge_ablated_by_evaluation_equals_a_naive_recomputation(tiny_model, data):
+    """The evaluation path (`_Evaluator`, as `evaluate` and the curves run it) with exactly one per-key
+    query span edge ablated gives the metric of the naive loop that swaps that head's query in its
+    scores against that key span only."""
+    g = Graph.from_model(tiny_model)
+    spans = data.schema.spans
+    index, layer, head = 2, g.n_layers - 1, 1
+    one = data[index:index + 1]
+    last, io = len(spans) - 1, spans.index("io")
+    c = SpanCircuit.full(g, spans)
+    c.crossing["q"][layer, head, io, last] = False
+    assert c.n_crossing == SpanCircuit.full(g, spans).n_crossing - 1
+    result = _Evaluator(tiny_model, one, "counterfactual", None, 4).run([c], progress=False)[0]
+    logits = naive_crossing_ablated_logits(tiny_model, data, index, layer, head, "q", io, last)
+    want = float(compute_metric(data.metric, logits, one.batch()).sum())
+    assert result.metric_circuit == pytest.approx(want, abs=1e-5)
+    assert abs(result.metric_circuit - result.metric_model) > 1e-4  # the edge matters
+
+
 def test_pruning_keeps_only_paths_from_input_to_logits(peap, data):
     g = peap.graph
     spans = data.schema.spans
@@ -183,14 +206,18 @@ def test_pruning_keeps_only_paths_from_input_to_logits(peap, data):
     input_q = int(((g.edge_up == 0) & (g.edge_down == q_node)).nonzero())
     c.within[last, input_q] = True
     assert prune_span_circuit(c).n_edges == 0  # the query reaches the head only through its crossing edge
-    c.crossing["q"][g.n_layers - 1, 0, last] = True
+    c.crossing["q"][g.n_layers - 1, 0, 0, last] = True  # the query at `last` against the first span's keys
     pruned = prune_span_circuit(c)
-    assert pruned.n_edges == 3 and pruned.n_within == 2
+    assert pruned.n_edges == 3 and pruned.n_within == 2 and bool(pruned.crossing["q"][g.n_layers - 1, 0, 0, last])
+    whole = SpanCircuit.empty(g, spans, query_edges="whole_row")  # the same path, whole-row query edge
+    whole.within = c.within.clone()
+    whole.crossing["q"][g.n_layers - 1, 0, last] = True
+    assert prune_span_circuit(whole).n_edges == 3
     # A path at another span than the one the logits read at is dead too.
     c2 = SpanCircuit.empty(g, spans)
     c2.within[0, logits_edge] = True
     c2.within[0, input_q] = True
-    c2.crossing["q"][g.n_layers - 1, 0, 0] = True
+    c2.crossing["q"][g.n_layers - 1, 0, 0, 0] = True
     c2.logit_spans = torch.zeros(len(spans), dtype=torch.bool)
     c2.logit_spans[last] = True
     assert prune_span_circuit(c2).n_edges == 0
@@ -215,13 +242,16 @@ def test_concrete_edges_count_token_level_edges(peap, data):
     full = SpanCircuit.full(g, data.schema.spans, SpanGraphScores(peap).logit_spans)
     counted = full.concrete_edges(data)
     n_logit = int((g.edge_down == g.logits_index).sum())
-    expected_within = expected_crossing = 0.0
+    expected_within = expected_crossing = expected_whole_row = 0.0
     for ex in data.examples:
         t = len(ex)
         expected_within += (g.n_edges - n_logit) * t + n_logit
-        expected_crossing += g.n_layers * g.n_heads * (2 * t * (t + 1) / 2 + t)
+        expected_crossing += g.n_layers * g.n_heads * 3 * t * (t + 1) / 2  # k, v, per-key q: causal pairs
+        expected_whole_row += g.n_layers * g.n_heads * (2 * t * (t + 1) / 2 + t)  # a whole-row q: t
     assert counted["within"] == pytest.approx(expected_within / len(data))
     assert counted["crossing"] == pytest.approx(expected_crossing / len(data))
+    whole = SpanCircuit.full(g, data.schema.spans, SpanGraphScores(peap).logit_spans, query_edges="whole_row")
+    assert whole.concrete_edges(data)["crossing"] == pytest.approx(expected_whole_row / len(data))
     # A non-positional circuit on one span counts every position of each edge.
     circuit = Circuit.full(g)
     assert SpanCircuit.from_circuit(circuit).concrete_edges(data)["total"] == pytest.approx(counted["total"])
@@ -235,9 +265,16 @@ def test_span_circuit_round_trip_evaluates_the_same(tmp_path, tiny_model, data, 
     assert torch.equal(again.within, c.within) and again.spans == c.spans
     for key in ("k", "v", "q"):
         assert torch.equal(again.crossing[key], c.crossing[key])
+    assert again.query_edges == "per_key" and c.to_json()["format"] == "mechscope-span-circuit/2"
     a = evaluate(tiny_model, c, data, progress=False)
     b = evaluate(tiny_model, again, data, progress=False)
     assert a.to_dict() == b.to_dict()
+    # Whole-row query edges are written in format /1, the format of files before per-key edges.
+    row = span_greedy(attribute(tiny_model, data, "peap", progress=False, query_edges="whole_row"), 300)
+    assert row.query_edges == "whole_row" and row.crossing["q"].any()
+    assert row.to_json()["format"] == "mechscope-span-circuit/1"
+    again = load_any_circuit(row.save(tmp_path / "r.json"))
+    assert again.query_edges == "whole_row" and torch.equal(again.crossing["q"], row.crossing["q"])
     # A non-positional circuit file still loads as a Circuit.
     assert isinstance(load_any_circuit(Circuit.full(peap.graph).save(tmp_path / "d.json")), Circuit)
 
@@ -293,11 +330,13 @@ def test_smollm2_span_circuit_identities(smollm2):
     with torch.no_grad():
         ref_up, cf_attn = upstream_and_attention(smollm2, g, batch.counterfactual, batch.attention_mask)
     last = len(spans) - 1
-    for kind, key_span in (("k", spans.index("name_1")), ("v", spans.index("s2")), ("q", last)):
-        c = SpanCircuit.full(g, spans)
-        if kind == "q":
+    for kind, key_span in (("k", spans.index("name_1")), ("v", spans.index("s2")), ("q", 0),
+                           ("q", spans.index("name_1")), ("q_row", last)):
+        if kind == "q_row":
+            c = SpanCircuit.full(g, spans, query_edges="whole_row")
             c.crossing["q"][layer, head, last] = False
         else:
+            c = SpanCircuit.full(g, spans)
             c.crossing[kind][layer, head, key_span, last] = False
         within, (kk, kv, kq) = c.projection(span_of)
         att = AttentionAblation(kk, kv, kq, cf_attn, attention_scale(smollm2), score_soft_cap(smollm2))

@@ -26,6 +26,8 @@ console = Console()
 err_console = Console(stderr=True)
 
 IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
+QUERY_EDGES_HELP = ("peap's query edges: per_key (the PEAP paper's: a query in its score against one key) | "
+                    "whole_row (a query in all its scores at once).")
 
 
 def _device_option():
@@ -269,6 +271,7 @@ def curves(
     batch_size: Optional[int] = _batch_option(),
     selection: str = typer.Option("top_n", help="Circuit selection: top_n | greedy (grown from the logits)."),
     fractions: Optional[str] = typer.Option(None, help="Comma-separated circuit sizes as fractions of all edges."),
+    query_edges: str = typer.Option("per_key", "--query-edges", help=QUERY_EDGES_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Output JSON file with the curves."),
 ) -> None:
     """Score edges on a discovery half, evaluate faithfulness curves (CPR, CMD) on the held-out half.
@@ -276,6 +279,7 @@ def curves(
     With --methods peap,eap the position-aware circuits (over the task's schema) and the
     non-positional ones are compared on concrete token-level edge counts."""
     from .attribution import ALL_METHODS, check_method
+    from .attribution.peap import check_query_edges
     from .attribution.references import ABLATIONS
     from .data.dataset import DatasetError
     from .circuits.discovery import compare_methods
@@ -300,13 +304,14 @@ def curves(
         raise DatasetError("--fractions must be increasing numbers in (0, 1]") from None
     if task is not None and n < 2:
         raise DatasetError(f"--n must be at least 2 (a discovery and an evaluation half), got {n}")
+    check_query_edges(query_edges)
     for method in chosen:
-        check_method(method, steps, ablation)
+        check_method(method, steps, ablation, query_edges if method == "peap" else "per_key")
     _check_batch_size(batch_size)
     check_writable_file(out)
     bridge, dataset = _task_or_data(task, data_file, model, n, seed, device=device)
     summary, _ = compare_methods(bridge, dataset, chosen, seed=seed, ablation=ablation, steps=steps,
-                                 batch_size=batch_size, selection=selection, fractions=sizes)
+                                 batch_size=batch_size, selection=selection, fractions=sizes, query_edges=query_edges)
     write_json(out, summary)
     _print_summary("behaviour", summary["behaviour"])
     table = Table(title=f"normalized faithfulness on {summary['n_evaluation']} held-out examples")
@@ -346,12 +351,14 @@ def circuit(
     seed: int = typer.Option(0, help="Seed of the task generator and of the discovery / evaluation split."),
     selection: str = typer.Option("greedy", help="Circuit selection: greedy (from the logits) | top_n."),
     batch_size: Optional[int] = _batch_option(),
+    query_edges: str = typer.Option("per_key", "--query-edges", help=QUERY_EDGES_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="New output directory (report.html, summary.json, ...)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous report in --out (once the new one is complete)."),
 ) -> None:
     """Find a circuit and write a self-contained HTML report with its faithfulness curves, its graph, its
     top edges and attention patterns, plus summary.json, scores.safetensors, circuit.json and PNGs."""
     from .data.dataset import DatasetError
+    from .attribution.peap import check_query_edges
     from .circuits.discovery import discover_circuit
     from .report import check_output_dir, write_report
 
@@ -361,10 +368,12 @@ def circuit(
         raise DatasetError(f"unknown selection '{selection}'; choose greedy or top_n")
     if n is not None and n < 2:
         raise DatasetError("--n must be at least 2 (a discovery and an evaluation half)")
+    check_query_edges(query_edges)
     _check_batch_size(batch_size)
     check_output_dir(out, overwrite)
     bridge, dataset = _task_or_data(task, data_file, model, n or 120, seed, n_data=n, device=device)
-    run = discover_circuit(bridge, dataset, method, seed=seed, selection=selection, batch_size=batch_size)
+    run = discover_circuit(bridge, dataset, method, seed=seed, selection=selection, batch_size=batch_size,
+                           query_edges=query_edges)
     with err_console.status("writing the report"):
         write_report(out, bridge, run, overwrite=overwrite)
     s = run.summary

@@ -21,6 +21,7 @@ from .peap import (
     aggregate_crossing,
     batch_span_of,
     concrete_counts,
+    check_query_edges,
     crossing_max,
     signed_absmax,
     within_max,
@@ -44,6 +45,7 @@ def attribute(
     progress: bool = True,
     aggregation: str = "sum",
     metric: Metric | None = None,
+    query_edges: str = "per_key",
 ) -> EdgeScores:
     """Score every edge of `model`'s graph on `dataset`.
 
@@ -57,9 +59,13 @@ def attribute(
     the mean over the instances of all examples pooled (differs from `avg` when span lengths vary:
     longer examples weigh more); `signed_max`, the one instance of largest magnitude, signed. metric: a metric name or a function fn(final logits [batch, vocab],
     batch) -> [batch]; default the dataset's metric. The scores record it by name (`metrics.metric_name`).
+    query_edges (peap): `per_key` (default), a query edge per (key, query) pair as in the PEAP paper: the
+    counterfactual query in one score of its row (crossing["q"] [layer, head, key span, query span], like
+    k and v); `whole_row`, the counterfactual query in every score of its row at once (crossing["q"]
+    [layer, head, query span]).
     """
     batch_size = batch_size_for(model, batch_size)
-    check_method(method, steps, ablation)
+    check_method(method, steps, ablation, query_edges)
     check_aggregation(aggregation, method)
     check_compatible(model, dataset)
     metric = resolve_metric(metric, dataset)
@@ -84,7 +90,7 @@ def attribute(
             batch = batch.to(device)
             grad_method = "eap" if positional else method
             out = batch_gradients_and_deltas(model, graph, batch, metric, grad_method, steps,
-                                             ablation, mean, crossing=positional)
+                                             ablation, mean, crossing=positional, query_edges=query_edges)
             delta, grad = out[:2]
             span_of = batch_span_of(dataset, indices, batch.clean.shape[1], device) if positional else None
             if per_example is not None:
@@ -114,9 +120,8 @@ def attribute(
                 logit_edges = graph.edge_down == graph.logits_index
                 per_edge[:, logit_edges] = concrete["last"][:, None]  # the logits read one token
                 values = _per_instance(values, per_edge)
-                crossing["k"] = _per_instance(crossing["k"], concrete["crossing"])
-                crossing["v"] = _per_instance(crossing["v"], concrete["crossing"])
-                crossing["q"] = _per_instance(crossing["q"], concrete["within"])
+                crossing = {kind: _per_instance(x, concrete["crossing"] if x.dim() == 4 else concrete["within"])
+                            for kind, x in crossing.items()}
             crossing = {k: v.float() for k, v in crossing.items()}
         values = values.float() if positional else values[0].float()
     hint = ("the metric or the model's activations are not finite on this dataset (a custom metric, a "
@@ -133,16 +138,18 @@ def attribute(
         ablation=ablation,
         model=getattr(model, "mechscope_name", ""),
         n_examples=len(dataset),
-        info={"steps": steps} if method == "eap-ig" else ({"aggregation": aggregation} if method == "peap" else {}),
+        info={"steps": steps} if method == "eap-ig" else (
+            {"aggregation": aggregation, "query_edges": query_edges} if method == "peap" else {}),
         spans=spans,
         crossing=crossing,
         concrete=concrete,
     )
 
 
-def check_method(method: str, steps: int = 5, ablation: str = "counterfactual") -> None:
+def check_method(method: str, steps: int = 5, ablation: str = "counterfactual", query_edges: str = "per_key") -> None:
     """ParameterError unless `method` is one of ALL_METHODS, `steps` (eap-ig's interpolation points) a
-    positive integer and `ablation` one the method implements; checked before any model work by
+    positive integer, `ablation` one the method implements and `query_edges` one of peap's
+    (`peap.QUERY_EDGES`; only peap has query edges of its own); checked before any model work by
     `attribute` and the discovery functions."""
     if method not in ALL_METHODS:
         raise ParameterError(f"unknown method '{method}'; choose one of {', '.join(ALL_METHODS)}")
@@ -150,6 +157,9 @@ def check_method(method: str, steps: int = 5, ablation: str = "counterfactual") 
     check_ablation(ablation)
     if method == "peap" and ablation != "counterfactual":
         raise ParameterError("peap crossing edges are implemented for the counterfactual reference only")
+    check_query_edges(query_edges)
+    if method != "peap" and query_edges != "per_key":
+        raise ParameterError("query_edges applies to peap's crossing edges only")
 
 
 def _edge_indices(edges, n_edges: int) -> torch.Tensor:

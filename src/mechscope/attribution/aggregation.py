@@ -1,9 +1,9 @@
 """How PEAP's token-level scores become span-level ones (docs/method.md §4).
 
 A span edge has instances in each example: a within-position edge one per token of its span (the
-logits edge one, at the example's last token, when that token is in the span), a crossing key or value
-edge one per causal pair (t', t) of its key span and query span, a query edge one per token of its
-span. The aggregations:
+logits edge one, at the example's last token, when that token is in the span), a crossing key, value
+or (per-key) query edge one per causal pair (t', t) of its key span and query span, a whole-row query
+edge one per token of its span. The aggregations:
 
 * `sum` (default): the sum over all instances of all examples divided by the number of examples N;
   summed over spans it is the EAP score.
@@ -35,7 +35,7 @@ from ..devices import HOST
 from ..errors import ParameterError
 from ..graph import Graph
 from .eap import contract, span_runs
-from .peap import span_one_hot
+from .peap import pair_kinds, span_one_hot
 
 AGGREGATIONS = ("sum", "avg", "max_abs", "pooled_mean", "signed_max")
 PER_EXAMPLE = ("avg", "max_abs")
@@ -56,8 +56,8 @@ def check_aggregation(aggregation: str, method: str) -> str:
 
 
 def example_instances(span_of: torch.Tensor, last: torch.Tensor, n_spans: int) -> dict[str, torch.Tensor]:
-    """Instances of a span edge in each example of a batch: tokens [b, S] (within-position and query
-    edges), last [b, S] (1 where the example's last token, which the logits read, is in the span),
+    """Instances of a span edge in each example of a batch: tokens [b, S] (within-position and
+    whole-row query edges), last [b, S] (1 where the example's last token, which the logits read, is in the span),
     pairs [b, S', S] (causal pairs (t', t), t' in key span S', t in query span S)."""
     onehot = span_one_hot(span_of, n_spans)  # [b, t, S]
     width = span_of.shape[1]
@@ -77,7 +77,7 @@ class PerExample:
     """Accumulates `avg` or `max_abs` span-level scores over batches (see the module docstring).
 
     `add` takes one batch's within-position factors (delta [n_up, b, t, d], grad [n_down, b, t, d]),
-    its token-level crossing scores (k, v [b, L, H, t, t'], q [b, L, H, t]), span ids [b, t] and last
+    its token-level crossing scores (k, v, q [b, L, H, t, t']; whole-row q [b, L, H, t]), span ids [b, t] and last
     positions [b]; `result` gives within [S, n_edges] and crossing scores, float64 on the host.
     """
 
@@ -87,7 +87,7 @@ class PerExample:
         self.aggregation, self.graph, self.n_spans, self.chunk = aggregation, graph, n_spans, chunk
         self.within = None  # [S, n_up, n_down], on the model's device
         self.crossing: dict[str, torch.Tensor] = {}
-        # examples with at least one instance: within / query edges, logits edges, crossing pairs
+        # examples with at least one instance: within / whole-row query edges, logits edges, crossing pairs
         self.n_tokens = torch.zeros(n_spans, dtype=torch.float64, device=HOST)
         self.n_last = torch.zeros(n_spans, dtype=torch.float64, device=HOST)
         self.n_pairs = torch.zeros(n_spans, n_spans, dtype=torch.float64, device=HOST)
@@ -114,9 +114,7 @@ class PerExample:
         per_edge[:, g.edge_down == g.logits_index] = self.n_last[:, None]
         crossing = {k: v.double().cpu() for k, v in self.crossing.items()}
         return _mean_where(within, per_edge), {
-            "k": _mean_where(crossing["k"], self.n_pairs),
-            "v": _mean_where(crossing["v"], self.n_pairs),
-            "q": _mean_where(crossing["q"], self.n_tokens),
+            kind: _mean_where(x, self.n_pairs if x.dim() == 4 else self.n_tokens) for kind, x in crossing.items()
         }
 
     # -- avg: each example's instances weighted by 1 / (its instances of the edge)
@@ -138,11 +136,11 @@ class PerExample:
     def _crossing_avg(self, scores, span_of, counts) -> dict[str, torch.Tensor]:
         onehot = span_one_hot(span_of, self.n_spans)  # [b, t, S]
         pairs, tokens = counts["pairs"][:, None, None], counts["tokens"][:, None, None]
-        return {
-            "k": _mean_where(torch.einsum("bjk,blhtj,btq->blhkq", onehot, scores["k"], onehot), pairs).sum(0),
-            "v": _mean_where(torch.einsum("bjk,blhtj,btq->blhkq", onehot, scores["v"], onehot), pairs).sum(0),
-            "q": _mean_where(torch.einsum("blht,btq->blhq", scores["q"], onehot), tokens).sum(0),
-        }
+        out = {kind: _mean_where(torch.einsum("bjk,blhtj,btq->blhkq", onehot, scores[kind], onehot), pairs).sum(0)
+               for kind in pair_kinds(scores, 5)}
+        if "q" not in out:  # whole-row query edges
+            out["q"] = _mean_where(torch.einsum("blht,btq->blhq", scores["q"], onehot), tokens).sum(0)
+        return out
 
     # -- max_abs: each example's largest |instance| (0 where it has none, which does not count)
 
@@ -164,19 +162,21 @@ class PerExample:
     def _crossing_max_abs(self, scores, span_of) -> dict[str, torch.Tensor]:
         L, H = scores["q"].shape[1:3]
         n, dev = self.n_spans, scores["q"].device
-        out = {"k": torch.zeros(L, H, n, n, dtype=torch.float64, device=dev),
-               "v": torch.zeros(L, H, n, n, dtype=torch.float64, device=dev),
-               "q": torch.zeros(L, H, n, dtype=torch.float64, device=dev)}
+        kinds = pair_kinds(scores, 5)
+        out = {kind: torch.zeros(L, H, n, n, dtype=torch.float64, device=dev) for kind in kinds}
+        if "q" not in kinds:  # whole-row query edges
+            out["q"] = torch.zeros(L, H, n, dtype=torch.float64, device=dev)
         size = {kind: scores[kind].abs() for kind in ("k", "v", "q")}
         for s in range(n):
             query = span_of == s  # [b, t]
             if not bool(query.any()):
                 continue
-            out["q"][:, :, s] = size["q"].masked_fill(~query[:, None, None, :], 0.0).amax(-1).sum(0)
+            if "q" not in kinds:
+                out["q"][:, :, s] = size["q"].masked_fill(~query[:, None, None, :], 0.0).amax(-1).sum(0)
             for a in range(s + 1):
                 pair = query[:, :, None] & (span_of == a)[:, None, :]  # [b, t, t']
                 if not bool(pair.any()):
                     continue
-                for kind in ("k", "v"):  # scores are 0 outside t' <= t, so a masked 0 never wins
+                for kind in kinds:  # scores are 0 outside t' <= t, so a masked 0 never wins
                     out[kind][:, :, a, s] = size[kind].masked_fill(~pair[:, None, None], 0.0).amax((-2, -1)).sum(0)
         return out

@@ -3,7 +3,7 @@ queries and keys and its values, the model's score scale and soft-capping, causa
 
 PEAP needs this twice: to score crossing edges (a key, value or query of one position replaced inside
 the head) and to evaluate span circuits whose crossing edges are ablated (each (query, key) pair of a
-head may mix this run's and the reference run's keys and values).
+head may mix this run's and the reference run's queries, keys and values).
 """
 
 from __future__ import annotations
@@ -107,15 +107,18 @@ def allowed_mask(attention_mask: torch.Tensor, causal: bool = True) -> torch.Ten
 def mixed_head_outputs(live, reference, keep_q, keep_k, keep_v, allowed, scale, soft_cap) -> torch.Tensor:
     """z [b, t, h, d_head] of every head with crossing edges ablated.
 
-    live / reference: (q [b, t, h, d], k [b, t, kv, d], v [b, t, kv, d]); keep_q [b, h, t] picks the
-    query at t, keep_k / keep_v [b, h, t, t'] pick, for query t, the key / value at t' from the live
-    run (1) or the reference (0).
+    live / reference: (q [b, t, h, d], k [b, t, kv, d], v [b, t, kv, d]); keep_q / keep_k / keep_v
+    [b, h, t, t'] pick, for query t and key t', the query, key and value from the live run (1) or the
+    reference (0), each independently: the score of (t, t') is that of the picked query and key.
     """
     n_heads = live[0].shape[2]
-    q = torch.where(keep_q[..., None].bool(), live[0].transpose(1, 2), reference[0].transpose(1, 2))
+    q, q_ref = live[0].transpose(1, 2), reference[0].transpose(1, 2)
     k, k_ref = per_query_head(live[1], n_heads), per_query_head(reference[1], n_heads)
     v, v_ref = per_query_head(live[2], n_heads), per_query_head(reference[2], n_heads)
-    s = torch.where(keep_k.bool(), scores(q, k, scale, soft_cap), scores(q, k_ref, scale, soft_cap))
+    keep_k = keep_k.bool()
+    s = torch.where(keep_k, scores(q, k, scale, soft_cap), scores(q, k_ref, scale, soft_cap))
+    s_ref = torch.where(keep_k, scores(q_ref, k, scale, soft_cap), scores(q_ref, k_ref, scale, soft_cap))
+    s = torch.where(keep_q.bool(), s, s_ref)
     p = s.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
     keep_v = keep_v.to(p.dtype)
     z = (p * keep_v) @ v + (p * (1 - keep_v)) @ v_ref

@@ -97,11 +97,13 @@ def batch_gradients_and_deltas(
     ablation: str = "counterfactual",
     mean: MeanReference | None = None,
     crossing: bool = False,
+    query_edges: str = "per_key",
 ):
     """(delta [n_up, b, t, d], grad [n_down, b, t, d]) for one batch; their contraction is the score.
 
     With `crossing` (EAP, counterfactual reference) the same passes also give PEAP's crossing-edge
-    scores: returns (delta, grad, crossing scores as `peap.crossing_scores` gives them)."""
+    scores: returns (delta, grad, crossing scores as `peap.crossing_scores` gives them, with its
+    `query_edges`)."""
     if method not in METHODS:
         raise ParameterError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
     fast_delta = ablation == "counterfactual"
@@ -145,6 +147,7 @@ def batch_gradients_and_deltas(
     grad = grad.detach()
     if crossing:
         gz = head_output_grads(model, graph, grad, clean_run.inv_scale)
-        cross = crossing_from_runs(model, batch.attention_mask, clean_run.attention, cf_attention, clean_run.z, gz)
+        cross = crossing_from_runs(model, batch.attention_mask, clean_run.attention, cf_attention, clean_run.z, gz,
+                                   query_edges)
         return delta, grad, cross
     return delta, grad

@@ -18,7 +18,14 @@ renormalised; in closed form, with a = p[t, t'], r = exp(s'[t, t'] - s[t, t']) a
 
     z^patched[t] - z[t] = (1/N - 1) z[t] + a (r - 1) / N * v[t']
 
-A value at t' changes z[t] by p[t, t'] (v'[t'] - v[t']); a query at t changes the whole row t.
+A value at t' changes z[t] by p[t, t'] (v'[t'] - v[t']).
+
+The query edge is per key as well (the PEAP paper's patched query): q@t -> h@t against key t' puts the
+counterfactual query q'[t] into the one score s[t, t'] and keeps the rest of row t clean, so it has the
+key edge's closed form with r = exp(s_q[t, t'] - s[t, t']), s_q = scores(q', k). It is indexed like k
+and v, [.., t, t'], and aggregates to [key span, query span]. `query_edges="whole_row"` instead
+replaces the query in every score of row t at once (a coarser edge, indexed by t alone):
+z^patched[t] - z[t] = (softmax(s_q[t]) - p[t]) v.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import torch
 
 from ..data.dataset import Batch
 from ..devices import HOST
+from ..errors import ParameterError
 from ..graph import Graph
 from ..metrics import compute_metric, final_logits
 from .attention import (
@@ -40,6 +48,23 @@ from .attention import (
     scores,
 )
 from .post_norm import frozen_scale_hooks, head_write_weights
+
+QUERY_EDGES = ("per_key", "whole_row")
+
+
+def check_query_edges(query_edges: str) -> str:
+    """ParameterError unless `query_edges` is one of QUERY_EDGES: `per_key` (the default, the PEAP
+    paper's query edge: one (query, key) score patched) or `whole_row` (the query patched in every
+    score of its row at once)."""
+    if query_edges not in QUERY_EDGES:
+        raise ParameterError(f"unknown query_edges '{query_edges}'; choose one of {', '.join(QUERY_EDGES)}")
+    return query_edges
+
+
+def pair_kinds(scores: dict[str, torch.Tensor], pair_dims: int) -> tuple[str, ...]:
+    """The crossing-edge kinds of `scores` indexed by a (key, query) pair: k and v, and q unless its
+    query edges are whole rows (then q has one dimension fewer than k: `pair_dims` is k's number)."""
+    return ("k", "v", "q") if scores["q"].dim() == pair_dims else ("k", "v")
 
 
 def _capture(model, batch: Batch, tokens: torch.Tensor, metric: str | None):
@@ -74,16 +99,18 @@ def _capture(model, batch: Batch, tokens: torch.Tensor, metric: str | None):
 
 
 @torch.no_grad()
-def crossing_scores(model, batch: Batch, metric: str) -> dict[str, torch.Tensor]:
+def crossing_scores(model, batch: Batch, metric: str, query_edges: str = "per_key") -> dict[str, torch.Tensor]:
     """Crossing-edge scores of one batch, per example, from passes of their own (the attribution
     path reuses the EAP passes through `crossing_from_runs`):
 
-    k, v: [batch, layer, head, t (query position), t' (key position)], zero unless t' <= t and t' is
-    not padding; q: [batch, layer, head, t]. Counterfactual reference (the paired prompt's q, k, v).
+    k, v, q: [batch, layer, head, t (query position), t' (key position)], zero unless t' <= t and t'
+    is not padding; with `query_edges="whole_row"` q is [batch, layer, head, t]. Counterfactual
+    reference (the paired prompt's q, k, v).
     """
+    check_query_edges(query_edges)
     clean, z, gz = _capture(model, batch, batch.clean, metric)
     cf, _, _ = _capture(model, batch, batch.counterfactual, None)
-    return crossing_from_runs(model, batch.attention_mask, clean, cf, z, gz)
+    return crossing_from_runs(model, batch.attention_mask, clean, cf, z, gz, query_edges)
 
 
 def head_output_grads(model, graph: Graph, grad: torch.Tensor,
@@ -113,9 +140,10 @@ def head_output_grads(model, graph: Graph, grad: torch.Tensor,
 
 
 @torch.no_grad()
-def crossing_from_runs(model, attention_mask, clean, cf, z, gz) -> dict[str, torch.Tensor]:
+def crossing_from_runs(model, attention_mask, clean, cf, z, gz, query_edges: str = "per_key") -> dict[str, torch.Tensor]:
     """Crossing-edge scores from captured clean and counterfactual (q, k, v) per layer, the clean z and
-    dM/dz per layer ([batch, pos, head, d_head])."""
+    dM/dz per layer ([batch, pos, head, d_head]); shapes as `crossing_scores` gives them."""
+    per_key = check_query_edges(query_edges) == "per_key"
     cfg = model.cfg
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
     b, t = attention_mask.shape
@@ -127,8 +155,16 @@ def crossing_from_runs(model, attention_mask, clean, cf, z, gz) -> dict[str, tor
     out = {
         "k": torch.zeros(b, n_layers, n_heads, t, t, dtype=torch.float64, device=dev),
         "v": torch.zeros(b, n_layers, n_heads, t, t, dtype=torch.float64, device=dev),
-        "q": torch.zeros(b, n_layers, n_heads, t, dtype=torch.float64, device=dev),
+        "q": torch.zeros(b, n_layers, n_heads, t, *((t,) if per_key else ()), dtype=torch.float64, device=dev),
     }
+
+    def one_logit_changed(s_new, p, s, zg, vg):
+        """Change of z[t] . dM/dz[t] when only the logit s[t, t'] becomes s_new[t, t'], per (t, t'):
+        row t renormalised, with a = p[t, t'], r = exp(s_new - s), N = 1 - a + a r."""
+        r = torch.exp((s_new - s).masked_fill(~allowed, 0.0))
+        norm = 1.0 - p + p * r
+        return ((1.0 / norm - 1.0) * zg + p * (r - 1.0) / norm * vg).masked_fill(~allowed, 0.0)
+
     for l in range(n_layers):
         (q, k, v), (q2, k2, v2) = clean[l], cf[l]
         q, q2 = q.transpose(1, 2).double(), q2.transpose(1, 2).double()  # [b, h, t, d]
@@ -141,18 +177,16 @@ def crossing_from_runs(model, attention_mask, clean, cf, z, gz) -> dict[str, tor
         zg = (zl * gzl).sum(-1, keepdim=True)  # [b, h, t, 1]
         vg = torch.einsum("bhjd,bhtd->bhtj", v, gzl)  # v[t'] . dM/dz[t]
         # Key at t' replaced: the one changed logit of row t moves by s'[t, t'] - s[t, t'].
-        s_k = scores(q, k2, scale, cap).masked_fill(~allowed, float("-inf"))
-        r = torch.exp((s_k - s).masked_fill(~allowed, 0.0))
-        norm = 1.0 - p + p * r
-        key = (1.0 / norm - 1.0) * zg + p * (r - 1.0) / norm * vg
-        out["k"][:, l] = key.masked_fill(~allowed, 0.0)
+        out["k"][:, l] = one_logit_changed(scores(q, k2, scale, cap), p, s, zg, vg)
         # Value at t' replaced: z[t] moves by p[t, t'] (v'[t'] - v[t']).
         dvg = torch.einsum("bhjd,bhtd->bhtj", v2 - v, gzl)
         out["v"][:, l] = (p * dvg).masked_fill(~allowed, 0.0)
-        # Query at t replaced: row t is recomputed.
-        s_q = scores(q2, k, scale, cap).masked_fill(~allowed, float("-inf"))
-        dz = (s_q.softmax(-1) - p) @ v
-        out["q"][:, l] = (dz * gzl).sum(-1).masked_fill(~attention_mask.bool()[:, None, :], 0.0)
+        s_q = scores(q2, k, scale, cap)
+        if per_key:  # the query at t replaced in its score against t' only: one logit of row t
+            out["q"][:, l] = one_logit_changed(s_q, p, s, zg, vg)
+        else:  # the query at t replaced in the whole row t
+            dz = (s_q.masked_fill(~allowed, float("-inf")).softmax(-1) - p) @ v
+            out["q"][:, l] = (dz * gzl).sum(-1).masked_fill(~attention_mask.bool()[:, None, :], 0.0)
     return out
 
 
@@ -166,13 +200,12 @@ def span_one_hot(span_of: torch.Tensor, n_spans: int) -> torch.Tensor:
 
 def aggregate_crossing(scores: dict[str, torch.Tensor], span_of: torch.Tensor, n_spans: int) -> dict[str, torch.Tensor]:
     """Sum crossing scores over examples and over the tokens of each span pair:
-    k, v: [layer, head, key span, query span]; q: [layer, head, query span]."""
+    k, v, q: [layer, head, key span, query span] (whole-row q: [layer, head, query span])."""
     onehot = span_one_hot(span_of, n_spans)  # [b, t, s]
-    return {
-        "k": torch.einsum("bjk,blhtj,btq->lhkq", onehot, scores["k"], onehot),
-        "v": torch.einsum("bjk,blhtj,btq->lhkq", onehot, scores["v"], onehot),
-        "q": torch.einsum("blht,btq->lhq", scores["q"], onehot),
-    }
+    out = {kind: torch.einsum("bjk,blhtj,btq->lhkq", onehot, scores[kind], onehot) for kind in pair_kinds(scores, 5)}
+    if "q" not in out:
+        out["q"] = torch.einsum("blht,btq->lhq", scores["q"], onehot)
+    return out
 
 
 def signed_absmax(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -202,21 +235,23 @@ def crossing_max(scores: dict[str, torch.Tensor], span_of: torch.Tensor, n_spans
     """Per span pair, the token-level crossing score of largest magnitude (signed) in the batch."""
     L, H = scores["q"].shape[1:3]
     dev = scores["q"].device
-    out = {"k": torch.zeros(L, H, n_spans, n_spans, dtype=torch.float64, device=dev),
-           "v": torch.zeros(L, H, n_spans, n_spans, dtype=torch.float64, device=dev),
-           "q": torch.zeros(L, H, n_spans, dtype=torch.float64, device=dev)}
+    kinds = pair_kinds(scores, 5)
+    out = {kind: torch.zeros(L, H, n_spans, n_spans, dtype=torch.float64, device=dev) for kind in kinds}
+    if "q" not in kinds:
+        out["q"] = torch.zeros(L, H, n_spans, dtype=torch.float64, device=dev)
     for s in range(n_spans):
         query = span_of == s  # [b, t]
         if not bool(query.any()):
             continue
-        q = scores["q"].permute(1, 2, 0, 3)[:, :, query]  # [L, H, n]
-        out["q"][:, :, s] = q.gather(-1, q.abs().argmax(-1, keepdim=True))[..., 0]
+        if "q" not in kinds:
+            q = scores["q"].permute(1, 2, 0, 3)[:, :, query]  # [L, H, n]
+            out["q"][:, :, s] = q.gather(-1, q.abs().argmax(-1, keepdim=True))[..., 0]
         for a in range(s + 1):
             key = span_of == a
             pair = query[:, :, None] & key[:, None, :]  # [b, t, t']
             if not bool(pair.any()):
                 continue
-            for kind in ("k", "v"):
+            for kind in kinds:
                 x = scores[kind].permute(1, 2, 0, 3, 4)[:, :, pair]  # [L, H, n]
                 out[kind][:, :, a, s] = x.gather(-1, x.abs().argmax(-1, keepdim=True))[..., 0]
     return out

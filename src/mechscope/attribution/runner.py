@@ -79,8 +79,8 @@ class StopForward(Exception):
 class AttentionAblation:
     """Crossing edges to ablate inside attention, for the layers present in the dictionaries.
 
-    keep_k / keep_v: layer -> [batch, head, t, t'] (1 keeps the edge key/value@t' -> head@t);
-    keep_q: layer -> [batch, head, t]; reference: layer -> (q, k, v) as the hooks give them
+    keep_k / keep_v / keep_q: layer -> [batch, head, t, t'] (1 keeps the edge key/value@t' -> head@t,
+    or the query@t in its score against key t'); reference: layer -> (q, k, v) as the hooks give them
     ([batch, pos, head or kv head, d_head]; q and k rotated for rotary models).
     """
 

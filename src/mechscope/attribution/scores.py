@@ -2,6 +2,10 @@
 
 `values` has shape [n_edges] for a non-positional method, or [n_spans, n_edges] for span-level
 within-position scores (the schema names the spans).
+
+File format `mechscope-edge-scores/2` stores PEAP's per-key query edges (crossing_q with the same shape
+as crossing_k). Format /1 files, and files scored with `query_edges="whole_row"`, hold whole-row query
+edges (crossing_q [layer, head, query span]); they load as such (`EdgeScores.query_edges`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ class ScoresError(MechscopeError, ValueError):
     """A scores file that cannot be read or does not fit the model."""
 
 
+SCORES_FORMAT = "mechscope-edge-scores/2"
+
+
 @dataclass
 class EdgeScores:
     graph: Graph
@@ -38,15 +45,22 @@ class EdgeScores:
     n_examples: int
     spans: tuple[str, ...] = ()
     info: dict[str, Any] = field(default_factory=dict)
-    # PEAP only: crossing-edge scores per head and span pair ("k", "v": [layer, head, key span, query
-    # span]; "q": [layer, head, query span]) and concrete token-edge counts per span edge
-    # ("within": [span]; "crossing": [key span, query span]), averaged over examples.
+    # PEAP only: crossing-edge scores per head and span pair ("k", "v", "q": [layer, head, key span,
+    # query span]; whole-row query edges "q": [layer, head, query span]) and concrete token-edge
+    # counts per span edge ("within": [span]; "crossing": [key span, query span]), averaged over examples.
     crossing: dict[str, torch.Tensor] = field(default_factory=dict)
     concrete: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def positional(self) -> bool:
         return self.values.dim() == 2
+
+    @property
+    def query_edges(self) -> str | None:
+        """`per_key` or `whole_row` for PEAP scores (by the shape of crossing["q"]), else None."""
+        if "q" not in self.crossing:
+            return None
+        return "whole_row" if self.crossing["q"].dim() == 3 else "per_key"
 
     def edge_scores(self) -> torch.Tensor:
         """[n_edges]: summed over spans for positional scores (equals the non-positional score)."""
@@ -98,7 +112,7 @@ class EdgeScores:
 
     def metadata(self) -> dict:
         return {
-            "format": "mechscope-edge-scores/1",
+            "format": SCORES_FORMAT,
             "graph": self.graph.spec(),
             "method": self.method,
             "metric": self.metric,
@@ -147,6 +161,8 @@ class EdgeScores:
         spans = tuple(meta.get("spans", ()))
         if values.dim() == 2 and values.shape[0] != len(spans):
             raise ScoresError(f"{path}: {values.shape[0]} rows of span scores for {len(spans)} spans in the metadata")
+        crossing = {k[len("crossing_"):]: v for k, v in extra.items() if k.startswith("crossing_")}
+        _check_crossing(path, crossing, meta)
         return cls(
             graph=graph,
             values=values,
@@ -157,7 +173,7 @@ class EdgeScores:
             n_examples=meta["n_examples"],
             spans=spans,
             info=meta.get("info", {}),
-            crossing={k[len("crossing_"):]: v for k, v in extra.items() if k.startswith("crossing_")},
+            crossing=crossing,
             concrete={k[len("concrete_"):]: v for k, v in extra.items() if k.startswith("concrete_")},
         )
 
@@ -173,6 +189,24 @@ _METADATA = {
     "spans": (list, "a list of span names"),
     "info": (dict, "a JSON object"),
 }
+
+
+def _check_crossing(path: Path, crossing: dict[str, torch.Tensor], meta: dict) -> None:
+    """ScoresError unless the crossing tensors (if any) are k, v, q with k and v [layer, head, key span,
+    query span] and q either the same (per-key) or [layer, head, query span] (whole-row, format /1)."""
+    if not crossing:
+        return
+    if set(crossing) != {"k", "v", "q"}:
+        raise ScoresError(f"{path}: crossing scores {sorted(crossing)}, expected k, v and q")
+    k, q = crossing["k"].shape, crossing["q"].shape
+    if len(k) != 4 or crossing["v"].shape != k or q not in (k, k[:2] + k[3:]):
+        raise ScoresError(f"{path}: crossing scores of shapes k {list(k)}, v {list(crossing['v'].shape)}, q "
+                          f"{list(q)}; expected k = v = [layer, head, key span, query span] and q the same "
+                          "(per-key query edges) or [layer, head, query span] (whole-row)")
+    wanted = "whole_row" if len(q) == 3 else "per_key"
+    said = meta.get("info", {}).get("query_edges", wanted)
+    if said != wanted:
+        raise ScoresError(f"{path}: metadata says query_edges '{said}' but crossing_q has the shape of {wanted} edges")
 
 
 def _metadata(path: Path, header: str | None) -> dict:

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from ..devices import batch_size_for
 from ..attribution import attribute, check_method
+from ..attribution.peap import check_query_edges
 from ..behaviour import check_compatible, keep_correct, measure_behaviour
 from ..data.dataset import DatasetError, PromptPairDataset
 from ..errors import ParameterError
@@ -78,14 +79,16 @@ def compare_methods(
     selection: str = "top_n",
     targets: Sequence[float] = (0.5, 0.8, 0.9),
     metric: Metric | None = None,
+    query_edges: str = "per_key",
 ) -> tuple[dict, dict]:
     """Returns (summary, scores by method). With `only_correct` the examples the model gets wrong on
-    the clean prompt are dropped first (the behaviour summary is of the whole dataset)."""
+    the clean prompt are dropped first (the behaviour summary is of the whole dataset). `query_edges`:
+    peap's query edges (`attribute`), per_key or whole_row."""
     batch_size = batch_size_for(model, batch_size)
     if not methods:
         raise ParameterError("no methods to compare")
     for method in methods:  # every choice checked before any model work
-        check_method(method, steps, ablation)
+        check_method(method, steps, ablation, _query_edges(method, query_edges))
     check_selection(selection)
     fractions = check_fractions(fractions)
     _check_split(discovery_fraction)
@@ -109,7 +112,7 @@ def compare_methods(
     all_scores = {}
     for method in methods:
         scores = attribute(model, discovery, method, steps=steps, ablation=ablation, batch_size=batch_size,
-                           progress=progress, metric=metric)
+                           progress=progress, metric=metric, query_edges=_query_edges(method, query_edges))
         curve = faithfulness_curve(model, scores, evaluation, fractions=fractions, selection=selection,
                                    ablation=ablation, batch_size=batch_size, progress=progress, metric=metric)
         if "signal" not in summary:
@@ -119,6 +122,13 @@ def compare_methods(
         summary["methods"][method]["concrete_edges_for"] = {f"{t:g}": curve.edges_for(t) for t in targets}
         all_scores[method] = scores
     return summary, all_scores
+
+
+def _query_edges(method: str, query_edges: str) -> str:
+    """The query edges to ask `method` for: `query_edges` (checked) for peap; the others have none of
+    their own."""
+    check_query_edges(query_edges)
+    return query_edges if method == "peap" else "per_key"
 
 
 DISPLAY_SIZES = (20, 40, 80, 160, 320)
@@ -153,13 +163,14 @@ def discover_circuit(
     batch_size: int | None = None,
     progress: bool = True,
     metric: Metric | None = None,
+    query_edges: str = "per_key",
 ) -> CircuitDiscovery:
     """Circuit discovery end to end, as `mechscope circuit` runs it: behaviour, discovery / evaluation
     split (only examples the model gets right), scores with `method` and, for peap, the non-positional
     EAP baseline, faithfulness curves of both on the held-out half, the circuit to save and the small
-    circuits to draw."""
+    circuits to draw. `query_edges`: peap's query edges (`attribute`), per_key or whole_row."""
     batch_size = batch_size_for(model, batch_size)
-    check_method(method, steps)
+    check_method(method, steps, query_edges=_query_edges(method, query_edges))
     check_selection(selection)
     fractions = check_fractions(fractions)
     metric = resolve_metric(metric, dataset)
@@ -169,7 +180,7 @@ def discover_circuit(
     scores, curves, circuits = {}, {}, {}
     for m in methods:
         scores[m] = attribute(model, discovery, m, steps=steps, batch_size=batch_size, progress=progress,
-                              metric=metric)
+                              metric=metric, query_edges=_query_edges(m, query_edges))
         chosen = select_circuits(scores[m], fractions, selection)
         curves[m] = faithfulness_curve(model, scores[m], evaluation, fractions=fractions, selection=selection,
                                        batch_size=batch_size, progress=progress, circuits=chosen, metric=metric)

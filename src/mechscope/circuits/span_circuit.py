@@ -5,12 +5,16 @@ The span graph repeats the computational graph per span of the schema:
 * within-position edges (u, S) -> (v, S): upstream node u's output at the tokens of span S read by
   downstream node v at the same tokens (the logits read only at each example's last token);
 * crossing edges inside attention head h: its key or value input at span S' -> h's output at span S
-  for S' <= S (the tokens t' <= t of those spans), and its query input at S -> h's output at S.
+  for S' <= S (the tokens t' <= t of those spans), and its query input at S -> h's output at S in
+  its scores against the keys of span S' (per-key query edges, the default, indexed like k and v by
+  (S', S)), or against every key at once (whole-row query edges, indexed by S alone).
 
 A `SpanCircuit` is a set of these edges. Projected onto an example, a within edge stands for |S|
-token edges (one for the logits), a crossing key/value edge for the pairs (t', t) with t' in S',
-t in S and t' <= t, and a query edge for |S|; circuit size is reported in these concrete token edges,
-averaged over the evaluation examples.
+token edges (one for the logits), a crossing key/value/per-key query edge for the pairs (t', t) with
+t' in S', t in S and t' <= t, and a whole-row query edge for |S|; circuit size is reported in these
+concrete token edges, averaged over the evaluation examples. Files of format /2 hold per-key query
+edges ("S':aL.hH.q -> S:aL.hH": the query at S in its scores against keys at S'); format /1, the
+earlier format, holds whole-row ones ("S:aL.hH.q -> S:aL.hH"), and whole-row circuits are saved in it.
 
 A non-positional `Circuit` is the special case of one span covering every token (named `*`) with every
 crossing edge kept (non-positional evaluation never ablates inside attention): `from_circuit`.
@@ -36,7 +40,9 @@ from ..fileio import write_json
 from ..graph import Graph
 
 ALL_TOKENS = "*"
-SPAN_FORMAT = "mechscope-span-circuit/1"
+SPAN_FORMAT = "mechscope-span-circuit/2"
+WHOLE_ROW_FORMAT = "mechscope-span-circuit/1"  # whole-row query edges (and every file before per-key ones)
+SPAN_FORMATS = (SPAN_FORMAT, WHOLE_ROW_FORMAT)
 ATTENTION_MODES = ("scored", "whole")
 
 
@@ -45,7 +51,8 @@ class SpanCircuit:
     graph: Graph
     spans: tuple[str, ...]
     within: torch.Tensor  # bool [n_spans, n_edges]
-    crossing: dict[str, torch.Tensor]  # "k", "v": bool [layer, head, key span, query span]; "q": [layer, head, span]
+    # "k", "v", "q": bool [layer, head, key span, query span]; whole-row "q": [layer, head, query span]
+    crossing: dict[str, torch.Tensor]
     logit_spans: torch.Tensor  # bool [n_spans]: spans holding some example's last token
     model: str = ""
     method: str = ""
@@ -72,6 +79,11 @@ class SpanCircuit:
     def single_span(self) -> bool:
         return self.spans == (ALL_TOKENS,)
 
+    @property
+    def query_edges(self) -> str:
+        """`per_key` or `whole_row`, by the shape of crossing["q"]."""
+        return "whole_row" if self.crossing["q"].dim() == 3 else "per_key"
+
     # ---------------------------------------------------------------------------------------------
 
     @classmethod
@@ -85,18 +97,20 @@ class SpanCircuit:
         return prune_span_circuit(out)
 
     @classmethod
-    def full(cls, graph: Graph, spans, logit_spans: torch.Tensor | None = None, **kw) -> "SpanCircuit":
+    def full(cls, graph: Graph, spans, logit_spans: torch.Tensor | None = None, query_edges: str = "per_key",
+             **kw) -> "SpanCircuit":
         n = len(spans)
         logit_spans = torch.ones(n, dtype=torch.bool, device=HOST) if logit_spans is None else logit_spans.bool()
         within = torch.ones(n, graph.n_edges, dtype=torch.bool, device=HOST)
         within[:, graph.edge_down == graph.logits_index] &= logit_spans[:, None]
-        return cls(graph, tuple(spans), within, _full_crossing(graph, n), logit_spans, **kw)
+        return cls(graph, tuple(spans), within, _full_crossing(graph, n, query_edges), logit_spans, **kw)
 
     @classmethod
-    def empty(cls, graph: Graph, spans, logit_spans: torch.Tensor | None = None, **kw) -> "SpanCircuit":
+    def empty(cls, graph: Graph, spans, logit_spans: torch.Tensor | None = None, query_edges: str = "per_key",
+              **kw) -> "SpanCircuit":
         n = len(spans)
         logit_spans = torch.ones(n, dtype=torch.bool, device=HOST) if logit_spans is None else logit_spans.bool()
-        crossing = {k: torch.zeros_like(v) for k, v in _full_crossing(graph, n).items()}
+        crossing = {k: torch.zeros_like(v) for k, v in _full_crossing(graph, n, query_edges).items()}
         return cls(graph, tuple(spans), torch.zeros(n, graph.n_edges, dtype=torch.bool, device=HOST), crossing, logit_spans, **kw)
 
     # ---------------------------------------------------------------------------------------------
@@ -122,28 +136,31 @@ class SpanCircuit:
         per_span[:, logit_edge] = counts["last"][:, None]
         within = float((self.within.double() * per_span).sum())
         pairs = counts["pairs"]  # [key span, query span]
+        q_count = pairs if self.query_edges == "per_key" else counts["tokens"]
         crossing = float((self.crossing["k"].double() * pairs).sum() + (self.crossing["v"].double() * pairs).sum()
-                         + (self.crossing["q"].double() * counts["tokens"]).sum())
+                         + (self.crossing["q"].double() * q_count).sum())
         return {"within": within, "crossing": crossing, "total": within + crossing}
 
     def projection(self, span_of: torch.Tensor):
         """Keep masks for a batch whose tokens lie in circuit spans `span_of` [b, t] (-1: padding):
-        (within [S, n_up, n_down] float, crossing keep dicts per layer that ablates any crossing edge)."""
+        (within [S, n_up, n_down] float, crossing keep dicts per layer that ablates any crossing edge:
+        [batch, head, t (query), t' (key)] for k, v and q; a whole-row query edge keeps or ablates all
+        of its row)."""
         g = self.graph
         within = g.dense(self.within.float()).to(span_of.device)  # on the batch's device, like the masks
         sp = span_of.clamp(min=0)
-        keep_k, keep_v, keep_q = {}, {}, {}
+        keep = {"k": {}, "v": {}, "q": {}}
         valid = _valid_pairs(self.n_spans)
+        crossing = dict(self.crossing)
+        if self.query_edges == "whole_row":  # the same query for every key span
+            crossing["q"] = crossing["q"][:, :, None, :].expand(-1, -1, self.n_spans, -1)
         for l in range(g.n_layers):
-            k, v, q = self.crossing["k"][l], self.crossing["v"][l], self.crossing["q"][l]
-            if bool((k | ~valid).all()) and bool((v | ~valid).all()) and bool(q.all()):
+            if all(bool((crossing[kind][l] | ~valid).all()) for kind in keep):
                 continue
-            k, v, q = k.to(sp.device), v.to(sp.device), q.to(sp.device)
-            # [head, key span, query span] -> [batch, head, t (query), t' (key)]
-            keep_k[l] = k.transpose(1, 2)[:, sp[:, :, None], sp[:, None, :]].permute(1, 0, 2, 3).float()
-            keep_v[l] = v.transpose(1, 2)[:, sp[:, :, None], sp[:, None, :]].permute(1, 0, 2, 3).float()
-            keep_q[l] = q[:, sp].permute(1, 0, 2).float()
-        return within, (keep_k, keep_v, keep_q)
+            for kind in keep:  # [head, key span, query span] -> [batch, head, t (query), t' (key)]
+                x = crossing[kind][l].to(sp.device)
+                keep[kind][l] = x.transpose(1, 2)[:, sp[:, :, None], sp[:, None, :]].permute(1, 0, 2, 3).float()
+        return within, (keep["k"], keep["v"], keep["q"])
 
     def nodes(self) -> list[tuple[str, str]]:
         """(upstream node, span) pairs with a circuit edge leaving them."""
@@ -162,13 +179,15 @@ class SpanCircuit:
             for s in range(self.n_spans)
         }
         crossing = []
-        for kind in ("k", "v"):
+        per_key = self.query_edges == "per_key"
+        for kind in ("k", "v", "q") if per_key else ("k", "v"):
             for l, h, a, b in self.crossing[kind].nonzero().tolist():
                 crossing.append(f"{self.spans[a]}:a{l}.h{h}.{kind} -> {self.spans[b]}:a{l}.h{h}")
-        for l, h, s in self.crossing["q"].nonzero().tolist():
-            crossing.append(f"{self.spans[s]}:a{l}.h{h}.q -> {self.spans[s]}:a{l}.h{h}")
+        if not per_key:
+            for l, h, s in self.crossing["q"].nonzero().tolist():
+                crossing.append(f"{self.spans[s]}:a{l}.h{h}.q -> {self.spans[s]}:a{l}.h{h}")
         return {
-            "format": SPAN_FORMAT,
+            "format": SPAN_FORMAT if per_key else WHOLE_ROW_FORMAT,
             "model": self.model,
             "method": self.method,
             "graph": g.spec(),
@@ -186,9 +205,12 @@ class SpanCircuit:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SpanCircuit":
         path = Path(path)
-        data, graph = read_circuit_file(path, "span circuit file", SPAN_FORMAT)
-        if data.get("format") != SPAN_FORMAT:
-            raise CircuitError(f"{path}: missing field 'format' (\"{SPAN_FORMAT}\")")
+        data, graph = read_circuit_file(path, "span circuit file", None)
+        if data.get("format") not in SPAN_FORMATS:
+            if "format" not in data:
+                raise CircuitError(f"{path}: missing field 'format' (\"{SPAN_FORMAT}\")")
+            raise CircuitError(f"{path}: field 'format' is {data['format']!r}, not one of {', '.join(SPAN_FORMATS)}")
+        query_edges = "per_key" if data["format"] == SPAN_FORMAT else "whole_row"
         field_name = "spans"
         try:
             spans = tuple(data["spans"])
@@ -205,14 +227,14 @@ class SpanCircuit:
                         raise CircuitError(f"{path}: field 'within': edge '{name}' is not in a graph of this shape")
                     within[span_index[span], edge_index[name]] = True
             field_name = "crossing"
-            crossing = {k: torch.zeros_like(v) for k, v in _full_crossing(graph, n).items()}
+            crossing = {k: torch.zeros_like(v) for k, v in _full_crossing(graph, n, query_edges).items()}
             for item in data["crossing"]:
                 src, dst = (part.strip() for part in item.split("->"))
                 src_span, src_node = src.split(":")
                 dst_span, _ = dst.split(":")
                 layer, head, kind = src_node.split(".")
                 l, h = int(layer[1:]), int(head[1:])
-                if kind == "q":
+                if kind == "q" and query_edges == "whole_row":
                     crossing["q"][l, h, span_index[src_span]] = True
                 else:
                     crossing[kind][l, h, span_index[src_span], span_index[dst_span]] = True
@@ -236,13 +258,15 @@ class SpanCircuit:
 def load_any_circuit(path: str | os.PathLike):
     """A `Circuit` or `SpanCircuit` from its JSON file, whichever it holds (by its `format`)."""
     data, _ = read_circuit_file(Path(path), "circuit file", None)
-    return SpanCircuit.load(path) if data.get("format") == SPAN_FORMAT else Circuit.load(path)
+    return SpanCircuit.load(path) if data.get("format") in SPAN_FORMATS else Circuit.load(path)
 
 
-def _full_crossing(graph: Graph, n_spans: int) -> dict[str, torch.Tensor]:
+def _full_crossing(graph: Graph, n_spans: int, query_edges: str = "per_key") -> dict[str, torch.Tensor]:
     valid = _valid_pairs(n_spans)
     kv = valid.expand(graph.n_layers, graph.n_heads, n_spans, n_spans).clone()
-    return {"k": kv, "v": kv.clone(), "q": torch.ones(graph.n_layers, graph.n_heads, n_spans, dtype=torch.bool, device=HOST)}
+    q = (kv.clone() if query_edges == "per_key"
+         else torch.ones(graph.n_layers, graph.n_heads, n_spans, dtype=torch.bool, device=HOST))
+    return {"k": kv, "v": kv.clone(), "q": q}
 
 
 def _valid_pairs(n_spans: int) -> torch.Tensor:
@@ -291,11 +315,10 @@ class SpanGraphScores:
         within[:, logit_edge] = torch.where(self.logit_spans[:, None], within[:, logit_edge], float("-inf"))
         self.within = within
         valid = _valid_pairs(n)
-        self.crossing = {
-            "k": scores.crossing["k"].abs().double().masked_fill(~valid, float("-inf")),
-            "v": scores.crossing["v"].abs().double().masked_fill(~valid, float("-inf")),
-            "q": scores.crossing["q"].abs().double(),
-        }
+        self.query_edges = scores.query_edges
+        self.crossing = {kind: scores.crossing[kind].abs().double() for kind in ("k", "v", "q")}
+        for kind in ("k", "v", "q") if self.query_edges == "per_key" else ("k", "v"):
+            self.crossing[kind] = self.crossing[kind].masked_fill(~valid, float("-inf"))
 
     @property
     def n_edges(self) -> int:
@@ -308,8 +331,8 @@ class SpanGraphScores:
 def span_greedy_order(scores, budget: int, attention: str = "scored") -> list[tuple]:
     """The order in which greedy construction (§5) adds span-graph edges, up to `budget` of them.
 
-    Items: ("w", span, edge) or ("k" | "v", layer, head, key span, query span) or ("q", layer, head,
-    span). Greedy with budget n chooses the first n items, so one order serves a whole curve.
+    Items: ("w", span, edge) or ("k" | "v" | "q", layer, head, key span, query span) or, for whole-row
+    query edges, ("q", layer, head, span). Greedy with budget n chooses the first n items, so one order serves a whole curve.
     Each open child node offers its incoming edges best-first, so the heap holds one entry per open
     node (a k-way merge) rather than every candidate edge.
     """
@@ -326,6 +349,7 @@ def span_greedy_order(scores, budget: int, attention: str = "scored") -> list[tu
     ranked_l, ranked_s = ranked.tolist(), ranked_scores.tolist()
     edge_id_l = edge_id.tolist()
     q_scores, k_scores, v_scores = (sg.crossing[k].tolist() for k in ("q", "k", "v"))
+    per_key = sg.query_edges == "per_key"
     head_layer = {g.head_index(l, h): (l, h) for l in range(g.n_layers) for h in range(g.n_heads)}
     mlp_in = {g.mlp_index(l): g.mlp_in_index(l) for l in range(g.n_layers)}
     n_edges = g.n_edges
@@ -367,10 +391,13 @@ def span_greedy_order(scores, budget: int, attention: str = "scored") -> list[tu
             if (u, s) in open_heads:
                 return
             open_heads.add((u, s))
-            items = [(q_scores[l][h][s], n_edges + 3 * (u * n_spans + s), ("q", l, h, s))]
+            tie = n_edges + 3 * (u * n_spans + s)
+            items = [] if per_key else [(q_scores[l][h][s], tie, ("q", l, h, s))]
             for a in range(s + 1):
-                items.append((k_scores[l][h][a][s], n_edges + 3 * (u * n_spans + s) + 1, ("k", l, h, a, s)))
-                items.append((v_scores[l][h][a][s], n_edges + 3 * (u * n_spans + s) + 2, ("v", l, h, a, s)))
+                if per_key:
+                    items.append((q_scores[l][h][a][s], tie, ("q", l, h, a, s)))
+                items.append((k_scores[l][h][a][s], tie + 1, ("k", l, h, a, s)))
+                items.append((v_scores[l][h][a][s], tie + 2, ("v", l, h, a, s)))
             items.sort(key=lambda it: (-it[0], it[1], it[2]))
             if attention == "whole":
                 for _, _, item in items:
@@ -382,8 +409,8 @@ def span_greedy_order(scores, budget: int, attention: str = "scored") -> list[tu
     def open_crossing_parent(item) -> None:
         kind, l, h = item[0], item[1], item[2]
         group = h // g.group_size
-        if kind == "q":
-            open_downstream(g.q_slice(l).start + h, item[3])
+        if kind == "q":  # the query input at the query span (the item's last index)
+            open_downstream(g.q_slice(l).start + h, item[-1])
         else:
             sl = g.k_slice(l) if kind == "k" else g.v_slice(l)
             open_downstream(sl.start + group, item[3])
@@ -433,14 +460,14 @@ def circuit_from_order(scores, order: list[tuple], attention: str = "scored", pr
     sg = scores if isinstance(scores, SpanGraphScores) else SpanGraphScores(scores)
     g, n = sg.graph, len(sg.spans)
     within = torch.zeros(n, g.n_edges, dtype=torch.bool, device=HOST)
-    crossing = {k: torch.zeros_like(v) for k, v in _full_crossing(g, n).items()}
+    crossing = {k: torch.zeros_like(v) for k, v in _full_crossing(g, n, sg.query_edges).items()}
     for item in order:
         if item[0] == "w":
             within[item[1], item[2]] = True
         else:
             crossing[item[0]][item[1:]] = True
     if attention == "whole":
-        crossing = _full_crossing(g, n)
+        crossing = _full_crossing(g, n, sg.query_edges)
     c = SpanCircuit(g, sg.spans, within, crossing, sg.logit_spans.clone(),
                     model=getattr(scores, "model", ""), method=getattr(scores, "method", ""),
                     info=dict(info or {}, attention=attention, metric=getattr(scores, "metric", "")))
@@ -472,6 +499,9 @@ def prune_span_circuit(circuit: SpanCircuit) -> SpanCircuit:
     g, n = circuit.graph, circuit.n_spans
     W = g.dense(circuit.within)  # [S, n_up, n_down] bool
     ck, cv, cq = circuit.crossing["k"], circuit.crossing["v"], circuit.crossing["q"]
+    per_key = circuit.query_edges == "per_key"
+    if per_key:  # the query input at span S feeds the head at S through any of its key spans
+        cq = cq.any(2)  # [L, H, query span]
     gs = g.group_size
     alive_up = torch.zeros(g.n_upstream, n, dtype=torch.bool, device=HOST)
     alive_down = torch.zeros(g.n_downstream, n, dtype=torch.bool, device=HOST)
@@ -527,6 +557,7 @@ def prune_span_circuit(circuit: SpanCircuit) -> SpanCircuit:
         crossing[kind] = circuit.crossing[kind] & parent[:, :, :, None] & child[:, :, None, :]
     q_parent = torch.stack([alive_down[g.q_slice(l)] for l in range(g.n_layers)])
     q_child = torch.stack([reach_up[g.upstream_slice(l)] for l in range(g.n_layers)])
-    crossing["q"] = circuit.crossing["q"] & q_parent & q_child
+    q_alive = q_parent & q_child  # [L, H, query span]
+    crossing["q"] = circuit.crossing["q"] & (q_alive[:, :, None, :] if per_key else q_alive)
     return SpanCircuit(g, circuit.spans, within, crossing, circuit.logit_spans, model=circuit.model,
                        method=circuit.method, info=dict(circuit.info, pruned=True))

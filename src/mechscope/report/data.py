@@ -59,23 +59,12 @@ def graph_data(scores, circuits: list[SpanCircuit], evaluation) -> dict:
                 edges[key] = {"source": up_node(u, s), "target": down_node(v, s), "kind": "within",
                               "score": float(score), "concrete": float(concrete), "sizes": 0}
             edges[key]["sizes"] |= 1 << bit
-        for kind in ("k", "v"):
-            for l, h, a, b in c.crossing[kind].nonzero().tolist():
-                key = (kind, l, h, a, b)
+        for kind in ("k", "v", "q"):
+            for idx in c.crossing[kind].nonzero().tolist():
+                key = (kind, *idx)
                 if key not in edges:
-                    score = float(crossing_scores[kind][l, h, a, b]) if crossing_scores is not None else None
-                    edges[key] = {"source": f"a{l}.g{h // g.group_size}.{kind}@{spans[a]}",
-                                  "target": f"a{l}.h{h}@{spans[b]}", "kind": kind, "score": score,
-                                  "concrete": float(counts["pairs"][a, b]), "sizes": 0}
+                    edges[key] = _crossing_edge(kind, idx, spans, g.group_size, crossing_scores, counts)
                 edges[key]["sizes"] |= 1 << bit
-        for l, h, s in c.crossing["q"].nonzero().tolist():
-            key = ("q", l, h, s)
-            if key not in edges:
-                score = float(crossing_scores["q"][l, h, s]) if crossing_scores is not None else None
-                edges[key] = {"source": f"a{l}.h{h}.q@{spans[s]}", "target": f"a{l}.h{h}@{spans[s]}",
-                              "kind": "q", "score": score, "concrete": float(counts["tokens"][s]),
-                              "sizes": 0}
-            edges[key]["sizes"] |= 1 << bit
     node_names = sorted({e["source"] for e in edges.values()} | {e["target"] for e in edges.values()})
     nodes = [_layout(name, spans, g) for name in node_names]
     used_rows = sorted({n["row"] for n in nodes})
@@ -90,6 +79,27 @@ def graph_data(scores, circuits: list[SpanCircuit], evaluation) -> dict:
         # Crossing edges of a non-positional circuit have no score of their own (None).
         "edges": sorted(edges.values(), key=lambda e: -abs(e["score"]) if e["score"] is not None else 0),
     }
+
+
+def _crossing_edge(kind: str, idx: list[int], spans: list[str], group_size: int, crossing_scores, counts) -> dict:
+    """One crossing edge of a span circuit as the report draws it. idx: (layer, head, key span, query
+    span), or (layer, head, span) for a whole-row query edge. A query edge joins the head's query input
+    and output at the query span; a per-key one also names the key span its scores are against
+    (`key_span`; None for whole-row ones)."""
+    l, h, b = idx[0], idx[1], idx[-1]
+    a = idx[2] if len(idx) == 4 else None
+    score = float(crossing_scores[kind][tuple(idx)]) if crossing_scores is not None else None
+    if kind == "q":
+        source = f"a{l}.h{h}.q@{spans[b]}"
+        concrete = counts["tokens"][b] if a is None else counts["pairs"][a, b]
+    else:
+        source = f"a{l}.g{h // group_size}.{kind}@{spans[a]}"
+        concrete = counts["pairs"][a, b]
+    edge = {"source": source, "target": f"a{l}.h{h}@{spans[b]}", "kind": kind, "score": score,
+            "concrete": float(concrete), "sizes": 0}
+    if kind == "q":
+        edge["key_span"] = None if a is None else spans[a]
+    return edge
 
 
 def _layout(name: str, spans: list[str], g) -> dict:

@@ -138,7 +138,7 @@ SCRIPT = r"""
     const p = el('path', {d: d, class: 'edge', 'stroke-width': w, stroke: color, 'data-index': i,
                           'stroke-dasharray': e.kind === 'within' ? '' : '4 2'}, svg);
     p.addEventListener('mousemove', evt => showTip(evt,
-      `${e.source} \u2192 ${e.target} (${e.kind}) \u00b7 score ${fmt(e.score)} \u00b7 concrete edges ${fmt(e.concrete)}`));
+      `${e.source} \u2192 ${e.target} (${e.kind}${e.key_span ? ' vs keys@' + e.key_span : ''}) \u00b7 score ${fmt(e.score)} \u00b7 concrete edges ${fmt(e.concrete)}`));
     p.addEventListener('mouseleave', hideTip);
     return p;
   });
@@ -211,6 +211,12 @@ def json_safe(obj):
     return obj
 
 
+def _kind_label(edge: dict) -> str:
+    """An edge's kind for the tables: a per-key query edge also names the key span it scores against."""
+    key_span = edge.get("key_span")
+    return html.escape(f"{edge['kind']} (keys@{key_span})" if key_span else edge["kind"])
+
+
 def _table(rows: list[tuple[str, str]]) -> str:
     return "<table>" + "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows) + "</table>"
@@ -244,7 +250,7 @@ def render(context: dict) -> str:
     )
     c = s["circuit"]
     top = "".join(
-        f"<tr><td>{html.escape(e['source'])}</td><td>{html.escape(e['target'])}</td><td>{e['kind']}</td>"
+        f"<tr><td>{html.escape(e['source'])}</td><td>{html.escape(e['target'])}</td><td>{_kind_label(e)}</td>"
         f"<td class=num>{e['score']:.4g}</td><td class=num>{e['concrete']:.3g}</td></tr>"
         for e in context["top_edges"]
     )
