@@ -1,4 +1,4 @@
-"""ACDC, automatic circuit discovery by greedy edge pruning (Conmy et al. 2023; docs/method.md §14).
+"""ACDC, automatic circuit discovery by greedy edge pruning (Conmy et al. 2023; docs/method.md §11).
 
 Start from the whole graph. Visit the downstream nodes from the logits backwards (reverse
 topological order: the logits, then the last MLP's input, that layer's value, key and query inputs,
