@@ -30,6 +30,7 @@ from typer.testing import CliRunner
 from mechscope.attribution import attribute
 from mechscope.attribution.scores import EdgeScores, ScoresError
 from mechscope.behaviour import measure_behaviour
+from mechscope.circuits.acdc import acdc
 from mechscope.circuits.circuit import Circuit, CircuitError
 from mechscope.circuits.discovery import compare_methods, prepare
 from mechscope.circuits.evaluation import evaluate, faithfulness_curve
@@ -304,6 +305,18 @@ def nan_metric(logits, batch):
     return logits[:, 0] * float("nan")
 
 
+def acdc_args(env: Env, *extra: str) -> list[str]:
+    """`mechscope acdc --data DATASET` on the tiny Llama (4 examples), plus `extra` options."""
+    return ["acdc", "--data", str(env.dataset), "--model", env.llama, "--n", "4", "--out", str(env.out), *extra]
+
+
+def other_tokenizer(e: "ApiEnv"):
+    """The API dataset, marked as tokenized by another tokenizer."""
+    dataset = e.dataset.subset(range(len(e.dataset)))
+    dataset.tokenizer = "another"
+    return dataset
+
+
 # PEAP CSV rows with the tiny tokenizer's indices (one token per word), and one whose indices say
 # ' Mary' was two tokens: every later span one word on would fit as well, so it cannot be placed.
 PEAP_CSV_HEADER = "prompt,start,IO,and,S1,event,punct,S2,rest,length,correct_token,wrong_token\n"
@@ -413,9 +426,9 @@ CLI_FAULTS: list[CliFault] = [
     CliFault("benchmark tracr: unknown program", lambda e: ["benchmark", "tracr", "--programs", "reverse,fly",
                                                             "--out", str(e.out)],
              "unknown program(s) fly"),
-    CliFault("benchmark tracr: unknown method", lambda e: ["benchmark", "tracr", "--methods", "eap,acdc",
+    CliFault("benchmark tracr: unknown method", lambda e: ["benchmark", "tracr", "--methods", "eap,magic",
                                                            "--out", str(e.out)],
-             "unknown method in eap, acdc"),
+             "unknown method in eap, magic"),
     CliFault("benchmark tracr: --program without a function",
              lambda e: ["benchmark", "tracr", "--program", "my_programs", "--out", str(e.out)],
              "--program my_programs: expected module:function or path/to/file.py:function", inject=no_compile),
@@ -469,6 +482,22 @@ CLI_FAULTS: list[CliFault] = [
              lambda e: ["circuit", "--data", str(e.dataset), "--model", e.llama, "--batch-size", "0", "--out",
                         str(e.out)],
              "batch_size must be at least 1, got 0", inject=no_model),
+    CliFault("acdc: --tau -1", lambda e: acdc_args(e, "--tau", "-1"), "tau must be a finite number >= 0, got -1.0",
+             inject=no_model),
+    CliFault("acdc: --tau nan", lambda e: acdc_args(e, "--tau", "nan"), "tau must be a finite number >= 0, got nan",
+             inject=no_model),
+    CliFault("acdc: --taus empty", lambda e: acdc_args(e, "--taus", ","),
+             "the tau sweep is empty; give at least one threshold", inject=no_model),
+    CliFault("acdc: --taus not numbers", lambda e: acdc_args(e, "--taus", "0.1,x"),
+             "--taus must be comma-separated numbers, got '0.1,x'", inject=no_model),
+    CliFault("acdc: --tau and --taus", lambda e: acdc_args(e, "--tau", "0.1", "--taus", "0.1,1"),
+             "give one of --tau or --taus", inject=no_model),
+    CliFault("acdc: unknown metric", lambda e: acdc_args(e, "--tau", "0.1", "--metric", "bleu"),
+             "unknown ACDC metric 'bleu'; choose kl (KL divergence to the model), task", inject=no_model),
+    CliFault("acdc: unknown ablation", lambda e: acdc_args(e, "--tau", "0.1", "--ablation", "resample"),
+             "unknown ablation 'resample'; choose one of counterfactual, mean, zero", inject=no_model),
+    CliFault("acdc: --last-layers more than the model's", lambda e: acdc_args(e, "--tau", "0.1", "--last-layers", "9"),
+             "last layers: 9 is more than the model's 2 layers"),
     # --- outputs: checked before the compute, written atomically
     # (the checks come before the model loads: those rows forbid it)
     CliFault("data: --out under a file", lambda e: ["data", "ioi", "--model", e.llama, "--out",
@@ -509,6 +538,13 @@ CLI_FAULTS: list[CliFault] = [
                                                                    "--out", str(e.out)],
              "wrote 6 examples", status=0, setup=plant_stale_temporaries, after=only_the_live_temporary_is_left),
 
+    CliFault("acdc: --out not empty", lambda e: acdc_args(e, "--tau", "0.1"), "exists and is not an empty directory",
+             setup=lambda e: e.write("out/old.txt", "x"), inject=no_model),
+    CliFault("acdc: disk full while writing", lambda e: acdc_args(e, "--tau", "0.1", "--last-layers", "0"),
+             "cannot write there (no space left on device)", inject=full_disk),
+    CliFault("acdc: Ctrl-C while pruning", lambda e: acdc_args(e, "--taus", "0.1,1", "--last-layers", "0"),
+             "interrupted by SIGINT; unfinished outputs were removed", status=130,
+             inject=lambda mp: mp.setattr("mechscope.circuits.acdc._prune", interrupt(KeyboardInterrupt))),
     # --- the model cache
     CliFault("cache: weights overwritten with flipped bytes", demo_tiny_gguf,
              "the bytes of model.safetensors differ from those recorded when it was written; rebuilding it",
@@ -594,6 +630,23 @@ API_FAULTS: list[ApiFault] = [
              lambda e: evaluate(e.model, Circuit.full(gpt2_shaped(e), model="tiny-gpt2"), e.dataset, progress=False),
              CircuitError,
              "circuit was built for a model of another shape ('tiny-gpt2'): key-value heads per layer 4 vs 2"),
+
+    ApiFault("acdc(): tau=-0.5", lambda e: acdc(e.model, e.dataset, -0.5, progress=False),
+             ParameterError, "tau must be a finite number >= 0, got -0.5"),
+    ApiFault("acdc(): tau=inf", lambda e: acdc(e.model, e.dataset, [0.1, float("inf")], progress=False),
+             ParameterError, "tau must be a finite number >= 0, got inf"),
+    ApiFault("acdc(): empty sweep", lambda e: acdc(e.model, e.dataset, [], progress=False),
+             ParameterError, "the tau sweep is empty; give at least one threshold"),
+    ApiFault("acdc(): unknown metric", lambda e: acdc(e.model, e.dataset, 0.1, metric="bleu", progress=False),
+             ParameterError, "unknown ACDC metric 'bleu'"),
+    ApiFault("acdc(): unknown ablation", lambda e: acdc(e.model, e.dataset, 0.1, ablation="resample", progress=False),
+             ParameterError, "unknown ablation 'resample'"),
+    ApiFault("acdc(): candidates of another graph",
+             lambda e: acdc(e.model, e.dataset, 0.1, candidates=torch.ones(5, dtype=torch.bool), progress=False),
+             ParameterError, "candidates must be a boolean mask over the graph's"),
+    ApiFault("acdc(): a dataset of another tokenizer",
+             lambda e: acdc(e.model, other_tokenizer(e), 0.1, progress=False),
+             MechscopeError, "tokenized for another tokenizer"),
 
     # --- non-finite scores and metrics
     ApiFault("faithfulness_curve: NaN scores",

@@ -357,7 +357,7 @@ def test_benchmark_command_on_a_program_users_bring(tmp_path):
 
 def test_benchmark_bad_input_is_one_line(tmp_path):
     for args, message in ((["benchmark", "tracr", "--programs", "sudoku"], "unknown program"),
-                          (["benchmark", "tracr", "--methods", "acdc"], "unknown method")):
+                          (["benchmark", "tracr", "--methods", "magic"], "unknown method")):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
 

@@ -449,6 +449,75 @@ def schema(
     print(f"valid_fraction={report.valid_fraction:.4f}")
 
 
+@app.command("acdc")
+@_user_errors
+def acdc_command(
+    task: Optional[str] = typer.Option(None, "--task", help="Built-in task: ioi, greater-than, winobias, induction."),
+    data_file: Optional[Path] = typer.Option(None, "--data", help="A dataset JSONL (tokenized or text) instead of --task."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model alias, .gguf, directory or hub id."),
+    device: Optional[str] = _device_option(),
+    n: Optional[int] = typer.Option(None, "--n", help="Examples: generated with --task (default 32), the first N of --data."),
+    seed: int = typer.Option(0, help="Seed of the task generator."),
+    tau: Optional[float] = typer.Option(None, "--tau", help="Threshold: an edge whose ablation changes the metric by "
+                                        "at most tau stays ablated."),
+    taus: Optional[str] = typer.Option(None, "--taus", help="Comma-separated thresholds: one circuit each, and a "
+                                       "faithfulness curve."),
+    metric: str = typer.Option("kl", help="kl (KL divergence to the model, signed change) | task (the dataset's "
+                               "metric, |change|) | a metric name."),
+    ablation: str = typer.Option("counterfactual", help="counterfactual | mean | zero"),
+    last_layers: Optional[int] = typer.Option(None, "--last-layers", help="Test only the edges into the logits and "
+                                              "into the last K layers' inputs (the rest stays in the circuit)."),
+    batch_size: Optional[int] = _batch_option(),
+    out: Path = typer.Option(..., "--out", "-o", help="New directory: a circuit JSON per tau, summary.json, "
+                             "scores.json (and curve.json for a sweep)."),
+) -> None:
+    """ACDC (Conmy et al. 2023): prune edges from the logits backwards, keeping an edge only when
+    ablating it changes the metric by more than tau; one run over the examples per edge tested."""
+    from .attribution.references import check_ablation
+    from .circuits.acdc import acdc, check_acdc_metric, check_acdc_out, check_taus
+    from .circuits.acdc import last_layers as last_layer_edges
+    from .data.dataset import DatasetError
+    from .errors import ParameterError, check_count
+    from .graph import Graph
+
+    if (tau is None) == (taus is None):
+        raise ParameterError("give one of --tau or --taus")
+    if taus is not None:
+        try:
+            values = [float(t) for t in taus.split(",") if t.strip()]
+        except ValueError:
+            raise ParameterError(f"--taus must be comma-separated numbers, got '{taus}'") from None
+    else:
+        values = [tau]
+    values = check_taus(values)
+    check_acdc_metric(metric)
+    check_ablation(ablation)
+    if n is not None and n < 1:
+        raise DatasetError(f"--n must be at least 1, got {n}")
+    if last_layers is not None:
+        check_count("--last-layers", last_layers, minimum=0)
+    _check_batch_size(batch_size)
+    check_acdc_out(out)
+    bridge, dataset = _task_or_data(task, data_file, model, n or 32, seed, n_data=n, device=device)
+    graph = Graph.from_model(bridge)
+    candidates = None if last_layers is None else last_layer_edges(graph, last_layers)
+    result = acdc(bridge, dataset, values, metric=metric, ablation=ablation, batch_size=batch_size,
+                  candidates=candidates)
+    result.save(out)
+    table = Table(title=f"ACDC on {len(dataset)} examples ({result.metric}, {ablation} ablation; "
+                        f"{result.max_forwards:,} of {graph.n_edges:,} edges testable)")
+    for col in ("tau", "edges kept", "edges tested", "seconds", "normalized", "soft", "hard"):
+        table.add_column(col)
+    for run in result.summary()["runs"]:
+        table.add_row(f"{run['tau']:g}", f"{run['n_edges']:,}", f"{run['edges_tested']:,}", f"{run['seconds']:.1f}",
+                      f"{run['normalized']:.3f}", f"{run['soft']:.3f}", f"{run['hard']:.2f}")
+    console.print(table)
+    if len(values) > 1:
+        console.print(f"CPR {result.curve.cpr:.3f}, CMD {result.curve.cmd:.3f} over the fractions the sweep reached")
+    console.print(f"wrote {out}/summary.json, scores.json" + (", curve.json" if len(values) > 1 else "")
+                  + f" and {len(values)} circuit file(s)")
+
+
 def _task_or_data(task, data_file, model: str, n_task: int, seed: int, n_data: int | None = None,
                   device: str | None = None):
     """(loaded model, dataset) from --task (`n_task` generated pairs) or --data (its first `n_data`

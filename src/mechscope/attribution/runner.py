@@ -163,6 +163,15 @@ class GraphRun:
             self.by_span = ablation.span_of is not None
             if self.drop.dim() == 2:
                 self.drop_t = self.drop.T.contiguous()  # [n_down, n_up]
+                # Downstream nodes with at least one ablated edge: the others need no correction (a
+                # circuit that ablates only a few edges, as ACDC's tests do, skips most products). A
+                # keep that carries a derivative (a forward-mode tangent, or one that requires grad)
+                # may move any edge: then every node is corrected.
+                tangent = torch.autograd.forward_ad.unpack_dual(self.drop).tangent
+                if tangent is not None or self.drop.requires_grad:
+                    self.ablated_down = [True] * graph.n_downstream
+                else:
+                    self.ablated_down = self.drop.ne(0).any(0).tolist()
             if self.by_span:
                 self._init_span_layout(ablation)
             else:
@@ -295,6 +304,8 @@ class GraphRun:
                 self._fix_key, self._fix, self._fix_lo = key, fix.view(hi - lo, *self.bt, -1), lo
             fix = self._fix[first - self._fix_lo : first - self._fix_lo + count].permute(1, 2, 0, 3)
         elif self.drop.dim() == 2:
+            if not any(self.ablated_down[first : first + count]):
+                return value
             # One matrix product per group of nodes reading at this step (q, k and v of a layer share
             # it), so delta is read once per group rather than once per hook.
             key = (read_step, n_before)

@@ -8,7 +8,11 @@ program's whole circuit is reported beside it).
 Edge scores per method: EAP and EAP-IG, |mean over examples of the edge's score|; PEAP, the largest
 |score| of the edge at any position (`aggregation="signed_max"` over token-level instances, then max over
 spans); exact patching, the mean over examples of |change in M| when the edge alone is ablated to
-its counterfactual value. A node's score is the sum of the |scores| of the edges into and out of it
+its counterfactual value; ACDC, a sweep over ACDC_TAUS with the task metric (|change in mean M|; the
+KL divergence sees nothing of a numerical program's single output logit), each edge scored by the
+largest tau at which it stays in the circuit, 0 when it is in none (`ACDCResult.survival_scores`: when
+the circuits are nested, its ROC curve is the one the sweep's circuits trace, with (0, 0) and (1, 1) as
+its ends and straight lines between). A node's score is the sum of the |scores| of the edges into and out of it
 (a head's q/k/v inputs included); nodes are the heads and MLPs (the input and logits are in every
 circuit and not scored).
 
@@ -17,7 +21,9 @@ AUROC 1 with circuit edges that score 1e-15 and rank above the rest only because
 zeros. Each AUROC is therefore reported twice: as computed, and "floored" (`floor_scores`): a
 method's edge scores below FLOOR times its largest |score| on the program are set to 0 first, so they
 tie with everything outside the circuit (ties count one half). Floored node scores are summed from
-the floored edge scores.
+the floored edge scores. For ACDC the floor sets to 0 the edges kept only at a tau below FLOOR times
+the sweep's largest. Edges ACDC never keeps tie at 0, circuit edges among them included, so exact
+zeros do not flatter it.
 """
 
 from __future__ import annotations
@@ -38,7 +44,10 @@ from .ground_truth import GroundTruth, ground_truth, varying_directions
 from .programs import SUITE
 from .tasks import make_tracr_task
 
-METHODS = ("eap", "eap-ig", "peap", "exact")
+METHODS = ("eap", "eap-ig", "peap", "exact", "acdc")
+# ACDC's thresholds on tracr programs (changes of the task metric): circuit edges change it by order 0.1
+# to 1, edges outside the circuit by rounding error.
+ACDC_TAUS = (1e-6, 1e-4, 1e-2, 0.1, 0.3, 1.0)
 FLOOR = 1e-6  # scores below FLOOR * the method's largest |score| count as 0 in the floored AUROCs
 
 
@@ -88,6 +97,11 @@ def method_edge_scores(compiled: CompiledProgram, dataset, method: str, batch_si
     if method == "exact":
         return exact_scores(model, Graph.from_model(model), dataset, batch_size=batch_size, progress=False,
                             absolute=True)
+    if method == "acdc":
+        from ...circuits.acdc import acdc
+
+        result = acdc(model, dataset, ACDC_TAUS, metric="task", batch_size=batch_size, progress=False, evaluate=False)
+        return result.survival_scores()
     if method == "peap":
         scores = attribute(model, dataset, "peap", batch_size=batch_size, progress=False, aggregation="signed_max")
         return scores.values.abs().amax(0)
