@@ -1,6 +1,6 @@
 """Edge ablation with sparse corrections (`Ablation(sparse=True)`, what evaluation runs) gives the logits of
 the dense correction sum_u drop[v, u] (ref_u - z_u), for graph and span circuits of every density, and
-both of its forms (the drop weights and their complement) are exercised."""
+every form of the correction (dense, gathered drop weights, gathered complement) is exercised."""
 
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ def _logits(model, graph, batch, ablation):
     return logits, run
 
 
-def _forms(run) -> set[bool]:
-    return {complement for per in run._plans.values() for complement, _, _ in per}
+def _forms(run) -> set[str]:
+    return {"dense" if cols is None else "complement" if complement else "drop"
+            for per in (run._plans or {}).values() for complement, cols, _ in per}
 
 
 def test_sparse_graph_ablation_equals_dense(tiny_model, data):
@@ -45,7 +46,7 @@ def test_sparse_graph_ablation_equals_dense(tiny_model, data):
         sparse, run = _logits(tiny_model, graph, batch, Ablation(keep, ref, sparse=True))
         assert (sparse - dense).abs().max() <= 1e-5 * max(1.0, float(dense.abs().max())), density
         forms |= _forms(run)
-    assert forms == {True, False}  # both the drop and the complement form ran
+    assert forms == {"dense", "complement", "drop"}  # every form of the correction ran
 
 
 def test_sparse_span_ablation_equals_dense(tiny_model, data):
@@ -64,10 +65,10 @@ def test_sparse_span_ablation_equals_dense(tiny_model, data):
         shape = (b, graph.n_heads, t, t)
         kk = {l: (torch.rand(shape, generator=gen) < density).float() for l in range(graph.n_layers)}
         kv = {l: (torch.rand(shape, generator=gen) < density).float() for l in range(graph.n_layers)}
-        kq = {l: (torch.rand(shape[:3], generator=gen) < density).float() for l in range(graph.n_layers)}
+        kq = {l: (torch.rand(shape, generator=gen) < density).float() for l in range(graph.n_layers)}
         att = AttentionAblation(kk, kv, kq, cf_attn, attention_scale(tiny_model), score_soft_cap(tiny_model))
         dense, _ = _logits(tiny_model, graph, batch, Ablation(keep, ref, span_of, att))
         sparse, run = _logits(tiny_model, graph, batch, Ablation(keep, ref, span_of, att, sparse=True))
         assert (sparse - dense).abs().max() <= 1e-5 * max(1.0, float(dense.abs().max())), density
         forms |= _forms(run)
-    assert forms == {True, False}
+    assert forms == {"dense", "complement", "drop"}

@@ -71,6 +71,10 @@ def prepare_model(model, split_inputs: bool = True) -> None:
         model._mechscope_split_inputs = split_inputs
 
 
+# A correction that reads more than this fraction of the nodes before it is one dense product (see _plan).
+DENSE_FROM = 0.3
+
+
 class StopForward(Exception):
     """Raised at the final residual when a pass only needs the upstream outputs (no logits)."""
 
@@ -103,6 +107,9 @@ class Ablation:
     # off by default so that forward-mode derivatives through `keep` (whose zero pattern the plan
     # reads) stay exact.
     sparse: bool = False
+    # A dict shared by the span-circuit ablations of one batch (same reference and spans): the reference
+    # sorted by span is computed once and reused (see GraphRun._init_span_layout).
+    layout: dict | None = None
 
 
 class GraphRun:
@@ -189,8 +196,13 @@ class GraphRun:
         every span's tokens are one contiguous slice and its correction is one matrix product."""
         ref = ablation.reference
         self.drop_t = self.drop.transpose(1, 2).contiguous()  # [span, n_down, n_up]
-        self.order, self.span_ranges = tokens_by_span(ablation.span_of.to(ref.device), self.drop.shape[0])
-        self.ref_sorted = ref.flatten(1, 2)[:, self.order]  # [n_up, tokens, d]
+        layout = ablation.layout if ablation.layout is not None else {}
+        key = (self.drop.shape[0], ablation.span_of.data_ptr(), ref.data_ptr())
+        if layout.get("key") != key:
+            order, ranges = tokens_by_span(ablation.span_of.to(ref.device), self.drop.shape[0])
+            layout.update(key=key, order=order, ranges=ranges, ref_sorted=ref.flatten(1, 2)[:, order])
+        self.order, self.span_ranges = layout["order"], layout["ranges"]
+        self.ref_sorted = layout["ref_sorted"]  # [n_up, tokens, d]
         self.delta = torch.empty_like(self.ref_sorted)
         self.bt = ref.shape[1:3]
 
@@ -243,7 +255,12 @@ class GraphRun:
                 k_cols = keep.ne(0).any(0).nonzero().flatten()
                 complement = len(k_cols) + 1 < len(d_cols)
                 cols, weights = (k_cols, keep) if complement else (d_cols, block)
-                per.append((complement, cols.to(dev), weights[:, cols].to(dev, dtype)))
+                if len(cols) > DENSE_FROM * n_before:
+                    # Most nodes are read anyway: one product over the contiguous prefix of delta
+                    # reads it once, where gathering the rows first would copy them.
+                    per.append((False, None, block.to(dev, dtype)))
+                else:
+                    per.append((complement, cols.to(dev), weights[:, cols].to(dev, dtype)))
             plans[read_step] = per
         return plans
 
@@ -254,6 +271,8 @@ class GraphRun:
         if tokens is not None:
             delta = delta[:, tokens[0]:tokens[1]]
         flat = delta.reshape(delta.shape[0], -1)
+        if cols is None:
+            return weights @ flat
         fix = weights @ flat.index_select(0, cols) if len(cols) else None
         if complement:
             total = self._sum_before(n_before)

@@ -24,7 +24,7 @@ from ..behaviour import check_compatible, keep_correct, measure_behaviour
 from ..data.dataset import DatasetError, PromptPairDataset
 from ..errors import ParameterError
 from ..metrics import Metric, metric_name, resolve_metric
-from .evaluation import DEFAULT_FRACTIONS, check_fractions, check_selection, faithfulness_curve, select_circuits
+from .evaluation import DEFAULT_FRACTIONS, check_fractions, check_selection, faithfulness_curves, select_circuits
 from .span_circuit import SpanCircuit, SpanGraphScores
 
 
@@ -109,18 +109,21 @@ def compare_methods(
         "behaviour": behaviour,
         "methods": {},
     }
-    all_scores = {}
+    all_scores, selected = {}, {}
     for method in methods:
         scores = attribute(model, discovery, method, steps=steps, ablation=ablation, batch_size=batch_size,
                            progress=progress, metric=metric, query_edges=_query_edges(method, query_edges))
-        curve = faithfulness_curve(model, scores, evaluation, fractions=fractions, selection=selection,
-                                   ablation=ablation, batch_size=batch_size, progress=progress, metric=metric)
+        selected[method] = (scores, select_circuits(scores, fractions, selection))
+        all_scores[method] = scores
+    # One evaluation for every method's circuits: they share each batch's clean and reference passes.
+    curves = faithfulness_curves(model, selected, evaluation, fractions, selection, ablation,
+                                 batch_size=batch_size, progress=progress, metric=metric)
+    for method, curve in curves.items():
         if "signal" not in summary:
             summary["signal"], summary["warnings"] = signal_record(curve)
         summary["methods"][method] = curve.to_dict()
         # Concrete token-level edges needed to reach each normalized faithfulness (None: never).
         summary["methods"][method]["concrete_edges_for"] = {f"{t:g}": curve.edges_for(t) for t in targets}
-        all_scores[method] = scores
     return summary, all_scores
 
 
@@ -177,14 +180,14 @@ def discover_circuit(
     behaviour, discovery, evaluation = prepare(model, dataset, seed, batch_size=batch_size, progress=progress,
                                                metric=metric)
     methods = [method] + (["eap"] if method == "peap" else [])
-    scores, curves, circuits = {}, {}, {}
+    scores, circuits = {}, {}
     for m in methods:
         scores[m] = attribute(model, discovery, m, steps=steps, batch_size=batch_size, progress=progress,
                               metric=metric, query_edges=_query_edges(m, query_edges))
-        chosen = select_circuits(scores[m], fractions, selection)
-        curves[m] = faithfulness_curve(model, scores[m], evaluation, fractions=fractions, selection=selection,
-                                       batch_size=batch_size, progress=progress, circuits=chosen, metric=metric)
-        circuits[m] = chosen
+        circuits[m] = select_circuits(scores[m], fractions, selection)
+    # Both methods' circuits in one evaluation: they share each batch's clean and reference passes.
+    curves = faithfulness_curves(model, {m: (scores[m], circuits[m]) for m in methods}, evaluation, fractions,
+                                 selection, batch_size=batch_size, progress=progress, metric=metric)
     curve = curves[method]
     pick = next((i for i, p in enumerate(curve.points) if p.normalized >= target), len(curve.points) - 1)
     circuit = circuits[method][pick]

@@ -169,8 +169,10 @@ class _Evaluator:
         if positional:
             check_supported(model)
         keeps = [c.keep_matrix().to(device) if isinstance(c, Circuit) else None for c in circuits]
-        maps = [torch.tensor(c.span_map(ds) + [-1], device=device) if isinstance(c, SpanCircuit) else None
-                for c in circuits]
+        # One tensor per distinct span mapping, so that circuits with the same mapping share its layout.
+        distinct: dict = {}
+        maps = [distinct.setdefault(tuple(c.span_map(ds)), torch.tensor(c.span_map(ds) + [-1], device=device))
+                if isinstance(c, SpanCircuit) else None for c in circuits]
         mean = self.mean(positional)
         full = [is_full(c) for c in circuits]
         metric = self.metric
@@ -193,6 +195,7 @@ class _Evaluator:
                 if positional else None
             span_of = batch_span_of(ds, indices, batch.clean.shape[1], device) if positional else None
             top = clean.argmax(-1)
+            layouts: dict = {}  # per span mapping: tokens' spans, the reference sorted by span (shared)
 
             def score(ablation: Ablation | None, into: _Totals, run_name: str, logits=None) -> torch.Tensor:
                 if logits is None:
@@ -223,11 +226,13 @@ class _Evaluator:
                 elif keep is not None:
                     score(Ablation(keep, reference, sparse=self.shortcuts), into, run_name)
                 else:
-                    within, (keep_k, keep_v, keep_q) = c.projection(mapping[span_of])
+                    shared = layouts.setdefault(id(mapping), {"span_of": mapping[span_of]})
+                    within, (keep_k, keep_v, keep_q) = c.projection(shared["span_of"])
                     attention = AttentionAblation(
                         keep_k, keep_v, keep_q, attn_ref, attention_scale(model), score_soft_cap(model)
                     ) if keep_k else None
-                    score(Ablation(within, reference, mapping[span_of], attention, sparse=self.shortcuts), into, run_name)
+                    score(Ablation(within, reference, shared["span_of"], attention, sparse=self.shortcuts,
+                                  layout=shared), into, run_name)
                 bar.update(len(top))
         bar.close()
         n = len(ds)
@@ -446,19 +451,44 @@ def faithfulness_curve(
     `circuits`: the circuits already selected for `fractions` (by `select_circuits`), to keep them.
     `metric`: a name or a function fn(final logits [batch, vocab], batch) -> [batch]; default the
     dataset's. Warns (MechscopeWarning) when normalized faithfulness is noise (`Curve.weak_signal`)."""
+    if circuits is None:
+        circuits = select_circuits(scores, check_fractions(fractions), selection, attention)
+    return faithfulness_curves(model, {scores.method: (scores, circuits)}, dataset, fractions, selection, ablation,
+                               reference, batch_size, progress, metric)[scores.method]
+
+
+def faithfulness_curves(
+    model,
+    selected: dict,
+    dataset: PromptPairDataset,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    selection: str = "top_n",
+    ablation: str = "counterfactual",
+    reference: PromptPairDataset | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+    metric: Metric | None = None,
+) -> dict[str, Curve]:
+    """`faithfulness_curve` of several methods' circuits at once: `selected` maps a name to (scores,
+    the circuits selected for `fractions`). The circuits share each batch's clean and reference
+    passes, which a curve per method would run again. Returns a Curve per name."""
     batch_size = batch_size_for(model, batch_size)
     fractions = check_fractions(fractions)
-    if circuits is None:
-        circuits = select_circuits(scores, fractions, selection, attention)
-    elif len(circuits) != len(fractions):
-        raise ParameterError(f"{len(circuits)} circuits for {len(fractions)} fractions")
-    for c in circuits:
-        c.check_model(model)
-    results = _Evaluator(model, dataset, ablation, reference, batch_size, metric).run(circuits, progress)
-    for f, r in zip(fractions, results):
-        r.fraction = f
-    full = SpanCircuit.full(scores.graph, (ALL_TOKENS,)).concrete_edges(dataset)["total"]
-    curve = Curve(method=scores.method, selection=selection, points=results, concrete_full=full)
+    for scores, circuits in selected.values():
+        if len(circuits) != len(fractions):
+            raise ParameterError(f"{len(circuits)} circuits for {len(fractions)} fractions")
+        for c in circuits:
+            c.check_model(model)
+    everything = [c for _, circuits in selected.values() for c in circuits]
+    results = _Evaluator(model, dataset, ablation, reference, batch_size, metric).run(everything, progress)
+    curves, start = {}, 0
+    for name, (scores, circuits) in selected.items():
+        points = results[start:start + len(circuits)]
+        start += len(circuits)
+        for f, r in zip(fractions, points):
+            r.fraction = f
+        full = SpanCircuit.full(scores.graph, (ALL_TOKENS,)).concrete_edges(dataset)["total"]
+        curves[name] = Curve(method=scores.method, selection=selection, points=points, concrete_full=full)
     if results:
         warn_weak_signal(results[0])
-    return curve
+    return curves
