@@ -37,7 +37,7 @@ from mechscope.circuits.evaluation import evaluate, faithfulness_curve
 from mechscope.circuits.span_circuit import SpanCircuit, load_any_circuit
 from mechscope.cli import Terminated, app
 from mechscope.errors import MechscopeError, NonFiniteError, ParameterError
-from mechscope.graph import Graph
+from mechscope.graph import Graph, GraphError
 
 runner = CliRunner()
 
@@ -87,6 +87,23 @@ class ApiFault:
     call: Callable[["ApiEnv"], object]
     error: type[Exception]
     message: str
+
+
+def without_head_split(env: "ApiEnv", call: Callable[[], object]):
+    """`call()` with the model refusing per-head attention inputs, as a bridge whose attention has no
+    fork point does (TransformerBridge raises NotImplementedError there); model work fails the row."""
+    def refuse(on):
+        raise NotImplementedError("use_split_qkv_input: no attention layer of this bridge supports it")
+
+    def no_model_work(*args, **kwargs):
+        raise AssertionError("the model ran before the check")
+
+    env.model.set_use_split_qkv_input = refuse
+    env.model.forward = no_model_work
+    try:
+        return call()
+    finally:
+        del env.model.set_use_split_qkv_input, env.model.forward
 
 
 @dataclass
@@ -644,6 +661,13 @@ API_FAULTS: list[ApiFault] = [
     ApiFault("acdc(): candidates of another graph",
              lambda e: acdc(e.model, e.dataset, 0.1, candidates=torch.ones(5, dtype=torch.bool), progress=False),
              ParameterError, "candidates must be a boolean mask over the graph's"),
+    ApiFault("acdc(): a model whose attention cannot be split per head",
+             lambda e: without_head_split(e, lambda: acdc(e.model, e.dataset, 0.1, progress=False)),
+             GraphError, "edges of this model cannot be ablated: its attention cannot take a separate input per head"),
+    ApiFault("evaluate: a model whose attention cannot be split per head",
+             lambda e: without_head_split(e, lambda: evaluate(e.model, Circuit.full(Graph.from_model(e.model)),
+                                                              e.dataset, progress=False)),
+             GraphError, "edges of this model cannot be ablated"),
     ApiFault("acdc(): a dataset of another tokenizer",
              lambda e: acdc(e.model, other_tokenizer(e), 0.1, progress=False),
              MechscopeError, "tokenized for another tokenizer"),

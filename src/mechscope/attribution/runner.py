@@ -75,6 +75,20 @@ def prepare_model(model, split_inputs: bool = True) -> None:
 DENSE_FROM = 0.3
 
 
+def check_ablatable(model) -> None:
+    """GraphError unless the model gives each head its own copy of the residual stream, which edge
+    ablation needs (evaluation, exact patching, ACDC): bridges whose attention has no fork point refuse
+    it. Leaves the split switched on (`prepare_model` switches it as each pass needs)."""
+    from ..graph import GraphError
+
+    try:
+        model.set_use_split_qkv_input(True)
+    except (NotImplementedError, AttributeError) as e:
+        raise GraphError(f"edges of this model cannot be ablated: its attention cannot take a separate input per "
+                         f"head ({e})") from None
+    model._mechscope_split_inputs = True
+
+
 class StopForward(Exception):
     """Raised at the final residual when a pass only needs the upstream outputs (no logits)."""
 

@@ -43,7 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..attribution.references import check_ablation, clean_pass, mean_reference, reference_outputs
-from ..attribution.runner import Ablation, graph_hooks, run_to_final_logits
+from ..attribution.runner import Ablation, check_ablatable, graph_hooks, run_to_final_logits
 from ..behaviour import check_compatible
 from ..data.dataset import METRICS, PromptPairDataset
 from ..devices import HOST, batch_size_for, model_device
@@ -264,6 +264,7 @@ def acdc(
     check_compatible(model, dataset)
     graph = Graph.from_model(model)
     candidates = check_candidates(graph, candidates)
+    check_ablatable(model)
     task_metric = resolve_metric(None if metric == "task" else metric, dataset)
     signed = metric == "kl"
     runner = _Runner(model, graph, dataset, ablation, task_metric, batch_size, reference)

@@ -34,7 +34,7 @@ from ..attribution.references import (
     reference_outputs,
     upstream_and_attention,
 )
-from ..attribution.runner import Ablation, AttentionAblation, graph_hooks, run_to_final_logits
+from ..attribution.runner import Ablation, AttentionAblation, check_ablatable, graph_hooks, run_to_final_logits
 from ..behaviour import check_compatible
 from .circuit import Circuit, circuit_from_greedy_order, greedy_order
 from ..data.dataset import PromptPairDataset
@@ -144,6 +144,7 @@ class _Evaluator:
                  metric: Metric | None = None, shortcuts: bool = True):
         check_ablation(ablation)
         check_compatible(model, dataset)
+        check_ablatable(model)
         self.metric = resolve_metric(metric, dataset)
         self.model, self.dataset, self.ablation = model, dataset, ablation
         self.graph = Graph.from_model(model)
