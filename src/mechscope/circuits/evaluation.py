@@ -133,8 +133,8 @@ def is_full(circuit: Circuit | SpanCircuit) -> bool:
 class _Evaluator:
     """Runs each batch's clean, reference and empty passes once and any number of circuits on it.
 
-    With `shortcuts` (the default) two runs whose result is known exactly are not run: a circuit that
-    keeps every edge is the clean run, and with the counterfactual reference the all-ablated run is
+    With `shortcuts` (the default) runs whose result is known exactly are not run: a circuit that
+    keeps every edge is the clean run, one that keeps none the all-ablated run, and with the counterfactual reference the all-ablated run is
     the counterfactual run (every node reads the counterfactual prompt's residual stream; its logits
     come from the reference pass). Its ablated passes also compute each correction from the nodes
     with non-zero weight only (`Ablation.sparse`). All of this equals the plain ablated passes to
@@ -198,7 +198,7 @@ class _Evaluator:
             top = clean.argmax(-1)
             layouts: dict = {}  # per span mapping: tokens' spans, the reference sorted by span (shared)
 
-            def score(ablation: Ablation | None, into: _Totals, run_name: str, logits=None) -> torch.Tensor:
+            def score(ablation: Ablation | None, into: _Totals, run_name: str, logits=None):
                 if logits is None:
                     with graph_hooks(model, graph, ablation=ablation, attention_mask=batch.attention_mask,
                                      stop_at_final=True) as run:
@@ -208,7 +208,7 @@ class _Evaluator:
                 into.metric += float(values.sum())
                 into.agree += float((logits.argmax(-1) == top).sum())
                 into.correct += float(accuracy(logits, batch).sum())
-                return values
+                return values, logits
 
             m_model = compute_metric(metric, clean, batch, clean_logits=clean).double()
             check_metric_values(m_model, metric, "the clean run", ds, indices)
@@ -217,13 +217,15 @@ class _Evaluator:
             model_t.correct += float(accuracy(clean, batch).sum())
             empty = None if cf_logits is not None else \
                 Ablation(torch.zeros(graph.n_upstream, graph.n_downstream, device=device), reference, sparse=self.shortcuts)
-            m_empty = score(empty, empty_t, "the all-ablated run", cf_logits)
+            m_empty, empty_logits = score(empty, empty_t, "the all-ablated run", cf_logits)
             gaps.append((m_model - m_empty).cpu())
             bar.update(len(top))
             for k, (c, keep, mapping, into) in enumerate(zip(circuits, keeps, maps, totals)):
                 run_name = f"the run of circuit {k} ({c.n_edges} edges)"
                 if self.shortcuts and full[k]:
                     score(None, into, run_name, clean)
+                elif self.shortcuts and c.n_edges == 0:  # keeps nothing: the all-ablated run
+                    score(None, into, run_name, empty_logits)
                 elif keep is not None:
                     score(Ablation(keep, reference, sparse=self.shortcuts), into, run_name)
                 else:
