@@ -278,6 +278,17 @@ class GraphRun:
             plans[read_step] = per
         return plans
 
+    def _group_plans(self, read_step: int, lo: int, hi: int, n_before: int) -> list:
+        """The plans of one group of readers (one per span for span circuits): `_plan`'s with
+        `Ablation.sparse`, else the drop weights as they are, one dense product each (they may carry a
+        derivative, which a plan read from their zero pattern would lose)."""
+        if not self.ablation.sparse:
+            blocks = self.drop_t[..., lo:hi, :n_before]
+            return [(False, None, block) for block in (blocks if self.by_span else [blocks])]
+        if self._plans is None:
+            self._plans = self._plan()
+        return self._plans[read_step]
+
     def _apply(self, plan, n_before: int, delta: torch.Tensor, lo: int, hi: int, tokens=None) -> torch.Tensor:
         """One group's correction [readers, tokens * d] from delta [u, tokens, d] (a span's tokens with
         `tokens` = (start, end) in the sorted layout)."""
@@ -321,16 +332,9 @@ class GraphRun:
             if self._fix_key != key:
                 lo, hi = self._read_group(read_step)
                 fix_sorted = torch.empty(hi - lo, *delta.shape[1:], dtype=delta.dtype, device=delta.device)
-                if self.ablation.sparse:
-                    if self._plans is None:
-                        self._plans = self._plan()
-                    plans = self._plans[read_step]
-                    for s, a, b in self.span_ranges:
-                        fix_sorted[:, a:b] = self._apply(plans[s], n_before, delta, lo, hi, (a, b)).view(hi - lo, b - a, -1)
-                else:
-                    for s, a, b in self.span_ranges:
-                        part = delta[:, a:b].reshape(n_before, -1)  # a view: a span's tokens are contiguous
-                        fix_sorted[:, a:b] = (self.drop_t[s, lo:hi, :n_before] @ part).view(hi - lo, b - a, -1)
+                plans = self._group_plans(read_step, lo, hi, n_before)
+                for s, a, b in self.span_ranges:  # a span's tokens are contiguous in delta
+                    fix_sorted[:, a:b] = self._apply(plans[s], n_before, delta, lo, hi, (a, b)).view(hi - lo, b - a, -1)
                 fix = torch.zeros(hi - lo, self.bt[0] * self.bt[1], delta.shape[-1], dtype=delta.dtype,
                                   device=delta.device)
                 fix[:, self.order] = fix_sorted
@@ -344,13 +348,8 @@ class GraphRun:
             key = (read_step, n_before)
             if self._fix_key != key:
                 lo, hi = self._read_group(read_step)
-                if self.ablation.sparse:
-                    if self._plans is None:
-                        self._plans = self._plan()
-                    fix = self._apply(self._plans[read_step][0], n_before, delta, lo, hi)
-                else:
-                    fix = self.drop_t[lo:hi, :n_before] @ delta.flatten(1)  # [v, u] @ [u, b * t * d]
-                fix = fix.view(hi - lo, *delta.shape[1:])
+                plan = self._group_plans(read_step, lo, hi, n_before)[0]
+                fix = self._apply(plan, n_before, delta, lo, hi).view(hi - lo, *delta.shape[1:])
                 self._fix_key, self._fix, self._fix_lo = key, fix, lo
             fix = self._fix[first - self._fix_lo : first - self._fix_lo + count].permute(1, 2, 0, 3)
         else:
