@@ -34,6 +34,18 @@ def _device_option():
     return typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu).")
 
 
+def _task_option():
+    return typer.Option(None, "--task", help="Built-in task: ioi, greater-than, winobias, induction.")
+
+
+def _data_option():
+    return typer.Option(None, "--data", help="A dataset JSONL (tokenized or text) instead of --task.")
+
+
+def _model_option(help: str = "Model alias, .gguf, directory or hub id."):
+    return typer.Option("smollm2-135m", "--model", "-m", help=help)
+
+
 def _batch_option():
     return typer.Option(None, "--batch-size", help="Examples per forward pass (default: 64 on a GPU, 16 on the CPU).")
 
@@ -135,7 +147,7 @@ def models() -> None:
 @app.command()
 @_user_errors
 def demo(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model alias, .gguf, directory or hub id."),
+    model: str = _model_option(),
     device: Optional[str] = _device_option(),
     prompt: str = typer.Option(IOI_PROMPT, help="Prompt whose next token to predict."),
     top_k: int = typer.Option(5, help="How many candidate next tokens to show."),
@@ -177,7 +189,7 @@ def _print_summary(title: str, summary: dict) -> None:
 @_user_errors
 def data(
     task: Optional[str] = typer.Argument(None, help="Built-in task: ioi, greater-than, winobias, induction."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model whose tokenizer and behaviour to use."),
+    model: str = _model_option("Model whose tokenizer and behaviour to use."),
     device: Optional[str] = _device_option(),
     n: int = typer.Option(200, "--n", help="Number of examples to generate."),
     seed: int = typer.Option(0, help="Random seed of the generator."),
@@ -259,9 +271,9 @@ def data(
 @app.command()
 @_user_errors
 def curves(
-    task: Optional[str] = typer.Option(None, "--task", help="Built-in task to generate."),
-    data_file: Optional[Path] = typer.Option(None, "--data", help="A dataset JSONL (tokenized or text) instead of --task."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m"),
+    task: Optional[str] = _task_option(),
+    data_file: Optional[Path] = _data_option(),
+    model: str = _model_option(),
     device: Optional[str] = _device_option(),
     methods: str = typer.Option("eap,eap-ig", help="Comma-separated attribution methods."),
     n: int = typer.Option(200, "--n", help="Examples to generate (with --task)."),
@@ -342,9 +354,9 @@ def curves(
 @app.command()
 @_user_errors
 def circuit(
-    task: Optional[str] = typer.Option(None, "--task", help="Built-in task: ioi, greater-than, winobias, induction."),
-    data_file: Optional[Path] = typer.Option(None, "--data", help="A dataset JSONL (tokenized or text) instead of --task."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model alias, .gguf, directory or hub id."),
+    task: Optional[str] = _task_option(),
+    data_file: Optional[Path] = _data_option(),
+    model: str = _model_option(),
     device: Optional[str] = _device_option(),
     method: str = typer.Option("peap", help="peap (position-aware, with the EAP baseline) | eap | eap-ig"),
     n: Optional[int] = typer.Option(None, "--n", help="Examples: generated with --task (default 120), the first N of --data."),
@@ -402,7 +414,7 @@ def circuit(
 @_user_errors
 def schema(
     data_file: Path = typer.Argument(..., help="Dataset JSONL (its schema, if any, is replaced)."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model for saliency and tokenizer."),
+    model: str = _model_option("Model for saliency and tokenizer."),
     device: Optional[str] = _device_option(),
     out: Path = typer.Option(..., "--out", "-o", help="Output JSONL with the induced schema."),
     method: str = typer.Option("induce", help="induce (alignment + saliency, offline) | llm (OpenAI-compatible endpoint)"),
@@ -452,9 +464,9 @@ def schema(
 @app.command("acdc")
 @_user_errors
 def acdc_command(
-    task: Optional[str] = typer.Option(None, "--task", help="Built-in task: ioi, greater-than, winobias, induction."),
-    data_file: Optional[Path] = typer.Option(None, "--data", help="A dataset JSONL (tokenized or text) instead of --task."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model alias, .gguf, directory or hub id."),
+    task: Optional[str] = _task_option(),
+    data_file: Optional[Path] = _data_option(),
+    model: str = _model_option(),
     device: Optional[str] = _device_option(),
     n: Optional[int] = typer.Option(None, "--n", help="Examples: generated with --task (default 32), the first N of --data."),
     seed: int = typer.Option(0, help="Seed of the task generator."),
