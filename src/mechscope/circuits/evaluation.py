@@ -172,8 +172,12 @@ class _Evaluator:
         keeps = [c.keep_matrix().to(device) if isinstance(c, Circuit) else None for c in circuits]
         # One tensor per distinct span mapping, so that circuits with the same mapping share its layout.
         distinct: dict = {}
-        maps = [distinct.setdefault(tuple(c.span_map(ds)), torch.tensor(c.span_map(ds) + [-1], device=device))
-                if isinstance(c, SpanCircuit) else None for c in circuits]
+        maps = []
+        for c in circuits:
+            key = tuple(c.span_map(ds)) if isinstance(c, SpanCircuit) else None
+            if key is not None and key not in distinct:
+                distinct[key] = torch.tensor(list(key) + [-1], device=device)
+            maps.append(distinct.get(key))
         mean = self.mean(positional)
         full = [is_full(c) for c in circuits]
         metric = self.metric
