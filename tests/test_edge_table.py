@@ -116,3 +116,15 @@ def test_circuits_over_other_graphs_are_refused(llama):
         circuit_edges([other], scores)
     with pytest.raises(CircuitError, match="no circuits"):
         circuit_edges([])
+
+
+def test_a_circuit_and_scores_loaded_from_files_go_together(llama, tmp_path):
+    """Graphs built apart compare by shape (a saved circuit and saved scores each build their own)."""
+    model, data = llama
+    scores = attribute(model, data, "peap", batch_size=6, progress=False)
+    span_greedy(scores, 50).save(tmp_path / "c.json")
+    scores.save(tmp_path / "s.safetensors")
+    from mechscope.attribution.scores import EdgeScores
+    loaded = SpanCircuit.load(tmp_path / "c.json")
+    assert loaded.graph == EdgeScores.load(tmp_path / "s.safetensors").graph
+    assert len(circuit_edges([loaded], EdgeScores.load(tmp_path / "s.safetensors"))) == loaded.n_edges

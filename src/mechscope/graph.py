@@ -38,13 +38,13 @@ class Graph:
     n_kv_heads: int
     parallel_attn_mlp: bool = False
     # Derived tables, filled in __post_init__.
-    upstream_names: tuple[str, ...] = field(init=False, repr=False)
-    downstream_names: tuple[str, ...] = field(init=False, repr=False)
-    upstream_write_step: torch.Tensor = field(init=False, repr=False)
-    downstream_read_step: torch.Tensor = field(init=False, repr=False)
-    edge_mask: torch.Tensor = field(init=False, repr=False)  # [n_up, n_down] bool
-    edge_up: torch.Tensor = field(init=False, repr=False)  # [n_edges] upstream index of each edge
-    edge_down: torch.Tensor = field(init=False, repr=False)  # [n_edges] downstream index
+    upstream_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    downstream_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    upstream_write_step: torch.Tensor = field(init=False, repr=False, compare=False)
+    downstream_read_step: torch.Tensor = field(init=False, repr=False, compare=False)
+    edge_mask: torch.Tensor = field(init=False, repr=False, compare=False)  # [n_up, n_down] bool
+    edge_up: torch.Tensor = field(init=False, repr=False, compare=False)  # [n_edges] upstream index of each edge
+    edge_down: torch.Tensor = field(init=False, repr=False, compare=False)  # [n_edges] downstream index
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
