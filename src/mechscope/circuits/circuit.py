@@ -25,6 +25,7 @@ from ..devices import HOST
 from ..errors import MechscopeError, ParameterError
 from ..fileio import write_json
 from ..graph import Graph, GraphError
+from .exportable import Exportable
 
 
 class CircuitError(MechscopeError, ValueError):
@@ -32,7 +33,7 @@ class CircuitError(MechscopeError, ValueError):
 
 
 @dataclass
-class Circuit:
+class Circuit(Exportable):
     graph: Graph
     edges: torch.Tensor  # bool [n_edges]
     model: str = ""

@@ -12,13 +12,15 @@ gives every head its own. The mapping:
   group's heads together, as it keeps or drops the group edge);
 * reading: the heads of a group must agree (all in the graph or none; `groups="exact"`, the default),
   else CircuitError names the edge; `groups="any"` keeps a group edge when any of its heads' edges is
-  in the graph, `groups="all"` when all are. A group edge's score is the mean of its heads' scores
-  (on a round trip, the score written).
+  in the graph, `groups="all"` when all are. A group edge's score is its heads' common score, or the mean of
+  their scores where they differ.
 
 A file lists every edge of the graph with `in_graph` and `score`; EAP-IG needs a number for every
 edge, so an edge without a score is written with 0.0 and the file says so (`mechscope.scored`).
-`nodes` hold `in_graph` for each node: the logits always, any other node when it is an end of a
-circuit edge (the parent of one, or the owner of the input a circuit edge reads). `cfg` holds
+`nodes` hold `in_graph` for each node: the logits always, the input when it sends a circuit edge, a
+head or MLP when it sends one and reads one (a head reads through its query input or its group's key
+or value input; a group edge written on a head outside the circuit is then dropped by EAP-IG's own
+`prune`, and read back here as the group edge it came from). `cfg` holds
 `n_layers`, `n_heads`, `parallel_attn_mlp`, `n_key_value_heads` and, when known, `d_model` (EAP-IG's
 `Graph.from_json` needs it). The circuit's model, method, task and info travel in a `mechscope` field
 that EAP-IG ignores.
@@ -73,15 +75,20 @@ def eapig_edge_names(graph: Graph) -> list[tuple[str, int]]:
 
 
 def _node_flags(circuit: Circuit) -> dict[str, bool]:
+    """EAP-IG's node membership: the logits always; the input when it sends a circuit edge; a head or
+    MLP when it sends one and reads one (a head through its query input or its group's key or value
+    input)."""
     g = circuit.graph
-    used = torch.zeros(g.n_upstream, dtype=torch.bool, device=HOST)
-    used[g.edge_up[circuit.edges]] = True
+    sends = torch.zeros(g.n_upstream, dtype=torch.bool, device=HOST)
+    sends[g.edge_up[circuit.edges]] = True
     read = torch.zeros(g.n_downstream, dtype=torch.bool, device=HOST)
     read[g.edge_down[circuit.edges]] = True
+    reads = torch.zeros(g.n_upstream, dtype=torch.bool, device=HOST)
+    reads[0] = True
     for d, owners in enumerate(g.downstream_owner()):
         if bool(read[d]):
-            used[owners] = True
-    flags = dict(zip(g.upstream_names, used.tolist()))
+            reads[owners] = True
+    flags = dict(zip(g.upstream_names, (sends & reads).tolist()))
     flags["logits"] = True
     return flags
 
@@ -212,6 +219,11 @@ def load_eapig(path: str | os.PathLike, groups: str = "exact") -> Circuit:
     edges = n_in > 0 if groups == "any" else n_in == size
     scores = None
     if meta.get("scored", True):
+        # the heads' common score when they agree (exactly: no rounding of a mean), else their mean
+        given = torch.tensor(values, dtype=torch.float64, device=HOST)
+        low = torch.full_like(total, math.inf).scatter_reduce(0, index, given, "amin")
+        high = torch.full_like(total, -math.inf).scatter_reduce(0, index, given, "amax")
         scores = torch.where(n_heads > 0, total / n_heads.clamp(min=1), math.nan)
+        scores = torch.where(low == high, low, scores)
     return Circuit(graph, edges, model=meta.get("model", ""), method=meta.get("method", ""),
                    info=dict(meta.get("info", {})), task=meta.get("task", ""), scores=scores)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from ..devices import HOST
+from .exportable import Exportable
 from .circuit import Circuit, CircuitError, check_graph, check_threshold, read_circuit_file
 from ..fileio import write_json
 from ..graph import Graph
@@ -47,7 +48,7 @@ ATTENTION_MODES = ("scored", "whole")
 
 
 @dataclass
-class SpanCircuit:
+class SpanCircuit(Exportable):
     graph: Graph
     spans: tuple[str, ...]
     within: torch.Tensor  # bool [n_spans, n_edges]
