@@ -327,6 +327,21 @@ def acdc_args(env: Env, *extra: str) -> list[str]:
     return ["acdc", "--data", str(env.dataset), "--model", env.llama, "--n", "4", "--out", str(env.out), *extra]
 
 
+def export_files(e: Env) -> None:
+    """circuit.json (a non-positional circuit of a 2-layer graph), span.json (a span circuit over spans
+    a, b) and other.safetensors (scores of a 1-layer graph)."""
+    graph = Graph(2, 4, 2)
+    Circuit.full(graph, method="eap").save(e.root / "circuit.json")
+    SpanCircuit.full(graph, ["a", "b"], method="peap").save(e.root / "span.json")
+    other = Graph(1, 4, 2)
+    EdgeScores(other, torch.zeros(other.n_edges), "eap", "logit_diff", "counterfactual", "tiny", 1).save(
+        e.root / "other.safetensors")
+
+
+def export_args(e: Env, name: str, to: str, *extra: str) -> list[str]:
+    return ["export", str(e.root / name), "--to", to, "--out", str(e.out), *extra]
+
+
 def other_tokenizer(e: "ApiEnv"):
     """The API dataset, marked as tokenized by another tokenizer."""
     dataset = e.dataset.subset(range(len(e.dataset)))
@@ -585,6 +600,17 @@ CLI_FAULTS: list[CliFault] = [
              "models (Not a directory); set MECHSCOPE_CACHE to a writable folder",
              setup=lambda e: (e.write("cache", ""), save_llama_gguf(e.root / "tiny.gguf", Path(e.llama))),
              environ=CACHE),
+    # --- export: checked before anything is written
+    CliFault("export: unknown --to", lambda e: export_args(e, "circuit.json", "png"),
+             "unknown export format 'png'; choose one of eapig, dot, graphml, csv", setup=export_files),
+    CliFault("export: a span circuit to eapig", lambda e: export_args(e, "span.json", "eapig"),
+             "EAP-IG graphs have no positions: a span circuit (spans ['a', 'b']) cannot be written as EAP-IG JSON",
+             setup=export_files),
+    CliFault("export: missing circuit file", lambda e: export_args(e, "nope.json", "csv"),
+             "nope.json: no such circuit file"),
+    CliFault("export: scores of another graph", lambda e: export_args(e, "circuit.json", "dot", "--scores",
+                                                                      str(e.root / "other.safetensors")),
+             "scores of another graph (layers 1 vs 2", setup=export_files),
 ]
 
 API_FAULTS: list[ApiFault] = [

@@ -461,6 +461,37 @@ def schema(
     print(f"valid_fraction={report.valid_fraction:.4f}")
 
 
+@app.command("export")
+@_user_errors
+def export_command(
+    circuit_file: Path = typer.Argument(..., help="A circuit JSON (circuit.json of a report, or a saved circuit)."),
+    to: str = typer.Option(..., "--to", help="eapig (EAP-IG's graph JSON; non-positional circuits) | dot "
+                           "(graphviz) | graphml | csv (the circuit's edge table)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output file."),
+    scores_file: Optional[Path] = typer.Option(None, "--scores", help="Edge scores (.safetensors) to label the "
+                                               "edges with (default: the scores saved in the circuit, if any)."),
+    d_model: Optional[int] = typer.Option(None, "--d-model", help="The model's width, written into EAP-IG's cfg "
+                                          "(its loader needs it)."),
+) -> None:
+    """Write a circuit for other tools: EAP-IG's graph JSON, graphviz DOT, GraphML or a CSV edge table."""
+    from .attribution.scores import EdgeScores
+    from .circuits.exports import EXPORT_FORMATS, check_export, export_circuit
+    from .circuits.span_circuit import load_any_circuit
+    from .errors import ParameterError, check_count
+    from .fileio import check_writable_file
+
+    if to not in EXPORT_FORMATS:
+        raise ParameterError(f"unknown export format '{to}'; choose one of {', '.join(EXPORT_FORMATS)}")
+    if d_model is not None:
+        check_count("--d-model", d_model)
+    check_writable_file(out)
+    circuit = load_any_circuit(circuit_file)
+    check_export(circuit, to)
+    scores = EdgeScores.load(scores_file) if scores_file is not None else None
+    export_circuit(circuit, to, out, scores, d_model)
+    console.print(f"wrote {out} ({to}: {circuit.n_edges:,} edges of the {circuit.method or 'circuit'} circuit)")
+
+
 @app.command("acdc")
 @_user_errors
 def acdc_command(

@@ -108,6 +108,13 @@ class EdgeScores:
 
         return greedy(self, n)
 
+    def to_frame(self):
+        """Every edge of the scores' span graph as a pandas DataFrame, one row per edge: edge, parent,
+        child, type, parent_span, child_span, key_span, score, concrete (circuits/exports.py)."""
+        from ..circuits.exports import scores_frame
+
+        return scores_frame(self)
+
     # ---------------------------------------------------------------------------------------------
 
     def metadata(self) -> dict:

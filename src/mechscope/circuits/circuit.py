@@ -25,6 +25,7 @@ from ..devices import HOST
 from ..errors import MechscopeError, ParameterError
 from ..fileio import write_json
 from ..graph import Graph, GraphError
+from .exportable import Exportable
 
 
 class CircuitError(MechscopeError, ValueError):
@@ -32,16 +33,26 @@ class CircuitError(MechscopeError, ValueError):
 
 
 @dataclass
-class Circuit:
+class Circuit(Exportable):
     graph: Graph
     edges: torch.Tensor  # bool [n_edges]
     model: str = ""
     method: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    task: str = ""  # the dataset's task the circuit was found for
+    scores: torch.Tensor | None = None  # float64 [n_edges]: each edge's score (NaN: none), or None
 
     @property
     def n_edges(self) -> int:
         return int(self.edges.sum())
+
+    def set_scores(self, scores) -> "Circuit":
+        """Keep each edge's score from `scores` (EdgeScores of this graph; positional ones are summed
+        over spans), to be saved with the circuit. Returns the circuit."""
+        from .circuit_scores import edge_scores_for
+
+        self.scores = edge_scores_for(self.graph, scores, CircuitError)
+        return self
 
     def keep_matrix(self, dtype=torch.float32) -> torch.Tensor:
         """Dense [n_up, n_down]: 1 for circuit edges, 0 for ablated ones."""
@@ -68,15 +79,22 @@ class Circuit:
 
     def to_json(self) -> dict:
         g = self.graph
-        return {
+        names = self.edge_names()
+        out = {
             "format": "mechscope-circuit/1",
             "model": self.model,
             "method": self.method,
+            "task": self.task,
             "graph": g.spec(),
             "n_edges": self.n_edges,
-            "edges": self.edge_names(),
+            "edges": names,
             "info": self.info,
         }
+        if self.scores is not None:
+            from .circuit_scores import circuit_scores_json
+
+            out["scores"] = circuit_scores_json(names, self.edges, self.scores)
+        return out
 
     def save(self, path: str | os.PathLike) -> Path:
         return write_json(path, self.to_json())
@@ -94,7 +112,13 @@ class Circuit:
             if name not in index:
                 raise CircuitError(f"{path}: field 'edges': edge '{name}' is not in a graph of this shape")
             edges[index[name]] = True
-        return cls(graph, edges, model=data.get("model", ""), method=data.get("method", ""), info=data.get("info", {}))
+        scores = None
+        if data.get("scores") is not None:
+            from .circuit_scores import read_circuit_scores
+
+            scores = read_circuit_scores(path, data["scores"], index, graph.n_edges, CircuitError)
+        return cls(graph, edges, model=data.get("model", ""), method=data.get("method", ""), info=data.get("info", {}),
+                   task=data.get("task", ""), scores=scores)
 
     def check_model(self, model, source: str = "circuit") -> None:
         """Raise CircuitError unless the circuit was built for a graph of `model`'s shape."""
@@ -121,7 +145,7 @@ def read_circuit_file(path: Path, what: str, fmt: str | None) -> tuple[dict, Gra
         raise CircuitError(f"{path}: field 'format' is {data['format']!r}, not {fmt!r}")
     if "graph" not in data:
         raise CircuitError(f"{path}: missing field 'graph'")
-    for key, kind in (("model", str), ("method", str), ("info", dict)):
+    for key, kind in (("model", str), ("method", str), ("task", str), ("info", dict)):
         if key in data and not isinstance(data[key], kind):
             raise CircuitError(f"{path}: field '{key}' must be {'a string' if kind is str else 'a JSON object'}")
     try:

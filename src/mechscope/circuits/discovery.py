@@ -191,6 +191,8 @@ def discover_circuit(
     curve = curves[method]
     pick = next((i for i, p in enumerate(curve.points) if p.normalized >= target), len(curve.points) - 1)
     circuit = circuits[method][pick]
+    circuit.task = dataset.task  # saved with the circuit (circuit.json), with each edge's score
+    circuit.set_scores(scores[method])
     display = display_circuits(scores[method], display_sizes, selection)
     signal, warnings = signal_record(curve)
     summary = {

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from ..devices import HOST
+from .exportable import Exportable
 from .circuit import Circuit, CircuitError, check_graph, check_threshold, read_circuit_file
 from ..fileio import write_json
 from ..graph import Graph
@@ -47,7 +48,7 @@ ATTENTION_MODES = ("scored", "whole")
 
 
 @dataclass
-class SpanCircuit:
+class SpanCircuit(Exportable):
     graph: Graph
     spans: tuple[str, ...]
     within: torch.Tensor  # bool [n_spans, n_edges]
@@ -57,6 +58,17 @@ class SpanCircuit:
     model: str = ""
     method: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    task: str = ""  # the dataset's task the circuit was found for
+    # each edge's score (NaN: none), float64 shaped like the edges ("within", "k", "v", "q"), or None
+    scores: dict[str, torch.Tensor] | None = None
+
+    def set_scores(self, scores) -> "SpanCircuit":
+        """Keep each edge's score from `scores` (EdgeScores over this circuit's spans, or non-positional
+        ones for a one-span circuit), to be saved with the circuit. Returns the circuit."""
+        from .circuit_scores import span_scores_for
+
+        self.scores = span_scores_for(self, scores, CircuitError)
+        return self
 
     @property
     def n_spans(self) -> int:
@@ -186,10 +198,11 @@ class SpanCircuit:
         if not per_key:
             for l, h, s in self.crossing["q"].nonzero().tolist():
                 crossing.append(f"{self.spans[s]}:a{l}.h{h}.q -> {self.spans[s]}:a{l}.h{h}")
-        return {
+        out = {
             "format": SPAN_FORMAT if per_key else WHOLE_ROW_FORMAT,
             "model": self.model,
             "method": self.method,
+            "task": self.task,
             "graph": g.spec(),
             "spans": list(self.spans),
             "logit_spans": [self.spans[i] for i in self.logit_spans.nonzero().flatten().tolist()],
@@ -198,6 +211,11 @@ class SpanCircuit:
             "crossing": crossing,
             "info": self.info,
         }
+        if self.scores is not None:
+            from .circuit_scores import span_scores_json
+
+            out["scores"] = span_scores_json(self)
+        return out
 
     def save(self, path: str | os.PathLike) -> Path:
         return write_json(path, self.to_json())
@@ -221,11 +239,14 @@ class SpanCircuit:
             n = len(spans)
             field_name = "within"
             within = torch.zeros(n, graph.n_edges, dtype=torch.bool, device=HOST)
+            within_at: dict[int, list[int]] = {}  # the edge of each entry, for the scores
+            crossing_at: list[tuple] = []
             for span, names in data["within"].items():
                 for name in names:
                     if name not in edge_index:
                         raise CircuitError(f"{path}: field 'within': edge '{name}' is not in a graph of this shape")
                     within[span_index[span], edge_index[name]] = True
+                    within_at.setdefault(span_index[span], []).append(edge_index[name])
             field_name = "crossing"
             crossing = {k: torch.zeros_like(v) for k, v in _full_crossing(graph, n, query_edges).items()}
             for item in data["crossing"]:
@@ -235,9 +256,11 @@ class SpanCircuit:
                 layer, head, kind = src_node.split(".")
                 l, h = int(layer[1:]), int(head[1:])
                 if kind == "q" and query_edges == "whole_row":
-                    crossing["q"][l, h, span_index[src_span]] = True
+                    at = (l, h, span_index[src_span])
                 else:
-                    crossing[kind][l, h, span_index[src_span], span_index[dst_span]] = True
+                    at = (l, h, span_index[src_span], span_index[dst_span])
+                crossing[kind][at] = True
+                crossing_at.append((kind, at))
             field_name = "logit_spans"
             logit_spans = torch.zeros(n, dtype=torch.bool, device=HOST)
             for s in data["logit_spans"]:
@@ -247,8 +270,14 @@ class SpanCircuit:
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise CircuitError(f"{path}: not a mechscope span circuit file (field '{field_name}': "
                                f"{type(exc).__name__}: {exc})") from None
+        scores = None
+        if data.get("scores") is not None:
+            from .circuit_scores import read_span_scores
+
+            shapes = {"within": tuple(within.shape), **{k: tuple(v.shape) for k, v in crossing.items()}}
+            scores = read_span_scores(path, data["scores"], within_at, span_index, crossing_at, shapes, CircuitError)
         return cls(graph, spans, within, crossing, logit_spans, model=data.get("model", ""),
-                   method=data.get("method", ""), info=data.get("info", {}))
+                   method=data.get("method", ""), info=data.get("info", {}), task=data.get("task", ""), scores=scores)
 
     def check_model(self, model, source: str = "span circuit") -> None:
         """Raise CircuitError unless the circuit was built for a graph of `model`'s shape."""
