@@ -9,9 +9,9 @@ import math
 import re
 from pathlib import Path
 
-from ...fileio import atomic_dir
+from ...fileio import atomic_dir, json_safe
 from ...report import ReportError, check_output_dir
-from ...report.html import CSS, json_safe
+from ...report.page import CSS
 
 FILES = ("report.html", "benchmark.json")
 
