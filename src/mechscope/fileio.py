@@ -7,7 +7,6 @@ is gone (killed before it could clean up); those of a live process are never tou
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -161,18 +160,6 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def json_safe(obj):
-    """`obj` with every NaN or infinity replaced by None, tuples as lists: strict JSON, which a
-    browser's JSON.parse needs."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def write_json(path: str | os.PathLike, data) -> Path:

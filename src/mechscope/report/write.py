@@ -26,9 +26,10 @@ from ..circuits.evaluation import Curve
 from ..circuits.span_circuit import SpanCircuit, span_counts
 from ..data.dataset import PromptPairDataset
 from ..errors import ParameterError
-from ..fileio import OutputError, atomic_dir, check_parent_writable, json_safe
+from ..fileio import OutputError, atomic_dir, check_parent_writable
 from ..graph import Graph
-from .page import Section, render_page
+from .page import Section, json_safe, render_page
+from .sections.attention_data import head_name
 
 MAX_VIEWER_CIRCUITS = 32  # the viewer's membership bits (contract B)
 ATTENTION_EXAMPLES = 4
@@ -203,6 +204,13 @@ def _check_fit(inputs: _Inputs) -> None:
             inputs.spans, spans_from = spans, name
         elif spans != inputs.spans:
             raise ParameterError(f"{name} has spans {list(spans)} but {spans_from} has {list(inputs.spans)}")
+    if inputs.scores is not None and inputs.circuit is not None and not _fits(inputs.scores, inputs.circuit):
+        c = _as_span(inputs.circuit)
+        raise ParameterError(
+            f"the circuit ({'non-positional' if c.single_span else f'spans {list(c.spans)}, {c.query_edges} query edges'}) "
+            f"is not scored by the {inputs.scores.method} scores ("
+            + (f"spans {list(inputs.scores.spans)}, {inputs.scores.query_edges} query edges" if inputs.scores.positional
+               else "non-positional") + ")")
     if inputs.dataset is not None and inputs.spans is not None and tuple(inputs.dataset.schema.spans) != inputs.spans:
         raise ParameterError(f"dataset has schema {list(inputs.dataset.schema.spans)} but {spans_from} has spans "
                              f"{list(inputs.spans)}")
@@ -237,7 +245,6 @@ def _write_files(inputs: _Inputs, tmp: Path) -> None:
     from .sections import edges as edges_section
     from .sections import summary as summary_section
 
-    counts = _counts(inputs)
     viewer = _viewer(inputs)
     sections: list[Section] = []
     if inputs.summary is not None:
@@ -254,14 +261,13 @@ def _write_files(inputs: _Inputs, tmp: Path) -> None:
                    tmp / "curves.png")
     table = None
     if inputs.circuit is not None:
-        table = circuit_edges([inputs.circuit], inputs.scores, counts)
+        table = circuit_edges([inputs.circuit], inputs.scores, _counts(inputs.dataset, _as_span(inputs.circuit).spans))
         what = f"the saved circuit's {len(table):,} span edges"
     elif inputs.scores is not None:
-        table = score_edges(inputs.scores) if counts is None else circuit_edges(
-            [_full_circuit(inputs.scores)], inputs.scores, counts)
+        table = score_edges(inputs.scores)  # concrete counts: the scores' own (PEAP), on their examples
         what = f"every edge of the {inputs.scores.method} scores"
     heads = _attention_heads(inputs, table)
-    sections += _viewer_sections(inputs, viewer, counts, heads)
+    sections += _viewer_sections(inputs, viewer, heads)
     if table is not None:
         columns = edges_section.edge_columns(table)
         edges_section.write_csv(columns, tmp / "edges.csv")
@@ -281,22 +287,53 @@ def _write_files(inputs: _Inputs, tmp: Path) -> None:
 ORDER = ("summary", "curves", "circuit", "edges", "attention")
 
 
-def _viewer_sections(inputs: _Inputs, viewer: _Viewer | None, counts: dict | None, heads: list[tuple[int, int]]) -> list[Section]:
+def _viewer_sections(inputs: _Inputs, viewer: _Viewer | None, heads: list[tuple[int, int]]) -> list[Section]:
     """The circuit viewer (when there are circuits to show) and the attention viewer (model and
     dataset), from report.sections.circuit and report.sections.attention."""
     out = []
-    if viewer is not None:
-        from .sections import circuit as circuit_section
-
+    circuit_section, attention_section = _section_module("circuit"), _section_module("attention")
+    if viewer is not None and circuit_section is not None:
+        spans = _as_span(viewer.circuits[0]).spans
+        scores = inputs.scores if inputs.scores is not None and _fits(inputs.scores, viewer.circuits[0]) else None
+        info = [{} if p is None else {"label": _label(p), **{k: getattr(p, k) for k in MEASURES}}
+                for p in viewer.points]
         out.append(circuit_section.section(
-            viewer.circuits, scores=inputs.scores, counts=counts,
-            faithfulness=[None if p is None else p.to_dict() for p in viewer.points],
-            saved=viewer.saved, attention_heads=[f"a{l}.h{h}" for l, h in heads]))
-    if inputs.model is not None and inputs.dataset is not None:
-        from .sections import attention as attention_section
-
+            viewer.circuits, scores=scores, counts=_counts(inputs.dataset, spans), info=info, default=viewer.saved,
+            attention_heads=[head_name(l, h) for l, h in heads]))
+    if inputs.model is not None and inputs.dataset is not None and attention_section is not None:
         out.append(attention_section.section(inputs.model, inputs.dataset, heads, ATTENTION_EXAMPLES))
     return out
+
+
+MEASURES = ("concrete_edges", "normalized", "soft", "hard")
+
+
+def _label(point) -> str:
+    """A curve circuit's label in the viewer: its share of all edges and its size."""
+    share = f"{100 * point.fraction:g}% of edges, " if point.fraction is not None else ""
+    return f"{share}{point.n_edges:,} edges"
+
+
+def _section_module(name: str):
+    """report.sections.<name>, or None while that module is not there (the viewers are written on
+    another branch)."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"{__package__}.sections.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.sections.{name}":
+            raise
+        return None
+
+
+def _fits(scores: EdgeScores, circuit) -> bool:
+    """Whether `scores` score `circuit`'s edges: positional scores a span circuit over their spans with
+    their query edges, non-positional scores a non-positional circuit."""
+    c = _as_span(circuit)
+    if not scores.positional:
+        return c.single_span
+    return tuple(scores.spans) == c.spans and scores.query_edges == c.query_edges
 
 
 def _same_circuit(a, b) -> bool:
@@ -360,21 +397,14 @@ def _as_span(circuit):
     return circuit if isinstance(circuit, SpanCircuit) else SpanCircuit.from_circuit(circuit)
 
 
-def _full_circuit(scores: EdgeScores) -> SpanCircuit:
-    """Every edge of the scores' span graph, as one span circuit."""
-    spans = tuple(scores.spans) if scores.positional else ("*",)
-    query_edges = scores.query_edges or "per_key"
-    return SpanCircuit.full(scores.graph, spans, query_edges=query_edges)
-
-
-def _counts(inputs: _Inputs) -> dict | None:
-    """Concrete token-edge counts per span edge on the dataset, in the scores' `concrete` layout
-    (within [S], crossing [key span, query span], last [S]); None without a dataset."""
-    if inputs.dataset is None:
+def _counts(dataset: PromptPairDataset | None, spans: tuple[str, ...]) -> dict | None:
+    """Concrete token-edge counts per span edge of a graph over `spans` on `dataset`, in the scores'
+    `concrete` layout (within [S], crossing [key span, query span], last [S]); None without a dataset."""
+    if dataset is None:
         return None
-    n_spans = len(inputs.spans) if inputs.spans is not None else 1
-    span_map = list(range(n_spans)) if inputs.spans is not None else [0] * len(inputs.dataset.schema)
-    c = span_counts(inputs.dataset, span_map, n_spans)
+    one = spans == ("*",)
+    span_map = [0] * len(dataset.schema) if one else list(range(len(spans)))
+    c = span_counts(dataset, span_map, len(spans))
     return {"within": c["tokens"], "crossing": c["pairs"], "last": c["last"]}
 
 

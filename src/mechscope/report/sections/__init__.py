@@ -1,1 +1,1 @@
-"""The report's sections, one idea per module; each builds a `page.Section` from its inputs."""
+"""The report's sections: each module turns one kind of result into a `page.Section`."""

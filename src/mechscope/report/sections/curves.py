@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import html
 
-from ...fileio import json_safe
-from ..page import Section, asset
+from ..page import Section
 from .summary import fmt
 
 POINT_KEYS = ("fraction", "n_edges", "concrete_edges", "normalized", "soft", "hard")
@@ -51,5 +50,4 @@ def section(curves: dict, saved: dict | None = None) -> Section:
     if saved:
         body += saved_note(saved)
     return Section(id="curves", title="Faithfulness on held-out examples", html=body,
-                   data=json_safe({"curves": {m: points(c) for m, c in curves.items()}}),
-                   script=asset("curves.js"), css=asset("curves.css"))
+                   data={"curves": {m: points(c) for m, c in curves.items()}}, assets=("curves.js", "curves.css"))

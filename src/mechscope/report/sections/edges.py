@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ...circuits.edge_table import KINDS
-from ..page import Section, asset
+from ..page import Section
 from .summary import fmt
 
 COLUMNS = ("name", "parent", "child", "type", "spans", "score", "concrete")
@@ -79,4 +79,4 @@ def section(columns: dict[str, np.ndarray], what: str, limit: int = TABLE_ROWS) 
     note = (f'<p class="note">{html.escape(what)}: {shown} by |score| (click a column header to sort). '
             f"edges.csv holds all {n:,} of them, with their unique names.</p>")
     return Section(id="edges", title="Top edges", html=note + f'<table class="sortable"><thead>{head}</thead><tbody>{rows}</tbody></table>',
-                   script=asset("edges.js"), css=asset("edges.css"))
+                   assets=("edges.js", "edges.css"))

@@ -9,9 +9,9 @@ import math
 import re
 from pathlib import Path
 
-from ...fileio import atomic_dir, json_safe
+from ...fileio import atomic_dir
 from ...report import ReportError, check_output_dir
-from ...report.page import CSS
+from ...report.page import CSS, json_safe
 
 FILES = ("report.html", "benchmark.json")
 
