@@ -18,7 +18,7 @@
       rows.sort((a, b) => {
         const x = key(a), y = key(b);
         if (x === null || y === null) return (x === null) - (y === null);
-        const order = numeric ? x - y : x.localeCompare(y);
+        const order = numeric ? x - y : (x < y ? -1 : x > y ? 1 : 0);  // code-point order
         return descending ? -order : order;
       });
       rows.forEach(r => body.appendChild(r));
