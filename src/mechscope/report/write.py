@@ -29,7 +29,8 @@ from ..errors import ParameterError
 from ..fileio import OutputError, atomic_dir, check_parent_writable
 from ..graph import Graph
 from .page import Section, json_safe, render_page
-from .sections.attention_data import head_name
+from .sections.attention_data import attention_payload, head_name
+from .sections.circuit_data import circuit_payload
 
 MAX_VIEWER_CIRCUITS = 32  # the viewer's membership bits (contract B)
 ATTENTION_EXAMPLES = 4
@@ -62,7 +63,6 @@ class _Viewer:
     circuits: list
     points: list
     saved: int | None
-    method: str | None
 
 
 @dataclass
@@ -271,7 +271,6 @@ def _write_files(inputs: _Inputs, tmp: Path) -> None:
     if table is not None:
         columns = edges_section.edge_columns(table)
         edges_section.write_csv(columns, tmp / "edges.csv")
-        # The viewer, when shown, comes first: the table follows it.
         sections.append(edges_section.section(columns, what))
     sections.sort(key=lambda s: ORDER.index(s.id) if s.id in ORDER else len(ORDER))
     (tmp / "report.html").write_text(render_page(_title(inputs), _subtitle(inputs), sections, _warnings(inputs)),
@@ -297,11 +296,11 @@ def _viewer_sections(inputs: _Inputs, viewer: _Viewer | None, heads: list[tuple[
         scores = inputs.scores if inputs.scores is not None and _fits(inputs.scores, viewer.circuits[0]) else None
         info = [{} if p is None else {"label": _label(p), **{k: getattr(p, k) for k in MEASURES}}
                 for p in viewer.points]
-        out.append(circuit_section.section(
+        out.append(circuit_section.section(circuit_payload(
             viewer.circuits, scores=scores, counts=_counts(inputs.dataset, spans), info=info, default=viewer.saved,
-            attention_heads=[head_name(l, h) for l, h in heads]))
+            attention_heads=[head_name(l, h) for l, h in heads] if attention_section is not None else [])))
     if inputs.model is not None and inputs.dataset is not None and attention_section is not None:
-        out.append(attention_section.section(inputs.model, inputs.dataset, heads, ATTENTION_EXAMPLES))
+        out.append(attention_section.section(attention_payload(inputs.model, inputs.dataset, heads, ATTENTION_EXAMPLES)))
     return out
 
 
@@ -356,7 +355,7 @@ def _viewer(inputs: _Inputs) -> _Viewer | None:
     joins them, ordered by size, without faithfulness."""
     circuit = inputs.circuit
     if not inputs.circuits:
-        return None if circuit is None else _Viewer([circuit], [None], 0, None)
+        return None if circuit is None else _Viewer([circuit], [None], 0)
     names = list(inputs.circuits)
     method = next((m for m in names if circuit is not None and any(_same_circuit(c, circuit) for c in inputs.circuits[m])),
                   inputs.scores.method if inputs.scores is not None and inputs.scores.method in names else names[0])
@@ -372,7 +371,7 @@ def _viewer(inputs: _Inputs) -> _Viewer | None:
         raise ParameterError(f"the viewer shows at most {MAX_VIEWER_CIRCUITS} circuits; got {len(order)} "
                              f"({method})")
     return _Viewer([items[i] for i in order], [points[i] for i in order],
-                   None if saved is None else order.index(saved), method)
+                   None if saved is None else order.index(saved))
 
 
 def _saved_point(inputs: _Inputs, viewer: _Viewer | None) -> dict | None:

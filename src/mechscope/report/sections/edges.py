@@ -47,7 +47,8 @@ def _text(values: np.ndarray) -> np.ndarray:
 def write_csv(columns: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
     """edges.csv: a header of COLUMNS, then one row per edge."""
     path = Path(path)
-    cells = [columns[c] if c not in ("score", "concrete") else _text(columns[c]) for c in COLUMNS]
+    # Plain lists: the csv writer reads them several times faster than numpy arrays' elements.
+    cells = [(columns[c] if c not in ("score", "concrete") else _text(columns[c])).tolist() for c in COLUMNS]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)

@@ -10,11 +10,12 @@ from ..page import Section
 # Summary entries shown first, with their labels (as `discover_circuit` writes them); any other
 # scalar entry follows under its own key.
 LABELS = {
-    "task": "task", "metric": "metric", "method": "method", "selection": "selection", "ablation": "ablation",
+    "model": "model", "task": "task", "metric": "metric", "method": "method", "selection": "selection", "ablation": "ablation",
     "seed": "seed", "n_examples": "examples", "model_accuracy": "model accuracy", "metric_clean": "metric clean",
     "metric_counterfactual": "metric counterfactual",
 }
-HIDDEN = {"model", "n_discovery", "n_evaluation", "metric_model", "metric_ablated", "warnings"}
+# Shown in their own rows (the split, M(model) / M(all ablated)) or elsewhere (warnings: the page header).
+HIDDEN = {"n_discovery", "n_evaluation", "metric_model", "metric_ablated", "warnings"}
 
 
 def fmt(x, digits: int = 3) -> str:
