@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 
 import mechscope
-from mechscope.circuits.discovery import display_circuits, prepare
+from mechscope.circuits.discovery import prepare
 from mechscope.circuits.evaluation import DEFAULT_FRACTIONS, faithfulness_curve, faithfulness_curves, select_circuits
 from mechscope.devices import batch_size_for, resolve_device, synchronize
+from mechscope.report.sections.circuit_data import circuit_payload
 from mechscope.tasks import make_task
 
 METRIC_FIELDS = ("soft", "hard", "normalized", "metric_circuit", "metric_model", "metric_empty")
@@ -73,7 +74,7 @@ def main() -> None:
     curves = stage("evaluation of both curves (as the main job)", lambda: faithfulness_curves(
         model, {m: (scores[m], chosen[m]) for m in scores}, evaluation, selection="greedy", batch_size=batch,
         progress=False))
-    stage("display circuits", lambda: display_circuits(scores["peap"]))
+    stage("viewer data (every curve circuit)", lambda: circuit_payload(chosen["peap"], scores["peap"]))
     points = {m: [{k: getattr(p, k) for k in FIELDS} for p in curves[m].points] for m in curves}
     elapsed = time.perf_counter() - total - times["peap evaluation"]
     print(f"model={args.model} task={args.task} n={args.n} discovery={len(discovery)} "

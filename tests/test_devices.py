@@ -56,7 +56,7 @@ def core_paths(model, data, tmp_path) -> dict[str, float]:
     # the ratio would magnify float32 differences between devices.
     out["curve"] = curve.points[0].metric_circuit
     task = make_task("ioi", model.tokenizer, 24, seed=1)  # enough examples the random model gets right
-    run = discover_circuit(model, task, "peap", fractions=(0.1, 1.0), display_sizes=(10,), batch_size=8,
+    run = discover_circuit(model, task, "peap", fractions=(0.1, 1.0), batch_size=8,
                            progress=False)
     out["discover"] = run.summary["metric_ablated"]
     out["discover-circuit"] = run.summary["circuit"]["metric_circuit"]

@@ -561,7 +561,7 @@ CLI_FAULTS: list[CliFault] = [
         "circuit", "--task", "ioi", "--n", "32", "--seed", "1", "--model", e.llama, "--method", "eap",
         "--out", str(e.out)],
              "interrupted by SIGINT; unfinished outputs were removed", status=130,
-             inject=lambda mp: mp.setattr("mechscope.report.circuit_png", interrupt(KeyboardInterrupt))),
+             inject=lambda mp: mp.setattr("mechscope.report.figures.curves_png", interrupt(KeyboardInterrupt))),
     CliFault("data: SIGTERM while measuring the behaviour", lambda e: ["data", "ioi", "--model", e.llama,
                                                                         "--n", "6", "--out", str(e.out)],
              "interrupted by SIGTERM", status=143,

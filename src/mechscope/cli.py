@@ -407,7 +407,7 @@ def circuit(
     console.print(f"M(model) - M(all ablated) = {sig['gap']:.3f} ± {sig['gap_se']:.3f} (standard error over "
                   f"{s['n_evaluation']} held-out examples)" + ("; too small: see the warning" if sig["weak"] else ""))
     console.print(f"wrote {out}/report.html (open it in a browser), summary.json, scores.safetensors, circuit.json, "
-                  "curves.png, circuit.png")
+                  "edges.csv, curves.png")
 
 
 @app.command()

@@ -25,7 +25,6 @@ from ..data.dataset import DatasetError, PromptPairDataset
 from ..errors import ParameterError
 from ..metrics import Metric, metric_name, resolve_metric
 from .evaluation import DEFAULT_FRACTIONS, check_fractions, check_selection, faithfulness_curves, select_circuits
-from .span_circuit import SpanCircuit, SpanGraphScores
 
 
 def prepare(model, dataset: PromptPairDataset, seed: int = 0, discovery_fraction: float = 0.5,
@@ -134,20 +133,18 @@ def _query_edges(method: str, query_edges: str) -> str:
     return query_edges if method == "peap" else "per_key"
 
 
-DISPLAY_SIZES = (20, 40, 80, 160, 320)
-
-
 @dataclass
 class CircuitDiscovery:
-    """Everything `mechscope circuit` finds: the summary, the scores, the curves, the circuit it saves
-    (the smallest on the curve whose normalized faithfulness reaches `target`) and smaller circuits of
-    `DISPLAY_SIZES` span edges for the interactive graph."""
+    """Everything `mechscope circuit` finds: the summary, the scores, the curves, the circuits on each
+    curve (`circuits[method][i]` is measured by `curves[method].points[i]`), the circuit it saves (the
+    smallest on the chosen method's curve whose normalized faithfulness reaches `target`, one of
+    those circuits) and the evaluation and discovery halves."""
 
     summary: dict
     scores: dict  # method -> EdgeScores (the chosen method first, then the baseline)
     curves: dict  # method -> Curve
     circuit: Any  # SpanCircuit (peap) or Circuit
-    display: list  # SpanCircuit per display size
+    circuits: dict  # method -> [SpanCircuit or Circuit per curve point]
     evaluation: PromptPairDataset
     discovery: PromptPairDataset
 
@@ -161,7 +158,6 @@ def discover_circuit(
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     selection: str = "greedy",
     target: float = 0.8,
-    display_sizes: Sequence[int] = DISPLAY_SIZES,
     steps: int = 5,
     batch_size: int | None = None,
     progress: bool = True,
@@ -171,7 +167,7 @@ def discover_circuit(
     """Circuit discovery end to end, as `mechscope circuit` runs it: behaviour, discovery / evaluation
     split (only examples the model gets right), scores with `method` and, for peap, the non-positional
     EAP baseline, faithfulness curves of both on the held-out half, the circuit to save and the small
-    circuits to draw. `query_edges`: peap's query edges (`attribute`), per_key or whole_row."""
+    circuits on the curves. `query_edges`: peap's query edges (`attribute`), per_key or whole_row."""
     batch_size = batch_size_for(model, batch_size)
     check_method(method, steps, query_edges=_query_edges(method, query_edges))
     check_selection(selection)
@@ -193,7 +189,6 @@ def discover_circuit(
     circuit = circuits[method][pick]
     circuit.task = dataset.task  # saved with the circuit (circuit.json), with each edge's score
     circuit.set_scores(scores[method])
-    display = display_circuits(scores[method], display_sizes, selection)
     signal, warnings = signal_record(curve)
     summary = {
         "model": getattr(model, "mechscope_name", ""),
@@ -229,15 +224,4 @@ def discover_circuit(
             for m, c in curves.items()
         },
     }
-    return CircuitDiscovery(summary, scores, curves, circuit, display, evaluation, discovery)
-
-
-def display_circuits(scores, sizes: Sequence[int] = DISPLAY_SIZES, selection: str = "greedy") -> list[SpanCircuit]:
-    """Span circuits of `sizes` edges (before pruning) for the report's graph; one selection serves
-    them all (greedy and top-n circuits of growing budgets share one order)."""
-    total = SpanGraphScores(scores).n_edges if scores.positional else scores.graph.n_edges
-    return [as_span_circuit(c) for c in select_circuits(scores, [n / total for n in sizes], selection)]
-
-
-def as_span_circuit(circuit):
-    return circuit if isinstance(circuit, SpanCircuit) else SpanCircuit.from_circuit(circuit)
+    return CircuitDiscovery(summary, scores, curves, circuit, circuits, evaluation, discovery)

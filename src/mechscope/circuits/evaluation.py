@@ -304,6 +304,9 @@ class Curve:
     # Concrete token-level edges of the whole model on the evaluation set (the same for positional
     # and non-positional circuits): the concrete-edge axis of the areas is a fraction of it.
     concrete_full: float | None = None
+    # The circuits measured, one per point (kept by `faithfulness_curve(s)`, for reports that step
+    # through them); None for a curve built without them.
+    circuits: list | None = field(default=None, compare=False)
 
     @property
     def fractions(self) -> list[float]:
@@ -495,7 +498,8 @@ def faithfulness_curves(
         for f, r in zip(fractions, points):
             r.fraction = f
         full = SpanCircuit.full(scores.graph, (ALL_TOKENS,)).concrete_edges(dataset)["total"]
-        curves[name] = Curve(method=scores.method, selection=selection, points=points, concrete_full=full)
+        curves[name] = Curve(method=scores.method, selection=selection, points=points, concrete_full=full,
+                             circuits=list(circuits))
     if results:
         warn_weak_signal(results[0])
     return curves

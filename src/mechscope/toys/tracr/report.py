@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ...fileio import atomic_dir
 from ...report import ReportError, check_output_dir
-from ...report.html import CSS, json_safe
+from ...report.page import CSS, json_safe
 
 FILES = ("report.html", "benchmark.json")
 
