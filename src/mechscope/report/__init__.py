@@ -9,10 +9,11 @@ from pathlib import Path
 
 from ..fileio import OutputError, atomic_dir, check_parent_writable
 from .data import attention_patterns, circuit_heads, graph_data, top_edges
+from .circuit_figure import circuit_figure
 from .figures import circuit_png, curves_png
 from .html import json_safe, render
 
-FILES = ("report.html", "summary.json", "scores.safetensors", "circuit.json", "curves.png", "circuit.png")
+FILES = ("report.html", "summary.json", "scores.safetensors", "circuit.json", "curves.png", "circuit.png", "circuit.svg")
 
 
 class ReportError(OutputError):
@@ -71,8 +72,8 @@ def write_report(out: str | os.PathLike, model, run, overwrite: bool = False) ->
         run.scores[method].save(tmp / "scores.safetensors")
         run.circuit.save(tmp / "circuit.json")
         curves_png(run.summary, tmp / "curves.png")
-        circuit_png(context["graph"], context["default_size"], tmp / "circuit.png")
+        circuit_png(run, tmp)
     return out
 
 
-__all__ = ["FILES", "ReportError", "check_output_dir", "report_context", "write_report"]
+__all__ = ["FILES", "ReportError", "check_output_dir", "circuit_figure", "report_context", "write_report"]
