@@ -225,3 +225,29 @@ def test_cli_refuses_bad_input_before_drawing(llama4, tmp_path, case):
     assert [line for line in result.output.splitlines() if line.startswith("error:")], result.output
     assert "Traceback" not in result.output
     assert sorted(tmp_path.iterdir()) == before
+
+
+def test_the_report_figures_quote_size_and_faithfulness(llama4, tmp_path):
+    """circuit_png writes circuit.png and circuit.svg of the saved circuit, with its concrete size on
+    the evaluation examples (as `concrete_edges` counts them) and its held-out faithfulness."""
+    from types import SimpleNamespace
+
+    from mechscope.report.figures import circuit_png
+
+    model, peap, _ = llama4
+    evaluation = make_task("ioi", model.tokenizer, 6, seed=3)
+    c = circuit_of_about(peap, 30)
+    summary = {"method": "peap", "task": "ioi", "model": "tiny",
+               "circuit": {"normalized": 0.75, "soft": 0.5, "hard": 0.25, "n_edges": c.n_edges}}
+    circuit_png(SimpleNamespace(summary=summary, circuit=c, scores={"peap": peap}, evaluation=evaluation), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["circuit.png", "circuit.svg"]
+    caption = " ".join(svg_texts(tmp_path / "circuit.svg"))
+    assert f"{c.concrete_edges(evaluation)['total']:,.0f} concrete token-level edges" in caption
+    assert "normalized 0.750, soft 0.500, hard 0.250" in caption and "peap circuit: ioi on tiny" in caption
+
+
+def test_an_empty_circuit_is_drawn(llama4, tmp_path):
+    _, peap, _ = llama4
+    empty = mechscope.SpanCircuit.empty(peap.graph, peap.spans)
+    path = circuit_figure(empty, tmp_path / "empty.svg", scores=peap)
+    assert drawn_edges(path) == 0 and any("0 span edges" in t for t in svg_texts(path))

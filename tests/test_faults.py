@@ -595,7 +595,8 @@ CLI_FAULTS: list[CliFault] = [
              environ=CACHE),
 
     # --- mechscope figure (a circuit of Graph(2, 4, 2) in the scratch folder)
-    CliFault("figure: an unknown suffix", lambda e: ["figure", str(e.root / "c.json"), "--out", str(e.root / "fig.jpg")],
+    CliFault("figure: an unknown suffix",
+             lambda e: ["figure", str(e.root / "c.json"), "--out", str(e.root / "fig.jpg")],
              "fig.jpg: a figure is written as SVG, PDF or PNG; give a path ending in .svg, .pdf, .png (not '.jpg')",
              setup=lambda e: figure_inputs(e)),
     CliFault("figure: no circuit file", lambda e: ["figure", str(e.root / "none.json"), "--out", str(e.root / "f.svg")],

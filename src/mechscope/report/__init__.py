@@ -13,7 +13,8 @@ from .circuit_figure import circuit_figure
 from .figures import circuit_png, curves_png
 from .html import json_safe, render
 
-FILES = ("report.html", "summary.json", "scores.safetensors", "circuit.json", "curves.png", "circuit.png", "circuit.svg")
+FILES = ("report.html", "summary.json", "scores.safetensors", "circuit.json", "curves.png", "circuit.png",
+         "circuit.svg")
 
 
 class ReportError(OutputError):
