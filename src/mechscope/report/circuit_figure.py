@@ -13,6 +13,7 @@ SVG keeps its text as text (fonts named, not turned into paths), and PDF embeds 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -76,16 +77,14 @@ def as_span_circuit(circuit):
 
 
 def check_scores_fit(circuit, scores) -> None:
-    """ParameterError unless `scores` belong to `circuit`'s graph (and, positional ones, to its spans)."""
+    """ParameterError unless `scores` belong to a graph of `circuit`'s shape (other mismatches, of spans
+    or query edges, are the edge table's CircuitError)."""
     if scores is None:
         return
     diff = scores.graph.differences(circuit.graph)
     if diff:
         raise ParameterError(f"the scores are for another graph than the circuit's ({'; '.join(diff)}; "
                              "scores first)")
-    if scores.positional and not circuit.single_span and tuple(scores.spans) != tuple(circuit.spans):
-        raise ParameterError(f"the scores are over spans {list(scores.spans)}, the circuit over "
-                             f"{list(circuit.spans)}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -461,6 +460,10 @@ def circuit_figure(circuit, path: str | os.PathLike, *, scores=None, counts: dic
     check_count("max_edges", max_edges)
     span_circuit = as_span_circuit(circuit)
     check_scores_fit(span_circuit, scores)
+    if scores is not None and scores.graph is not span_circuit.graph:
+        # the same shape (checked): share one Graph object, as the edge table compares graphs with `!=`,
+        # which a Graph's tensor fields make ambiguous between two equal graphs loaded apart
+        span_circuit = dataclasses.replace(span_circuit, graph=scores.graph)
     view = figure_edges(circuit_edges([span_circuit], scores, counts), aggregate, max_edges)
     with figure_rc():
         fig = draw(view, title=title, faithfulness=faithfulness)
