@@ -247,7 +247,7 @@ def layout(view: FigureEdges) -> Layout:
                 slot_x[(s, l, "g", g)] = sum(xs) / len(xs)
     x = [0.0] * len(view.labels)
     y = [0.0] * len(view.labels)
-    spread = (SLOT_RIGHT - SLOT_LEFT) / max_slots * 0.22  # k left and v right of their group's centre
+    spread = (SLOT_RIGHT - SLOT_LEFT) / max_slots * 0.32  # k left and v right of their group's centre
     for i in used:
         kind, s, l, idx = view.kinds[i], view.span[i], view.layer[i], view.index[i]
         if kind in ("input", "logits"):
@@ -293,7 +293,7 @@ def _caption(view: FigureEdges, faithfulness: dict | None) -> str:
 
 def _font_size(view: FigureEdges, lay: Layout) -> tuple[float, float, float, bool]:
     """(font size in points, column width and layer height in inches, staggered head labels): labels
-    fit their slot at the largest size up to 8 pt within a figure at most ~15 inches wide."""
+    fit their slot at the largest size up to 8 pt, in span columns about 13 inches wide in all."""
     chars = max((len(label) for label, k in zip(view.labels, view.kinds) if k in ("head", "layer")), default=3)
     n_spans, max_slots = lay.total, lay.max_slots  # in full columns
 
@@ -325,7 +325,7 @@ def draw(view: FigureEdges, title: str | None = None, faithfulness: dict | None 
     fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
     ax.set_xlim(0, lay.total)
     ax.set_ylim(-0.45, n_layers + 1.45)
-    x_in, y_in = col_in, (height - 1.6) / (n_layers + 2.9)  # inches per data unit, roughly
+    x_in, y_in = col_in, (height - 1.6) / (n_layers + 1.9)  # inches per data unit, roughly
 
     # layer bands and column separators
     for l in range(0, n_layers, 2):
