@@ -318,6 +318,14 @@ def gpt2_shaped(e: "ApiEnv"):
     return Graph(e.model.cfg.n_layers, e.model.cfg.n_heads, e.model.cfg.n_heads)
 
 
+def figure_inputs(e: Env) -> None:
+    """c.json: the full circuit of Graph(2, 4, 2); s3.safetensors: scores of Graph(3, 4, 2)."""
+    Circuit.full(Graph(2, 4, 2), method="eap").save(e.root / "c.json")
+    g3 = Graph(3, 4, 2)
+    EdgeScores(g3, torch.zeros(g3.n_edges), method="eap", metric="logit_diff", ablation="counterfactual",
+               model="", n_examples=1).save(e.root / "s3.safetensors")
+
+
 def nan_metric(logits, batch):
     return logits[:, 0] * float("nan")
 
@@ -611,6 +619,22 @@ CLI_FAULTS: list[CliFault] = [
     CliFault("export: scores of another graph", lambda e: export_args(e, "circuit.json", "dot", "--scores",
                                                                       str(e.root / "other.safetensors")),
              "scores of another graph (layers 1 vs 2", setup=export_files),
+
+    # --- mechscope figure (a circuit of Graph(2, 4, 2) in the scratch folder)
+    CliFault("figure: an unknown suffix",
+             lambda e: ["figure", str(e.root / "c.json"), "--out", str(e.root / "fig.jpg")],
+             "fig.jpg: a figure is written as SVG, PDF or PNG; give a path ending in .svg, .pdf, .png (not '.jpg')",
+             setup=lambda e: figure_inputs(e)),
+    CliFault("figure: no circuit file", lambda e: ["figure", str(e.root / "none.json"), "--out", str(e.root / "f.svg")],
+             "none.json: no such circuit file"),
+    CliFault("figure: scores of another graph",
+             lambda e: ["figure", str(e.root / "c.json"), "--scores", str(e.root / "s3.safetensors"),
+                        "--out", str(e.root / "f.svg")],
+             "the scores are for another graph than the circuit's (layers 3 vs 2; scores first)",
+             setup=lambda e: figure_inputs(e)),
+    CliFault("figure: --max-edges 0",
+             lambda e: ["figure", str(e.root / "c.json"), "--max-edges", "0", "--out", str(e.root / "f.png")],
+             "--max-edges must be at least 1, got 0", setup=lambda e: figure_inputs(e)),
 ]
 
 API_FAULTS: list[ApiFault] = [

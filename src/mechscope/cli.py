@@ -407,7 +407,7 @@ def circuit(
     console.print(f"M(model) - M(all ablated) = {sig['gap']:.3f} ± {sig['gap_se']:.3f} (standard error over "
                   f"{s['n_evaluation']} held-out examples)" + ("; too small: see the warning" if sig["weak"] else ""))
     console.print(f"wrote {out}/report.html (open it in a browser), summary.json, scores.safetensors, circuit.json, "
-                  "edges.csv, curves.png")
+                  "edges.csv, curves.png, circuit.png, circuit.svg")
 
 
 @app.command()
@@ -559,6 +559,36 @@ def acdc_command(
         console.print(f"CPR {result.curve.cpr:.3f}, CMD {result.curve.cmd:.3f} over the fractions the sweep reached")
     console.print(f"wrote {out}/summary.json, scores.json" + (", curve.json" if len(values) > 1 else "")
                   + f" and {len(values)} circuit file(s)")
+
+
+@app.command()
+@_user_errors
+def figure(
+    circuit_file: Path = typer.Argument(..., help="A circuit JSON (circuit.json of a report, or a saved circuit)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The figure: a path ending in .svg, .pdf or .png."),
+    scores_file: Optional[Path] = typer.Option(None, "--scores", help="Scores of the circuit's graph "
+                                                "(scores.safetensors): edge colours, widths and the concrete size."),
+    aggregate: str = typer.Option("auto", help="none (every head) | layers (a layer's heads merged per span) | "
+                                  "auto (layers above --max-edges edges)."),
+    max_edges: int = typer.Option(400, "--max-edges", help="Draw at most this many edges, the largest by |score|."),
+    title: Optional[str] = typer.Option(None, help="A title over the figure."),
+) -> None:
+    """Draw a circuit as a static figure for a paper: span columns, layers from the input to the logits,
+    labelled nodes, a legend and a caption with its size (SVG keeps text as text; PDF embeds fonts)."""
+    from .attribution.scores import EdgeScores
+    from .circuits.span_circuit import load_any_circuit
+    from .errors import check_count
+    from .report.circuit_figure import as_span_circuit, check_aggregate, check_figure_path, check_scores_fit
+    from .report.circuit_figure import circuit_figure as draw_figure
+
+    check_figure_path(out)
+    check_aggregate(aggregate)
+    check_count("--max-edges", max_edges)
+    circuit = as_span_circuit(load_any_circuit(circuit_file))
+    scores = EdgeScores.load(scores_file) if scores_file is not None else None
+    check_scores_fit(circuit, scores)
+    draw_figure(circuit, out, scores=scores, aggregate=aggregate, max_edges=max_edges, title=title)
+    console.print(f"wrote {out}: {circuit.n_edges:,} span edges")
 
 
 def _task_or_data(task, data_file, model: str, n_task: int, seed: int, n_data: int | None = None,

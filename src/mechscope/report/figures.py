@@ -1,4 +1,5 @@
-"""PNG figures for papers and slides: the faithfulness curves (matplotlib, non-interactive backend)."""
+"""Figures for papers and slides: the faithfulness curves (PNG); the circuit figure is circuit_figure.py's
+(matplotlib, non-interactive backend)."""
 
 from __future__ import annotations
 

@@ -103,7 +103,8 @@ def write(path: str | os.PathLike, *, scores: EdgeScores | None = None, circuit:
     return out
 
 
-FILES = ("report.html", "summary.json", "scores.safetensors", "circuit.json", "edges.csv", "curves.png")
+FILES = ("report.html", "summary.json", "scores.safetensors", "circuit.json", "edges.csv", "curves.png", "circuit.png",
+         "circuit.svg")
 
 
 def write_report(out: str | os.PathLike, model, run, overwrite: bool = False) -> Path:
@@ -281,6 +282,24 @@ def _write_files(inputs: _Inputs, tmp: Path) -> None:
         inputs.scores.save(tmp / "scores.safetensors")
     if inputs.circuit is not None:
         inputs.circuit.save(tmp / "circuit.json")
+        _circuit_figures(inputs, viewer, tmp)
+
+
+def _circuit_figures(inputs: _Inputs, viewer: "_Viewer | None", tmp: Path) -> None:
+    """circuit.png and circuit.svg: the static figure of the given circuit, with its scores, its
+    concrete size on the dataset and, when it is on a curve, its faithfulness."""
+    from .circuit_figure import circuit_figure
+
+    circuit = inputs.circuit
+    scores = inputs.scores if inputs.scores is not None and _fits(inputs.scores, circuit) else None
+    counts = _counts(inputs.dataset, _as_span(circuit).spans)
+    point = viewer.points[viewer.saved] if viewer is not None and viewer.saved is not None else None
+    faithfulness = None if point is None else {k: getattr(point, k) for k in ("normalized", "soft", "hard")}
+    s = inputs.summary or {}
+    title = inputs.title or (f"{s['method']} circuit: {s['task']} on {s['model'] or 'the model'}"
+                             if all(isinstance(s.get(k), str) for k in ("method", "task", "model")) else None)
+    for name in ("circuit.png", "circuit.svg"):
+        circuit_figure(circuit, tmp / name, scores=scores, counts=counts, title=title, faithfulness=faithfulness)
 
 
 ORDER = ("summary", "curves", "circuit", "edges", "attention")
