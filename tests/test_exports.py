@@ -193,7 +193,7 @@ def test_discover_circuit_saves_task_and_scores(llama, tmp_path):
     data = make_task("ioi", model.tokenizer, 8, seed=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MechscopeWarning)
-        run = discover_circuit(model, data, "eap", fractions=(0.1, 1.0), display_sizes=(10,), progress=False)
+        run = discover_circuit(model, data, "eap", fractions=(0.1, 1.0), progress=False)
     back = load_any_circuit(run.circuit.save(tmp_path / "circuit.json"))
     assert back.task == "ioi"
     expected = run.scores["eap"].values.double()

@@ -94,16 +94,17 @@ def _files(out) -> set[str]:
 CASES = {
     # name: (inputs, sections, files besides report.html)
     "scores": (("scores",), {"edges"}, {"scores.safetensors", "edges.csv"}),
-    "circuit": (("circuit",), {"circuit", "edges"}, {"circuit.json", "edges.csv"}),
+    "circuit": (("circuit",), {"circuit", "edges"}, {"circuit.json", "edges.csv", "circuit.png", "circuit.svg"}),
     "circuit+scores+dataset": (("circuit", "scores", "dataset"), {"circuit", "edges"},
-                               {"circuit.json", "scores.safetensors", "edges.csv"}),
+                               {"circuit.json", "scores.safetensors", "edges.csv", "circuit.png", "circuit.svg"}),
     "curve": (("curve",), {"curves", "circuit"}, {"curves.png"}),
     "curve-without-circuits": (("bare_curve",), {"curves"}, {"curves.png"}),
     "summary": (("summary",), {"summary"}, {"summary.json"}),
     "model+dataset": (("model", "dataset"), {"attention"}, set()),
     "everything": (("scores", "circuit", "curve", "dataset", "model", "summary"),
                    {"summary", "curves", "circuit", "edges", "attention"},
-                   {"scores.safetensors", "circuit.json", "edges.csv", "curves.png", "summary.json"}),
+                   {"scores.safetensors", "circuit.json", "edges.csv", "curves.png", "summary.json", "circuit.png",
+                    "circuit.svg"}),
 }
 
 
