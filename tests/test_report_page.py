@@ -90,3 +90,27 @@ def test_attention_payload_equals_the_models_patterns(llama):
     assert len(payload["examples"][1]["counterfactual"]["tokens"]) == n
     with pytest.raises(mechscope.errors.ParameterError, match="a9.h0"):
         attention_payload(model, data, [(9, 0)])
+
+
+def test_write_sections_writes_the_page_and_files_at_once(tmp_path):
+    from mechscope.errors import ParameterError
+    from mechscope.report import ReportError, write_sections
+
+    out = write_sections(tmp_path / "r", "A heatmap", [Section("heat", "Heat", "<p>x</p>", data={"v": [1, 2]})],
+                         {"values.json": lambda p: p.write_text("[1, 2]")})
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "values.json"]
+    assert 'id="data-heat"' in (out / "report.html").read_text()
+
+    def fails(p):
+        p.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_sections(tmp_path / "s", "t", [], {"a.txt": fails})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # nothing half-written left
+    with pytest.raises(ParameterError, match="nothing to report"):
+        write_sections(tmp_path / "s", "t", [])
+    with pytest.raises(ParameterError, match="plain file name"):
+        write_sections(tmp_path / "s", "t", [], {"../x": lambda p: None})
+    with pytest.raises(ReportError, match="not an empty directory"):
+        write_sections(out, "t", [Section("a", "A", "")])

@@ -5,6 +5,6 @@ from a whole `mechscope circuit` run."""
 from __future__ import annotations
 
 from .circuit_figure import circuit_figure
-from .write import FILES, ReportError, check_output_dir, write, write_report
+from .write import FILES, ReportError, check_output_dir, write, write_report, write_sections
 
-__all__ = ["FILES", "ReportError", "check_output_dir", "circuit_figure", "write", "write_report"]
+__all__ = ["FILES", "ReportError", "check_output_dir", "circuit_figure", "write", "write_report", "write_sections"]

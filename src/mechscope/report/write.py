@@ -103,6 +103,27 @@ def write(path: str | os.PathLike, *, scores: EdgeScores | None = None, circuit:
     return out
 
 
+def write_sections(path: str | os.PathLike, title: str, sections: list[Section], files: dict | None = None, *,
+                   subtitle: str = "", warnings: tuple[str, ...] | list[str] = (), overwrite: bool = False) -> Path:
+    """A report directory from ready sections (the toolbox's results: patching heatmaps, lens tables,
+    dashboards...): report.html with `sections`, and each of `files` ({file name: fn(path)} writing
+    that file, e.g. a result's save or a PNG figure). All at once, as `write`: nothing is left behind on
+    failure, and `overwrite` replaces a previous report only once the new one is complete."""
+    if not sections and not files:
+        raise ParameterError("nothing to report: give at least one section or file")
+    for name in files or {}:
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith(".") \
+                or name == "report.html":
+            raise ParameterError(f"report file name {name!r} must be a plain file name other than report.html")
+    out = Path(path)
+    check_output_dir(out, overwrite)
+    with atomic_dir(out, ReportError, replace=overwrite) as tmp:
+        for name, writer in (files or {}).items():
+            writer(tmp / name)
+        (tmp / "report.html").write_text(render_page(title, subtitle, list(sections), warnings), encoding="utf-8")
+    return out
+
+
 FILES = ("report.html", "summary.json", "scores.safetensors", "circuit.json", "edges.csv", "curves.png", "circuit.png",
          "circuit.svg")
 
