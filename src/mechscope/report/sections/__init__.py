@@ -1,0 +1,1 @@
+"""The report's sections: each builds a page.Section (body, embedded data, script, styles)."""
