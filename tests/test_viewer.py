@@ -146,6 +146,8 @@ def test_aggregation_expand_and_collapse_by_clicking(page, payloads):
     same_edges(drawn(page), expected_edges(circuit, c, "spans", expanded={"a1"}))
     assert page.evaluate("MS.viewer.expand('a1@c')")
     same_edges(drawn(page), expected_edges(circuit, c, "spans", expanded={"a1", "a1@c"}))
+    page.evaluate("MS.viewer.state.denseMax = 0; MS.viewer.expand('a1@b')")   # the hash instead of the dense table
+    same_edges(drawn(page), expected_edges(circuit, c, "spans", expanded={"a1", "a1@c", "a1@b"}))
     page.click("#cv-collapse")
     same_edges(drawn(page), expected_edges(circuit, c, "spans"))
     for name in ("mode", "expand", "collapse"):

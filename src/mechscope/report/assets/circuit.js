@@ -45,7 +45,7 @@
     vName[N + G1 + g] = g === 0 ? 'input' : g === G2 - 1 ? 'logits' : (g % 2 ? 'a' : 'm') + ((g - 1) >> 1);
     vKind[N + G1 + g] = 8;
   }
-  const vShort = vName.map((n, v) => v < N ? shortName[v] : n);
+  const vShort = vName.map(n => n.replace(/@[^@]*$/, ''));   // labels: the column names the span
 
   // ---- layout (CSS pixels of the canvas at zoom 1) ----
   const vx = new Float32Array(V), vy = new Float32Array(V);
@@ -84,6 +84,7 @@
   const st = {
     circuit: P.default, mode: null, autoMode: true, kinds: [true, true, true, true], sign: 'both',
     threshold: 0, search: '', pinned: -1, expanded: new Set(), scale: 1, tx: 0, ty: 0,
+    denseMax: 1 << 22,   // largest dense table of visible node pairs (entries); above it a hash
   };
   const vis = new Int32Array(N);
   // drawn edges (filled by compute)
@@ -129,31 +130,43 @@
     agg.kinds = new Uint8Array(cap); agg.first = new Int32Array(cap); agg.cap = cap;
   }
   function pairs() {
-    const key = st.mode + '|' + [...st.expanded].sort().join(',');
+    const key = st.mode + '|' + st.denseMax + '|' + [...st.expanded].sort().join(',');
     if (key === pairsFor) return;
     pairsFor = key;
     if (!pairOf) pairOf = new Int32Array(nE);
-    let size = 1 << 15;
-    let keys = new Int32Array(size).fill(-1), vals = new Int32Array(size), mask = size - 1, n = 0;
+    // Visible nodes numbered 0..U-1; a dense U x U table when it is small, else a hash.
+    const compact = new Int32Array(V).fill(-1);
+    let U = 0;
+    for (let i = 0; i < N; i++) if (compact[vis[i]] < 0) compact[vis[i]] = U++;
+    const dense = U * U <= st.denseMax;
+    let size = dense ? U * U : 1 << 15;
+    let keys = new Int32Array(size).fill(-1), vals = new Int32Array(dense ? 0 : size), mask = size - 1, n = 0;
     for (let i = 0; i < nE; i++) {
       const p = vis[eParent[i]], c = vis[eChild[i]];
       if (p === c) { pairOf[i] = -1; continue; }
-      const k = p * V + c;
-      let h = Math.imul(k, 0x9E3779B1) >>> 0 & mask;
-      while (keys[h] !== -1 && keys[h] !== k) h = (h + 1) & mask;
-      if (keys[h] === k) { pairOf[i] = vals[h]; continue; }
-      keys[h] = k; vals[h] = n; pairOf[i] = n;
-      if (n >= agg.cap) aggGrow(n + 1);
-      agg.p[n] = p; agg.c[n] = c; n++;
-      if (2 * n > size) {   // grow the table and re-insert
-        const ok = keys, ov = vals;
-        size *= 2; keys = new Int32Array(size).fill(-1); vals = new Int32Array(size); mask = size - 1;
-        for (let j = 0; j < ok.length; j++) if (ok[j] !== -1) {
-          let g = Math.imul(ok[j], 0x9E3779B1) >>> 0 & mask;
-          while (keys[g] !== -1) g = (g + 1) & mask;
-          keys[g] = ok[j]; vals[g] = ov[j];
+      const k = compact[p] * U + compact[c];
+      if (dense) {
+        const j = keys[k];
+        if (j >= 0) { pairOf[i] = j; continue; }
+        keys[k] = n;
+      } else {
+        let h = Math.imul(k, 0x9E3779B1) >>> 0 & mask;
+        while (keys[h] !== -1 && keys[h] !== k) h = (h + 1) & mask;
+        if (keys[h] === k) { pairOf[i] = vals[h]; continue; }
+        keys[h] = k; vals[h] = n;
+        if (2 * (n + 1) > size) {   // grow the table and re-insert
+          const ok = keys, ov = vals;
+          size *= 2; keys = new Int32Array(size).fill(-1); vals = new Int32Array(size); mask = size - 1;
+          for (let j = 0; j < ok.length; j++) if (ok[j] !== -1) {
+            let g = Math.imul(ok[j], 0x9E3779B1) >>> 0 & mask;
+            while (keys[g] !== -1) g = (g + 1) & mask;
+            keys[g] = ok[j]; vals[g] = ov[j];
+          }
         }
       }
+      pairOf[i] = n;
+      if (n >= agg.cap) aggGrow(n + 1);
+      agg.p[n] = p; agg.c[n] = c; n++;
     }
     nPairs = n;
   }
@@ -168,7 +181,9 @@
     const single = st.mode === 'heads';
     let n = 0, passing = 0, over = false;
     if (!single) {
+      const tp = performance.now();
       pairs();
+      api.pairsMs = performance.now() - tp;
       agg.s.fill(0, 0, nPairs); agg.scored.fill(0, 0, nPairs); agg.conc.fill(0, 0, nPairs);
       agg.count.fill(0, 0, nPairs); agg.kinds.fill(0, 0, nPairs);
     }
@@ -229,22 +244,25 @@
     computeMatches();
   }
 
-  // Ancestors and descendants of the pinned node along the drawn edges.
+  // Ancestors and descendants of the pinned node along the drawn edges (adjacency in typed arrays).
   function computeHighlight() {
     highlight = null;
     if (st.pinned < 0) return;
-    const up = new Map(), down = new Map();
-    for (let t = 0; t < dN; t++) {
-      (down.get(dP[t]) || down.set(dP[t], []).get(dP[t])).push(dC[t]);
-      (up.get(dC[t]) || up.set(dC[t], []).get(dC[t])).push(dP[t]);
-    }
-    const walk = adj => {
+    const walk = (from, to) => {
+      const start = new Int32Array(V + 1), next = new Int32Array(dN);
+      for (let t = 0; t < dN; t++) start[from[t] + 1]++;
+      for (let v = 0; v < V; v++) start[v + 1] += start[v];
+      const fill = start.slice(0, V);
+      for (let t = 0; t < dN; t++) next[fill[from[t]]++] = to[t];
       const seen = new Uint8Array(V), stack = [st.pinned];
       seen[st.pinned] = 1;
-      while (stack.length) for (const w of adj.get(stack.pop()) || []) if (!seen[w]) { seen[w] = 1; stack.push(w); }
+      while (stack.length) {
+        const v = stack.pop();
+        for (let j = start[v]; j < start[v + 1]; j++) if (!seen[next[j]]) { seen[next[j]] = 1; stack.push(next[j]); }
+      }
       return seen;
     };
-    const anc = walk(up), desc = walk(down);
+    const desc = walk(dP, dC), anc = walk(dC, dP);
     const edge = new Uint8Array(dN);
     let nEdges = 0, nNodes = 0;
     for (let t = 0; t < dN; t++) if ((anc[dP[t]] && anc[dC[t]]) || (desc[dP[t]] && desc[dC[t]])) { edge[t] = 1; nEdges++; }
@@ -348,7 +366,7 @@
       if (!show && v !== st.pinned && !(matches.length && matches.includes(v))) continue;
       const x = X(v), y = Y(v);
       if (x < -20 || x > W + 20 || y < -10 || y > Hc + 10) continue;
-      ctx.fillText(k >= 7 ? vName[v] : vShort[v], x, y - nodeRadius(v) - 1);
+      ctx.fillText(vShort[v], x, y - nodeRadius(v) - 1);
     }
     // axes: layers on the left, spans at the bottom (drawn last, over the edges)
     ctx.fillStyle = '#fcfdff'; ctx.fillRect(0, 0, M.left - 6, Hc); ctx.fillRect(0, Hc - M.bottom + 4, W, M.bottom);
