@@ -1,1 +1,1 @@
-"""The report's sections: each builds a page.Section (body, embedded data, script, styles)."""
+"""The report's sections: each module turns one kind of result into a `page.Section`."""
