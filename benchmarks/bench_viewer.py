@@ -13,15 +13,15 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from viewer_pages import browser, open_page, synthetic_payload, write_page  # noqa: E402
+from viewer_pages import browser, full_graph_payload, open_page, write_page  # noqa: E402
 
-IOI_SPANS = ("bos", "intro", "name_1", "and", "name_2", "context", "s2", "action", "end")
 FIRST_BUDGET_MS, INTERACTION_BUDGET_MS = 2000.0, 200.0
 
 
 def build_page(path: Path):
-    """(page path, payload): the full span graph with eight nested circuits, the largest one saved."""
-    payload = synthetic_payload(30, 9, 3, IOI_SPANS, 8, seed=0, saved=7)
+    """(page path, payload): random scores over the full span graph, seven nested circuits up to the
+    full graph, the largest one saved (tests/viewer_pages.full_graph_payload)."""
+    payload = full_graph_payload()
     return write_page(path, payload, None, "viewer benchmark"), payload
 
 

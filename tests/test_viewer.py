@@ -9,21 +9,20 @@ import io
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from viewer_pages import (attention_payload, browser, expected_edges, open_page, paths_through,
-                          synthetic_payload, threshold_of, write_page)
+from viewer_pages import browser, expected_edges, open_page, paths_through, threshold_of, tiny_payloads, write_page
 
 
 @pytest.fixture(scope="module")
-def payloads():
-    circuit = synthetic_payload()
-    circuit["attention_heads"] = ["a0.h1", "a1.h0", "a1.h3"]
-    attention, patterns = attention_payload(tuple(circuit["attention_heads"]))
-    return circuit, attention, patterns
+def payloads(tiny_model_dirs):
+    """A tiny llama's PEAP span circuits on IOI (20, 80 and 300 span edges; 80 saved) and the attention
+    of three of its heads, through the report's payload functions."""
+    return tiny_payloads(str(tiny_model_dirs["llama"]))
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +36,7 @@ def page(small_page):
     errors: list[str] = []
     with browser() as (context, blocked):
         pg = open_page(context, small_page, errors)
+        pg.evaluate("document.getElementById('cv-canvas').scrollIntoView({block: 'start'})")
         yield pg
         assert errors == []
     assert blocked == []
@@ -95,12 +95,14 @@ def test_edge_type_sign_and_threshold_filters(page, payloads):
     c = circuit["default"]
     page.uncheck("#cv-kind-within")
     same_edges(drawn(page), expected_edges(circuit, c, "heads", kinds=("k", "v", "q")))
-    page.uncheck("#cv-kind-q")
-    want = expected_edges(circuit, c, "heads", kinds=("k", "v"))
-    assert want and len(want) < len(expected_edges(circuit, c, "heads", kinds=("k", "v", "q")))
+    crossing = expected_edges(circuit, c, "heads", kinds=("k", "v", "q"))
+    off = next(k for k in ("q", "k", "v") if expected_edges(circuit, c, "heads", kinds=(k,)))
+    page.uncheck(f"#cv-kind-{off}")
+    want = expected_edges(circuit, c, "heads", kinds=tuple(k for k in ("k", "v", "q") if k != off))
+    assert len(want) < len(crossing)
     same_edges(drawn(page), want)
     page.check("#cv-kind-within")
-    page.check("#cv-kind-q")
+    page.check(f"#cv-kind-{off}")
     page.select_option("#cv-sign", "negative")
     want = expected_edges(circuit, c, "heads", sign="negative")
     same_edges(drawn(page), want)
@@ -121,33 +123,40 @@ def test_edge_type_sign_and_threshold_filters(page, payloads):
 
 def test_aggregation_expand_and_collapse_by_clicking(page, payloads):
     circuit = payloads[0]
-    c = circuit["default"]
+    c = len(circuit["circuits"]) - 1   # the largest circuit: every layer in several spans
+    page.locator("#cv-size").fill(str(c))
     page.select_option("#cv-mode", "layers")
     want = expected_edges(circuit, c, "layers")
     same_edges(drawn(page), want)
-    assert "a0@b" in {n for pair in want for n in pair[:2]}
-    assert "a0@b" in page.evaluate("MS.viewer.drawnNodes()")
-    x, y = page.evaluate("MS.viewer.screenOf('a0@b')")
+    groups = sorted({n for pair in want for n in pair[:2] if re.fullmatch(r"a\d+@.+", n)})
+    assert groups and set(groups) <= set(page.evaluate("MS.viewer.drawnNodes()"))
+    group = groups[0]
+    x, y = page.evaluate(f"MS.viewer.screenOf('{group}')")
     page.mouse.click(x, y)
-    want = expected_edges(circuit, c, "layers", expanded={"a0@b"})
+    want = expected_edges(circuit, c, "layers", expanded={group})
     same_edges(drawn(page), want)
+    layer, span = group.split("@")
     nodes = page.evaluate("MS.viewer.drawnNodes()")
-    assert "a0@b" not in nodes and any(n.startswith("a0.") and n.endswith("@b") for n in nodes)
-    member = next(n for n in nodes if n.startswith("a0.h") and n.endswith("@b"))
-    x, y = page.evaluate(f"MS.viewer.screenOf('{member}')")
+    members = [n for n in nodes if n.startswith(layer + ".h") and n.endswith("@" + span)]
+    assert group not in nodes and members
+    x, y = page.evaluate(f"MS.viewer.screenOf('{members[0]}')")
     page.keyboard.down("Shift")
     page.mouse.click(x, y)
     page.keyboard.up("Shift")
     same_edges(drawn(page), expected_edges(circuit, c, "layers"))
-    # across spans, then one level down twice
+    # across spans, then one level down twice (the second time through the hash instead of the dense table)
     page.select_option("#cv-mode", "spans")
-    same_edges(drawn(page), expected_edges(circuit, c, "spans"))
-    assert page.evaluate("MS.viewer.expand('a1')")
-    same_edges(drawn(page), expected_edges(circuit, c, "spans", expanded={"a1"}))
-    assert page.evaluate("MS.viewer.expand('a1@c')")
-    same_edges(drawn(page), expected_edges(circuit, c, "spans", expanded={"a1", "a1@c"}))
-    page.evaluate("MS.viewer.state.denseMax = 0; MS.viewer.expand('a1@b')")   # the hash instead of the dense table
-    same_edges(drawn(page), expected_edges(circuit, c, "spans", expanded={"a1", "a1@c", "a1@b"}))
+    want = expected_edges(circuit, c, "spans")
+    same_edges(drawn(page), want)
+    layer = next(n for n in sorted({n for pair in want for n in pair[:2]}, key=len) if re.fullmatch(r"a\d+", n)
+                 and len({g for g in groups if g.startswith(n + "@")}) >= 2)
+    first, second = [g for g in groups if g.startswith(layer + "@")][:2]
+    assert page.evaluate(f"MS.viewer.expand('{layer}')")
+    same_edges(drawn(page), expected_edges(circuit, c, "spans", expanded={layer}))
+    assert page.evaluate(f"MS.viewer.expand('{first}')")
+    same_edges(drawn(page), expected_edges(circuit, c, "spans", expanded={layer, first}))
+    page.evaluate(f"MS.viewer.state.denseMax = 0; MS.viewer.expand('{second}')")
+    same_edges(drawn(page), expected_edges(circuit, c, "spans", expanded={layer, first, second}))
     page.click("#cv-collapse")
     same_edges(drawn(page), expected_edges(circuit, c, "spans"))
     for name in ("mode", "expand", "collapse"):
@@ -157,7 +166,7 @@ def test_aggregation_expand_and_collapse_by_clicking(page, payloads):
 def test_search_highlights_and_centres_matches(page, payloads):
     circuit = payloads[0]
     nodes = page.evaluate("MS.viewer.drawnNodes()")
-    target = next(n for n in nodes if n.startswith("a1.h"))
+    target = next(n for n in nodes if re.fullmatch(r"a\d+\.h\d+@.+", n))
     short = target.split("@")[0]
     page.fill("#cv-search", short)
     want = sorted(n for n in nodes if n.split("@")[0] == short)
@@ -176,7 +185,7 @@ def test_search_highlights_and_centres_matches(page, payloads):
 
 def test_pin_highlights_paths_and_escape_unpins(page, payloads):
     edges = [(p, c) for p, c, _, _, _ in page.evaluate("MS.viewer.drawnEdges()")]
-    node = next(n for n in page.evaluate("MS.viewer.drawnNodes()") if n.startswith("a0.h"))
+    node = next(n for n in page.evaluate("MS.viewer.drawnNodes()") if re.fullmatch(r"a\d+\.h\d+@.+", n))
     x, y = page.evaluate(f"MS.viewer.screenOf('{node}')")
     page.mouse.click(x, y)
     s = status(page)
@@ -211,15 +220,17 @@ def test_zoom_pan_and_reset(page):
     page.mouse.move(cx + 60, cy + 30, steps=4)
     page.mouse.up()
     page.wait_for_function(f"Math.abs(MS.viewer.screenOf('{node}')[0] - {zoomed[0] + 60}) < 1")
-    page.click("#cv-reset")
+    page.click("#cv-reset")   # (clicking it may scroll the page)
     assert page.evaluate("[MS.viewer.state.scale, MS.viewer.state.tx, MS.viewer.state.ty]") == [1, 0, 0]
-    assert page.evaluate(f"MS.viewer.screenOf('{node}')") == before
+    top = box["y"] - page.locator("#cv-canvas").bounding_box()["y"]
+    after = page.evaluate(f"MS.viewer.screenOf('{node}')")
+    assert after[0] == before[0] and math.isclose(after[1] + top, before[1], abs_tol=0.01)
     assert math.isfinite(page.evaluate("MS.viewer.timings.zoom"))
 
 
 def test_tooltips_for_nodes_and_edges(page, payloads):
     circuit = payloads[0]
-    node = page.evaluate("MS.viewer.drawnNodes()")[0]
+    node = next(n for n in page.evaluate("MS.viewer.drawnNodes()") if re.fullmatch(r"a\d+\.h\d+@.+", n))
     x, y = page.evaluate(f"MS.viewer.screenOf('{node}')")
     page.mouse.move(x, y)
     tip = page.locator("#ms-tooltip")
@@ -238,25 +249,30 @@ def test_attention_viewer_shows_the_payload_patterns(page, payloads):
     _, attention, patterns = payloads
     T = attention["T"]
 
-    def shown(which):
+    def shown(which, x):
+        n = len(attention["examples"][x][which]["tokens"])
         cells = page.evaluate(f"MS.attention.cells('{which}')")
         m = np.zeros((T, T))
         for q, k, w in cells:
             m[q, k] = w
-        assert len(cells) == T * T
+        assert len(cells) == n * n
         return m
 
     for h, x in [(0, 0), (2, 1)]:
         page.select_option("#av-head", str(h))
         page.select_option("#av-example", str(x))
-        assert np.allclose(shown("clean"), patterns[x, 0, h] / 255, atol=1e-4)
-        assert np.allclose(shown("counterfactual"), patterns[x, 1, h] / 255, atol=1e-4)
+        assert np.allclose(shown("clean", x), patterns[x, 0, h] / 255, atol=1e-4)
+        assert np.allclose(shown("counterfactual", x), patterns[x, 1, h] / 255, atol=1e-4)
+    ex = attention["examples"][1]["counterfactual"]
     labels = page.eval_on_selector_all("#av-panels svg[data-which=counterfactual] text", "ts => ts.map(t => t.textContent)")
-    assert "·Bob" in labels and "·John" in labels
-    cell = page.locator("#av-panels svg[data-which=clean] rect.av-cell[data-q='4'][data-k='2']")
-    cell.hover()
+    assert sorted(labels) == sorted(2 * [re.sub(r"\s", "·", t) for t in ex["tokens"]])
+    clean = attention["examples"][1]["clean"]
+    q, k = len(clean["tokens"]) - 1, 1
+    page.locator(f"#av-panels svg[data-which=clean] rect.av-cell[data-q='{q}'][data-k='{k}']").hover()
     text = page.inner_text("#ms-tooltip")
-    assert '" John"' in text and '" Mary"' in text and "weight" in text and "name_1" in text
+    assert json.dumps(clean["tokens"][q]) in text and json.dumps(clean["tokens"][k]) in text
+    assert clean["spans"][q] in text and clean["spans"][k] in text
+    assert f"weight {patterns[1, 0, 2, q, k] / 255:.3f}" in text
     # a head clicked in the circuit view selects it here (the largest circuit draws every head)
     page.select_option("#av-head", "0")
     page.locator("#cv-size").fill(str(len(payloads[0]["circuits"]) - 1))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 CHROMIUM = "/usr/bin/chromium"
-DTYPES = {"u32": "<u4", "u16": "<u2", "u8": "u1", "i8": "i1", "i16": "<i2", "f32": "<f4"}
+DTYPES = {"u32": "<u4", "u16": "<u2", "u8": "u1", "i8": "i1", "i16": "<i2", "i32": "<i4", "f32": "<f4", "f64": "<f8"}
 KINDS = ("within", "k", "v", "q")
 
 
@@ -33,7 +33,7 @@ def write_page(path: Path, circuit: dict | None, attention: dict | None, title: 
         sections.append(circuit_section.section(circuit))
     if attention is not None:
         sections.append(attention_section.section(attention))
-    path.write_text(page.render_page(title, sections), encoding="utf-8")
+    path.write_text(page.render_page(title, "mechscope viewer test", sections), encoding="utf-8")
     return path
 
 
@@ -159,81 +159,77 @@ def threshold_of(payload: dict, position: int) -> float:
 
 # ---- payloads ----
 
-def attention_payload(heads=("a0.h1", "a1.h0", "a1.h3"), n_examples: int = 2, seed: int = 0):
-    """(contract-C payload, its patterns as uint8 [examples, 2, heads, T, T]) with random causal patterns."""
-    tokens = ["<s>", " When", " Mary", " and", " John", " went", " John"]
-    spans = ["bos", "intro", "name_1", "and", "name_2", "context", "s2"]
-    T = len(tokens)
-    rng = np.random.default_rng(seed)
-    p = rng.random((n_examples, 2, len(heads), T, T)) * np.tril(np.ones((T, T)))
-    q = np.round(p / p.sum(-1, keepdims=True) * 255).astype(np.uint8)
-    examples = [{"label": f"ex {i}", "clean": {"tokens": tokens, "spans": spans},
-                 "counterfactual": {"tokens": tokens[:-1] + [" Bob"], "spans": spans}} for i in range(n_examples)]
-    return {"heads": list(heads), "examples": examples, "T": T,
-            "patterns": {"b64": base64.b64encode(q.tobytes()).decode(), "dtype": "u8"}}, q
+IOI_SPANS = ("bos", "intro", "name_1", "and", "name_2", "context", "s2", "action", "end")
 
 
-# INTERIM synthetic contract-B payload (replaced by circuit_payload after the merge)
-def _col(a, dtype):
-    np_t = {"u32": "<u4", "u16": "<u2", "u8": "u1", "i8": "i1", "i16": "<i2", "f32": "<f4"}[dtype]
-    return {"b64": base64.b64encode(np.ascontiguousarray(a, dtype=np_t).tobytes()).decode(), "dtype": dtype}
+def random_span_scores(graph, spans=IOI_SPANS, seed: int = 0):
+    """Positional (PEAP-shaped) EdgeScores of random numbers over `graph` and `spans`: heavy-tailed
+    scores of both signs, a few missing, concrete counts per span, the last token in the last span."""
+    import torch
 
-def synthetic_payload(n_layers=2, n_heads=4, n_kv=2, spans=("a", "b", "c"), n_circuits=4, seed=0, saved=None):
+    from mechscope.attribution.scores import EdgeScores
+
+    gen = torch.Generator().manual_seed(seed)
+    S, L, H = len(spans), graph.n_layers, graph.n_heads
+
+    def draw(*shape):
+        x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        return x * torch.exp(1.5 * torch.randn(*shape, generator=gen, dtype=torch.float64))
+
+    values = draw(S, graph.n_edges)
+    values[torch.rand(S, graph.n_edges, generator=gen) < 0.01] = float("nan")
+    tokens = 1 + torch.randint(0, 4, (S,), generator=gen).double()
+    last = torch.zeros(S, dtype=torch.float64)
+    last[-1] = 1
+    return EdgeScores(graph, values, "peap", "logit_diff", "mean", "random", 1, spans=tuple(spans),
+                      crossing={k: draw(L, H, S, S) for k in ("k", "v", "q")},
+                      concrete={"within": tokens, "last": last, "crossing": tokens[:, None] * tokens[None, :]})
+
+
+def full_graph_payload(seed: int = 0) -> dict:
+    """The circuit viewer's payload for SmolLM2's shape (Graph(30, 9, 3)) over IOI's nine spans:
+    nested top-n circuits of random scores up to the full span graph (~660k edges), the full one saved."""
+    import torch
+
+    from mechscope.circuits.span_circuit import SpanCircuit
     from mechscope.graph import Graph
-    g = Graph(n_layers, n_heads, n_kv)
-    rng = np.random.default_rng(seed)
-    names, kind, layer, index, span = [], [], [], [], []
-    up_of, down_of = {}, {}
-    for si, s in enumerate(spans):
-        def add(n, k, l, i):
-            names.append(f"{n}@{s}"); kind.append(k); layer.append(l); index.append(i); span.append(si)
-            return len(names) - 1
-        up_of[(si, "input")] = add("input", 0, -1, -1)
-        for l in range(n_layers):
-            for h in range(n_heads):
-                up_of[(si, f"a{l}.h{h}")] = add(f"a{l}.h{h}", 1, l, h)
-            up_of[(si, f"m{l}")] = down_of[(si, f"m{l}.in")] = add(f"m{l}", 2, l, -1)
-            for h in range(n_heads):
-                down_of[(si, f"a{l}.h{h}.q")] = add(f"a{l}.h{h}.q", 3, l, h)
-            for kk, c in (("k", 4), ("v", 5)):
-                for gg in range(n_kv):
-                    down_of[(si, f"a{l}.g{gg}.{kk}")] = add(f"a{l}.g{gg}.{kk}", c, l, gg)
-        down_of[(si, "logits")] = add("logits", 6, n_layers, -1)
-    P, C, K, KS = [], [], [], []
-    eu, ed = g.edge_up.numpy(), g.edge_down.numpy()
-    for si in range(len(spans)):
-        up = np.array([up_of[(si, n)] for n in g.upstream_names])
-        dn = np.array([down_of[(si, n)] for n in g.downstream_names])
-        P.append(up[eu]); C.append(dn[ed]); K.append(np.zeros(len(eu), int)); KS.append(np.full(len(eu), -1))
-    group = n_heads // n_kv
-    for l in range(n_layers):
-        for h in range(n_heads):
-            for qs in range(len(spans)):
-                for ks in range(qs + 1):
-                    for kk, c in (("k", 1), ("v", 2)):
-                        P.append([down_of[(ks, f"a{l}.g{h // group}.{kk}")]]); C.append([up_of[(qs, f"a{l}.h{h}")]])
-                        K.append([c]); KS.append([ks])
-                    P.append([down_of[(qs, f"a{l}.h{h}.q")]]); C.append([up_of[(qs, f"a{l}.h{h}")]]); K.append([3]); KS.append([ks])
-    P, C, K, KS = (np.concatenate([np.asarray(x) for x in a]) for a in (P, C, K, KS))
-    n = len(P)
-    score = rng.standard_normal(n) * np.exp(rng.standard_normal(n) * 1.5)
-    score[rng.random(n) < 0.02] = np.nan
-    order = np.argsort(-np.nan_to_num(np.abs(score), nan=-1), kind="stable")
-    P, C, K, KS, score = P[order], C[order], K[order], KS[order], score[order]
-    concrete = rng.integers(1, 5, n).astype(float)
-    sizes = np.unique(np.geomspace(max(4, n // 200), n, n_circuits).astype(int))
-    member = np.zeros(n, np.uint32)
+    from mechscope.report.sections.circuit_data import circuit_payload
+
+    scores = random_span_scores(Graph(30, 9, 3), IOI_SPANS, seed)
+    full = SpanCircuit.full(scores.graph, scores.spans, scores.concrete["last"] > 0)
+    # the full circuit's edges with |score| >= a cut that keeps about n within edges (unpruned: random
+    # scores leave few connected paths)
+    within = scores.values.abs().nan_to_num(nan=0.0)
     circuits = []
-    for i, k in enumerate(sizes):
-        member[:k] |= np.uint32(1 << i)
-        circuits.append({"label": f"{k} edges", "n_edges": int(k), "concrete_edges": float(concrete[:k].sum()),
-                         "normalized": float(i / len(sizes)), "soft": 0.5, "hard": None, "saved": False})
-    default = len(circuits) // 2 if saved is None else saved
-    circuits[default]["saved"] = True
-    return {"spans": list(spans), "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv,
-            "query_edges": "per_key",
-            "nodes": {"name": names, "kind": kind, "layer": layer, "index": index, "span": span},
-            "edges": {"n": n, "parent": _col(P, "u32"), "child": _col(C, "u32"), "kind": _col(K, "u8"),
-                      "key_span": _col(KS, "i16"), "score": _col(score, "f32"), "concrete": _col(concrete, "f32"),
-                      "member": _col(member, "u32")},
-            "circuits": circuits, "default": default, "attention_heads": ["a0.h1", "a1.h0"]}
+    for n in (1_000, 3_000, 10_000, 30_000, 100_000, 300_000):
+        cut = float(torch.kthvalue(-within.flatten(), n).values.neg())
+        crossing = {k: full.crossing[k] & (scores.crossing[k].abs() >= cut) for k in full.crossing}
+        circuits.append(SpanCircuit(full.graph, full.spans, full.within & (within >= cut), crossing, full.logit_spans))
+    circuits.append(full)
+    info = [{"normalized": i / len(circuits), "soft": None, "hard": None} for i in range(len(circuits))]
+    return circuit_payload(circuits, scores, scores.concrete, info, default=len(circuits) - 1)
+
+
+def tiny_payloads(model_dir: str):
+    """(circuit payload, attention payload, patterns u8 [examples, 2, heads, T, T]) of a tiny model on
+    IOI: PEAP scores, three greedy span circuits; attention of three heads of the largest circuit."""
+    import mechscope
+    from mechscope.attribution import attribute
+    from mechscope.circuits.span_circuit import span_greedy
+    from mechscope.report.sections.attention_data import attention_payload as real_attention_payload
+    from mechscope.report.sections.circuit_data import circuit_payload
+    from mechscope.tasks import make_task
+
+    model = mechscope.load_model(model_dir, device="cpu")
+    data = make_task("ioi", model.tokenizer, 6, seed=0)
+    scores = attribute(model, data, "peap", batch_size=6, progress=False)
+    circuits = [span_greedy(scores, n) for n in (20, 80, 300)]
+    names = {n.split("@")[0] for n in circuit_payload(circuits[-1:], scores)["nodes"]["name"]}
+    heads = sorted({tuple(map(int, re.fullmatch(r"a(\d+)\.h(\d+)", n).groups())) for n in names
+                    if re.fullmatch(r"a\d+\.h\d+", n)})[:3]
+    attention = real_attention_payload(model, data, heads, n_examples=2)
+    circuit = circuit_payload(circuits, scores, scores.concrete, [{"normalized": 0.5}, {"normalized": 0.8}, {}],
+                              default=1, attention_heads=attention["heads"])
+    T = attention["T"]
+    patterns = column(attention["patterns"]).reshape(-1, 2, len(heads), T, T)
+    return circuit, attention, patterns

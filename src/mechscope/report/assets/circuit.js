@@ -290,7 +290,7 @@
   function resize() {
     dpr = window.devicePixelRatio || 1;
     W = Math.max(320, wrap.clientWidth);
-    Hc = Math.round(Math.min(1000, Math.max(480, window.innerHeight * 0.78)));
+    Hc = Math.round(Math.min(1000, Math.max(420, window.innerHeight - 140)));   // the window's height, less the controls
     canvas.style.width = W + 'px'; canvas.style.height = Hc + 'px';
     canvas.width = Math.round(W * dpr); canvas.height = Math.round(Hc * dpr);
     layout();

@@ -5,7 +5,6 @@ counterfactual side by side (assets/attention.js), from a contract-C payload
 from __future__ import annotations
 
 from ..page import Section
-from ._assets import asset
 
 HTML = """
 <div class="av-controls">
@@ -21,4 +20,4 @@ HTML = """
 def section(payload: dict, title: str = "Attention patterns of circuit heads") -> Section:
     """The attention viewer for `payload` (contract C: heads, examples, u8 patterns)."""
     return Section(id="attention", title=title, html=HTML, data=payload,
-                   script=asset("attention.js"), css=asset("attention.css"))
+                   assets=("attention.js", "attention.css"))

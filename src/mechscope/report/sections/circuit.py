@@ -4,7 +4,6 @@ assets/circuit.js from a contract-B payload (report/sections/circuit_data.py bui
 from __future__ import annotations
 
 from ..page import Section
-from ._assets import asset
 
 HTML = """
 <div class="cv-controls">
@@ -38,4 +37,4 @@ HTML = """
 def section(payload: dict, title: str = "The circuit (span graph)") -> Section:
     """The circuit viewer for `payload` (contract B: nodes, typed-array edge columns, circuits)."""
     return Section(id="circuit", title=title, html=HTML, data=payload,
-                   script=asset("circuit.js"), css=asset("circuit.css"))
+                   assets=("circuit.js", "circuit.css"))
