@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from viewer_pages import browser, expected_edges, open_page, paths_through, threshold_of, tiny_payloads, write_page
+from viewer_pages import browser, column, expected_edges, open_page, paths_through, threshold_of, tiny_payloads, write_page
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,11 @@ def test_slider_and_select_change_the_circuit(page, payloads):
     same_edges(drawn(page), expected_edges(circuit, last, "heads"))
     info = page.inner_text("#cv-size-info")
     assert f"{circuit['circuits'][last]['n_edges']:,} span edges" in info
+    # no concrete count in the payload's entry: the sum over the circuit's edges
+    assert circuit["circuits"][last]["concrete_edges"] is None
+    mine = (column(circuit["edges"]["member"]) >> last) & 1 == 1
+    total = column(circuit["edges"]["concrete"])[mine].astype(np.float64)
+    assert f"{round(float(np.nansum(total))):,} concrete edges per example" in info
     page.select_option("#cv-select", "0")
     assert int(status(page)["circuit"]) == 0 and page.input_value("#cv-size") == "0"
     same_edges(drawn(page), expected_edges(circuit, 0, "heads"))
@@ -301,15 +306,14 @@ def _check_layout(pg, shot: bytes, width: int) -> None:
 
 
 def screenshots(pg, context, path: Path, tag: str, out: list):
-    """Screenshots of the circuit section at 1280x800 and 1920x1080, checked; saved under
+    """Screenshots of the circuit section in 1280x800 and 1920x1080 windows, checked; saved under
     $MECHSCOPE_SCREENSHOTS when it is set."""
     keep = os.environ.get("MECHSCOPE_SCREENSHOTS")
     for width, height in [(1280, 800), (1920, 1080)]:
         pg.set_viewport_size({"width": width, "height": height})
         pg.wait_for_function(f"MS.viewer.state && document.getElementById('cv-canvas').clientWidth > {width} * 0.9 - 80")
         pg.evaluate("MS.viewer.resetView()")
-        pg.locator("#circuit").scroll_into_view_if_needed()
-        shot = pg.screenshot()
+        shot = pg.locator("#circuit").screenshot()
         _check_layout(pg, shot, width)
         if keep:
             Path(keep).mkdir(parents=True, exist_ok=True)

@@ -358,7 +358,7 @@
     for (const v of matches) { ctx.beginPath(); ctx.arc(X(v), Y(v), nodeRadius(v) + 5, 0, 2 * Math.PI); ctx.stroke(); }
     if (st.pinned >= 0) { ctx.strokeStyle = '#111'; ctx.beginPath(); ctx.arc(X(st.pinned), Y(st.pinned), nodeRadius(st.pinned) + 3, 0, 2 * Math.PI); ctx.stroke(); }
     // labels: always for groups, for single nodes when the zoom leaves room
-    ctx.fillStyle = '#1d2330'; ctx.textBaseline = 'bottom'; ctx.textAlign = 'center';
+    ctx.fillStyle = '#1d2330';
     const room = headDx * sc;
     for (const v of drawnNodes) {
       const k = vKind[v];
@@ -366,7 +366,10 @@
       if (!show && v !== st.pinned && !(matches.length && matches.includes(v))) continue;
       const x = X(v), y = Y(v);
       if (x < -20 || x > W + 20 || y < -10 || y > Hc + 10) continue;
-      ctx.fillText(vShort[v], x, y - nodeRadius(v) - 1);
+      // groups: left of the node, MLPs: right of it (rows stay readable when layers are close); others above
+      if (k === 7 || k === 8) { ctx.textAlign = 'right'; ctx.textBaseline = 'middle'; ctx.fillText(vShort[v], x - nodeRadius(v) - 2, y); }
+      else if (k === 2) { ctx.textAlign = 'left'; ctx.textBaseline = 'middle'; ctx.fillText(vShort[v], x + nodeRadius(v) + 2, y); }
+      else { ctx.textAlign = 'center'; ctx.textBaseline = 'bottom'; ctx.fillText(vShort[v], x, y - nodeRadius(v) - 1); }
     }
     // axes: layers on the left, spans at the bottom (drawn last, over the edges)
     ctx.fillStyle = '#fcfdff'; ctx.fillRect(0, 0, M.left - 6, Hc); ctx.fillRect(0, Hc - M.bottom + 4, W, M.bottom);
@@ -406,9 +409,21 @@
     });
     if (c) $('cv-size-info').textContent = sizeText(c);
   }
+  const concreteSums = {};
+  function concreteOf(i) {   // the payload's count, else the sum over the circuit's edges (NaN: unknown)
+    const c = P.circuits[i];
+    if (c.concrete_edges !== null && c.concrete_edges !== undefined) return c.concrete_edges;
+    if (!(i in concreteSums)) {
+      const bit = (1 << i) >>> 0;
+      let sum = 0, known = 0;
+      for (let j = 0; j < nE; j++) if (eMember[j] & bit) { const x = eConc[j]; if (x === x) { sum += x; known++; } }
+      concreteSums[i] = known ? sum : null;
+    }
+    return concreteSums[i];
+  }
   function sizeText(c) {
     const f = x => x === null || x === undefined ? 'n/a' : x.toFixed(3);
-    return `${fmtInt(c.n_edges)} span edges · ${fmtInt(c.concrete_edges)} concrete edges · faithfulness normalized ${f(c.normalized)}, soft ${f(c.soft)}, hard ${f(c.hard)}${c.saved ? ' · ★ saved circuit' : ''}`;
+    return `${fmtInt(c.n_edges)} span edges · ${fmtInt(concreteOf(P.circuits.indexOf(c)))} concrete edges per example · faithfulness normalized ${f(c.normalized)}, soft ${f(c.soft)}, hard ${f(c.hard)}${c.saved ? ' · ★ saved circuit' : ''}`;
   }
 
   // Every interaction goes through here: recompute (if the shown set changed), redraw, time it.
