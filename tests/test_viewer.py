@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from viewer_pages import browser, column, expected_edges, open_page, paths_through, threshold_of, tiny_payloads, write_page
+from viewer_pages import browser, column, expected_edges, group_name, open_page, paths_through, threshold_of, tiny_payloads, write_page
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +31,22 @@ def small_page(tmp_path_factory, payloads):
     return write_page(tmp_path_factory.mktemp("viewer") / "viewer.html", circuit, attention)
 
 
-@pytest.fixture
-def page(small_page):
-    errors: list[str] = []
+@pytest.fixture(scope="module")
+def chromium():
     with browser() as (context, blocked):
-        pg = open_page(context, small_page, errors)
-        pg.evaluate("document.getElementById('cv-canvas').scrollIntoView({block: 'start'})")
-        yield pg
-        assert errors == []
-    assert blocked == []
+        yield context, blocked
+
+
+@pytest.fixture
+def page(small_page, chromium):
+    """A fresh load of the small page at 1280x800; no page errors and no network request by the end."""
+    context, blocked = chromium
+    errors: list[str] = []
+    pg = open_page(context, small_page, errors)
+    pg.evaluate("document.getElementById('cv-canvas').scrollIntoView({block: 'start'})")
+    yield pg
+    pg.close()
+    assert errors == [] and blocked == []
 
 
 def drawn(pg) -> dict[tuple[str, str], float]:
@@ -170,7 +177,8 @@ def test_aggregation_expand_and_collapse_by_clicking(page, payloads):
 
 def test_search_highlights_and_centres_matches(page, payloads):
     circuit = payloads[0]
-    nodes = page.evaluate("MS.viewer.drawnNodes()")
+    c = circuit["default"]
+    nodes = sorted({n for pair in expected_edges(circuit, c, "heads") for n in pair[:2]})
     target = next(n for n in nodes if re.fullmatch(r"a\d+\.h\d+@.+", n))
     short = target.split("@")[0]
     page.fill("#cv-search", short)
@@ -183,6 +191,13 @@ def test_search_highlights_and_centres_matches(page, payloads):
     assert abs(cx - (box["x"] + box["width"] / 2)) < 2 and abs(cy - (box["y"] + box["height"] / 2)) < 2
     page.fill("#cv-search", "logits")
     assert sorted(page.evaluate("MS.viewer.matches()")) == sorted(n for n in nodes if n.startswith("logits@"))
+    # aggregated: the groups holding the head are the matches
+    page.select_option("#cv-mode", "layers")
+    page.fill("#cv-search", short)
+    groups = {n for pair in expected_edges(circuit, c, "layers") for n in pair[:2]}
+    assert sorted(page.evaluate("MS.viewer.matches()")) == sorted(
+        {group_name(n, "layers") for n in want} & groups)
+    assert page.evaluate("MS.viewer.matches()")
     page.fill("#cv-search", "no-such-node")
     assert page.evaluate("MS.viewer.matches()") == []
     assert math.isfinite(page.evaluate("MS.viewer.timings.search"))
@@ -233,8 +248,7 @@ def test_zoom_pan_and_reset(page):
     assert math.isfinite(page.evaluate("MS.viewer.timings.zoom"))
 
 
-def test_tooltips_for_nodes_and_edges(page, payloads):
-    circuit = payloads[0]
+def test_tooltips_for_nodes_and_edges(page):
     node = next(n for n in page.evaluate("MS.viewer.drawnNodes()") if re.fullmatch(r"a\d+\.h\d+@.+", n))
     x, y = page.evaluate(f"MS.viewer.screenOf('{node}')")
     page.mouse.move(x, y)
@@ -305,10 +319,11 @@ def _check_layout(pg, shot: bytes, width: int) -> None:
     assert drawn > 0.02, drawn
 
 
-def screenshots(pg, context, path: Path, tag: str, out: list):
+def screenshots(pg, tag: str) -> list[tuple[int, int]]:
     """Screenshots of the circuit section in 1280x800 and 1920x1080 windows, checked; saved under
     $MECHSCOPE_SCREENSHOTS when it is set."""
     keep = os.environ.get("MECHSCOPE_SCREENSHOTS")
+    out = []
     for width, height in [(1280, 800), (1920, 1080)]:
         pg.set_viewport_size({"width": width, "height": height})
         pg.wait_for_function(f"MS.viewer.state && document.getElementById('cv-canvas').clientWidth > {width} * 0.9 - 80")
@@ -319,34 +334,34 @@ def screenshots(pg, context, path: Path, tag: str, out: list):
             Path(keep).mkdir(parents=True, exist_ok=True)
             (Path(keep) / f"viewer-{tag}-{width}x{height}.png").write_bytes(shot)
         out.append((width, height))
+    return out
 
 
-def test_pages_fit_1280_and_1920_windows(page, small_page, tmp_path):
-    sizes = []
-    screenshots(page, None, small_page, "small", sizes)
-    assert sizes == [(1280, 800), (1920, 1080)]
+def test_pages_fit_1280_and_1920_windows(page):
+    assert screenshots(page, "small") == [(1280, 800), (1920, 1080)]
 
 
-@pytest.mark.slow
-def test_the_full_span_graph_of_a_smollm2_shaped_model(tmp_path):
-    """~660k edges (Graph(30, 9, 3), IOI's nine spans): the largest circuit opens aggregated, every
-    interaction reports a finite time, and the screenshots fit. Timing budgets: benchmarks/bench_viewer.py."""
+def test_the_full_span_graph_of_a_smollm2_shaped_model(tmp_path, chromium):
+    """~670k edges (Graph(30, 9, 3), IOI's nine spans): the largest circuit opens aggregated, every
+    interaction reports a finite time, and the screenshots fit (~10 s, so not marked slow). Timing
+    budgets: benchmarks/bench_viewer.py."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
     import bench_viewer
 
     path, payload = bench_viewer.build_page(tmp_path / "full.html")
     assert payload["edges"]["n"] > 600_000
+    context, blocked = chromium
     errors: list[str] = []
-    with browser() as (context, blocked):
-        pg = open_page(context, path, errors)
-        s = status(pg)
-        assert s["mode"] == "layers" and int(s["circuit"]) == payload["default"]
-        timings = bench_viewer.interact(pg)
-        assert all(math.isfinite(v) and v >= 0 for v in timings.values()), timings
-        sizes = []
-        screenshots(pg, context, path, "full", sizes)
-        out = os.environ.get("MECHSCOPE_TIMINGS_OUT")
-        if out:
-            Path(out).write_text(json.dumps(timings, indent=1))
-        print("viewer timings (ms):", json.dumps({k: round(v, 1) for k, v in timings.items()}))
+    pg = open_page(context, path, errors)
+    s = status(pg)
+    assert s["mode"] == "layers" and int(s["circuit"]) == payload["default"]
+    assert s["capped"] == "0" and int(s["edges"]) > 1000
+    timings = bench_viewer.interact(pg)
+    assert all(math.isfinite(v) and v >= 0 for v in timings.values()), timings
+    assert screenshots(pg, "full") == [(1280, 800), (1920, 1080)]
+    out = os.environ.get("MECHSCOPE_TIMINGS_OUT")
+    if out:
+        Path(out).write_text(json.dumps(timings, indent=1))
+    print("viewer timings (ms):", json.dumps({k: round(v, 1) for k, v in timings.items()}))
+    pg.close()
     assert errors == [] and blocked == []

@@ -216,7 +216,7 @@ def tiny_payloads(model_dir: str):
     import mechscope
     from mechscope.attribution import attribute
     from mechscope.circuits.span_circuit import span_greedy
-    from mechscope.report.sections.attention_data import attention_payload as real_attention_payload
+    from mechscope.report.sections.attention_data import attention_payload
     from mechscope.report.sections.circuit_data import circuit_payload
     from mechscope.tasks import make_task
 
@@ -227,7 +227,7 @@ def tiny_payloads(model_dir: str):
     names = {n.split("@")[0] for n in circuit_payload(circuits[-1:], scores)["nodes"]["name"]}
     heads = sorted({tuple(map(int, re.fullmatch(r"a(\d+)\.h(\d+)", n).groups())) for n in names
                     if re.fullmatch(r"a\d+\.h\d+", n)})[:3]
-    attention = real_attention_payload(model, data, heads, n_examples=2)
+    attention = attention_payload(model, data, heads, n_examples=2)
     circuit = circuit_payload(circuits, scores, scores.concrete, [{"normalized": 0.5}, {"normalized": 0.8}, {}],
                               default=1, attention_heads=attention["heads"])
     T = attention["T"]

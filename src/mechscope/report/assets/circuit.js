@@ -87,6 +87,7 @@
     denseMax: 1 << 22,   // largest dense table of visible node pairs (entries); above it a hash
   };
   const vis = new Int32Array(N);
+  const touched = new Uint8Array(N);   // nodes with an edge that passes the filters (drawn or inside a group)
   // drawn edges (filled by compute)
   let dN = 0, capped = false, nPassing = 0;
   const dP = new Int32Array(CAP), dC = new Int32Array(CAP), dScore = new Float64Array(CAP);
@@ -180,6 +181,7 @@
     const sign = st.sign === 'positive' ? 1 : st.sign === 'negative' ? -1 : 0, thr = st.threshold;
     const single = st.mode === 'heads';
     let n = 0, passing = 0, over = false;
+    touched.fill(0);
     if (!single) {
       const tp = performance.now();
       pairs();
@@ -204,6 +206,7 @@
         dP[n] = p; dC[n] = c; dScore[n] = s; dConc[n] = eConc[i]; dCount[n] = 1; dKinds[n] = 1 << k; dFirst[n] = i; n++;
         continue;
       }
+      touched[eParent[i]] = 1; touched[eChild[i]] = 1;
       const j = pairOf[i];
       if (j < 0) continue;   // inside one collapsed node
       passing++;
@@ -277,6 +280,7 @@
     const hit = new Uint8Array(V);
     for (let i = 0; i < N; i++) {
       if (shortName[i] !== q && nodes.name[i] !== q) continue;
+      if (st.mode !== 'heads' && !touched[i]) continue;   // a group matches when the node is in the circuit
       const v = vis[i];
       if (nodeOn[v]) hit[v] = 1;
     }
