@@ -4,7 +4,6 @@ HTML report in a real headless browser (Debian's chromium driven by Playwright),
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import re
@@ -23,9 +22,6 @@ from mechscope.tasks import make_task
 
 runner = CliRunner()
 CHROMIUM = "/usr/bin/chromium"
-# The viewers are written on another branch; until they are merged their sections cannot appear.
-VIEWERS = {n for n in ("circuit", "attention")
-           if importlib.util.find_spec(f"mechscope.report.sections.{n}") is not None}
 
 
 def embedded(page: str) -> dict:
@@ -58,12 +54,10 @@ def test_circuit_writes_every_file(report_dir):
     page = (report_dir / "report.html").read_text()
     for needle in ("http://", "https://", "<link", "src="):
         assert needle not in page.replace("http://www.w3.org/2000/svg", ""), needle
-    assert section_ids(page) == [s for s in ("summary", "curves", "circuit", "edges", "attention")
-                                 if s not in ("circuit", "attention") or s in VIEWERS]
+    assert section_ids(page) == ["summary", "curves", "circuit", "edges", "attention"]
     data = embedded(page)  # strict JSON
     assert list(data["curves"]["curves"]) == ["peap", "eap"]
-    if "circuit" in VIEWERS:
-        assert data["circuit"]["nodes"]["name"]
+    assert data["circuit"]["nodes"]["name"]
     # edges.csv: the saved circuit's span edges, largest |score| first.
     with open(report_dir / "edges.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -83,8 +77,7 @@ def test_circuit_with_a_non_positional_method(tmp_path, tiny_model_dirs):
     assert isinstance(mechscope.load_any_circuit(out / "circuit.json"), mechscope.Circuit)
     with open(out / "edges.csv", newline="") as f:
         assert {r["spans"] for r in csv.DictReader(f)} <= {"*", "*->*"}
-    if "circuit" in VIEWERS:
-        assert embedded((out / "report.html").read_text())["circuit"]["spans"] == ["*"]
+    assert embedded((out / "report.html").read_text())["circuit"]["spans"] == ["*"]
 
 
 def test_summary_equals_the_python_api(report_dir, tiny_model_dirs):

@@ -56,7 +56,7 @@ def test_circuit_payload_member_bits_give_each_circuit(llama):
     model, data = llama
     scores = attribute(model, data, "peap", batch_size=6, progress=False)
     circuits = [span_greedy(scores, n) for n in (20, 80, 300)]
-    payload = circuit_payload(circuits, scores, info=[{"normalized": 0.5}, {}, {}], default=1)
+    payload = circuit_payload(circuits, scores, info=[{"normalized": 0.5}, {}, {}], saved=1)
     json.dumps(payload, allow_nan=False)
     edges = payload["edges"]
     member, score = decode(edges["member"]), decode(edges["score"])
@@ -114,3 +114,28 @@ def test_write_sections_writes_the_page_and_files_at_once(tmp_path):
         write_sections(tmp_path / "s", "t", [], {"../x": lambda p: None})
     with pytest.raises(ReportError, match="not an empty directory"):
         write_sections(out, "t", [Section("a", "A", "")])
+
+
+def test_columns_decode_in_the_browser_natively_and_without_native_base64(tmp_path):
+    """MS.column gives back the numbers Python encoded, with the browser's own base64 decoder and with
+    the page's fallback (for browsers without Uint8Array.fromBase64), for every length modulo 3."""
+    from viewer_pages import browser
+
+    rng = np.random.default_rng(0)
+    cols = {f"c{n}": rng.standard_normal(n).astype(np.float32) for n in (1, 2, 3, 7, 1000)}
+    cols["ints"] = np.array([-3, 0, 5, 127], dtype=np.int8)
+    data = {name: column(v, "i8" if v.dtype == np.int8 else "f32") for name, v in cols.items()}
+    path = tmp_path / "page.html"
+    path.write_text(render_page("columns", "", [Section("cols", "Columns", "", data=data)]), encoding="utf-8")
+    with browser() as (context, blocked):
+        page = context.new_page()
+        page.goto(path.as_uri())
+        native = page.evaluate("() => { const d = MS.data('cols'); const o = {};"
+                               " for (const k in d) o[k] = Array.from(MS.column(d[k])); return o; }")
+        fallback = page.evaluate("() => { delete Uint8Array.fromBase64; Uint8Array.fromBase64 = undefined;"
+                                 " const d = MS.data('cols'); const o = {};"
+                                 " for (const k in d) o[k] = Array.from(MS.column(d[k])); return o; }")
+    assert blocked == []
+    for got in (native, fallback):
+        for name, want in cols.items():
+            assert np.array_equal(np.asarray(got[name], dtype=want.dtype), want), name

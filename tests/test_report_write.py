@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import json
 import math
 import warnings
@@ -24,9 +23,6 @@ from mechscope.errors import MechscopeWarning, ParameterError
 from mechscope.report import ReportError, write
 from mechscope.tasks import make_task
 
-# The viewers are written on another branch; until they are merged their sections cannot appear.
-VIEWERS = {n for n in ("circuit", "attention")
-           if importlib.util.find_spec(f"mechscope.report.sections.{n}") is not None}
 
 
 class _Page(HTMLParser):
@@ -123,8 +119,7 @@ def test_each_input_gives_its_sections_and_files(run, tmp_path, case):
     out = write(tmp_path / "r", **_inputs(run, names))
     assert out == tmp_path / "r"
     page = parse(out)
-    want = [s for s in ("summary", "curves", "circuit", "edges", "attention") if s in sections and
-            (s not in ("circuit", "attention") or s in VIEWERS)]
+    want = [s for s in ("summary", "curves", "circuit", "edges", "attention") if s in sections]
     assert page.sections == want
     assert _files(out) == files | {"report.html"}
     assert [p.name for p in tmp_path.iterdir()] == ["r"]  # no temporary directory left
@@ -249,8 +244,6 @@ def test_an_existing_directory_is_replaced_only_with_overwrite(run, tmp_path):
 def test_viewer_steps_through_the_curves_circuits(run, tmp_path):
     """The viewer's circuits are the curve's, smallest first, each with its point's faithfulness; the
     saved one is marked (and added when it is on no curve)."""
-    if "circuit" not in VIEWERS:
-        pytest.skip("report.sections.circuit is not merged yet")
     curve = run["curve"]
     out = write(tmp_path / "r", curve=curve, circuit=curve.circuits[1], scores=run["peap"])
     viewer = parse(out).data["circuit"]

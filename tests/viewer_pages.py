@@ -207,7 +207,7 @@ def full_graph_payload(seed: int = 0) -> dict:
         circuits.append(SpanCircuit(full.graph, full.spans, full.within & (within >= cut), crossing, full.logit_spans))
     circuits.append(full)
     info = [{"normalized": i / len(circuits), "soft": None, "hard": None} for i in range(len(circuits))]
-    return circuit_payload(circuits, scores, scores.concrete, info, default=len(circuits) - 1)
+    return circuit_payload(circuits, scores, scores.concrete, info, saved=len(circuits) - 1)
 
 
 def tiny_payloads(model_dir: str):
@@ -229,7 +229,7 @@ def tiny_payloads(model_dir: str):
                     if re.fullmatch(r"a\d+\.h\d+", n)})[:3]
     attention = attention_payload(model, data, heads, n_examples=2)
     circuit = circuit_payload(circuits, scores, scores.concrete, [{"normalized": 0.5}, {"normalized": 0.8}, {}],
-                              default=1, attention_heads=attention["heads"])
+                              saved=1, attention_heads=attention["heads"])
     T = attention["T"]
     patterns = column(attention["patterns"]).reshape(-1, 2, len(heads), T, T)
     return circuit, attention, patterns

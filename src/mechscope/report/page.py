@@ -64,11 +64,25 @@ window.MS = (function () {
     }
     return cache[id];
   }
+  const SIXBITS = new Uint8Array(128);
+  'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/'.split('').forEach((c, i) => { SIXBITS[c.charCodeAt(0)] = i; });
+  function bytesOf(b64) {
+    if (typeof Uint8Array.fromBase64 === 'function') return Uint8Array.fromBase64(b64);  // native where the browser has it
+    const pad = b64.endsWith('==') ? 2 : b64.endsWith('=') ? 1 : 0;
+    const out = new Uint8Array(b64.length / 4 * 3 - pad);
+    let j = 0;
+    for (let i = 0; i < b64.length; i += 4) {
+      const v = (SIXBITS[b64.charCodeAt(i)] << 18) | (SIXBITS[b64.charCodeAt(i + 1)] << 12) |
+                (SIXBITS[b64.charCodeAt(i + 2)] << 6) | SIXBITS[b64.charCodeAt(i + 3)];
+      out[j++] = v >> 16;
+      if (j < out.length) out[j++] = (v >> 8) & 255;
+      if (j < out.length) out[j++] = v & 255;
+    }
+    return out;
+  }
   function column(col) {
-    const bytes = atob(col.b64);
-    const buf = new Uint8Array(bytes.length);
-    for (let i = 0; i < bytes.length; i++) buf[i] = bytes.charCodeAt(i);
-    return new TYPES[col.dtype](buf.buffer);
+    const bytes = bytesOf(col.b64);
+    return new TYPES[col.dtype](bytes.buffer, bytes.byteOffset, bytes.byteLength / TYPES[col.dtype].BYTES_PER_ELEMENT);
   }
   function el(tag, attrs, parent) {
     const e = document.createElementNS(NS, tag);

@@ -328,18 +328,21 @@ ORDER = ("summary", "curves", "circuit", "edges", "attention")
 
 def _viewer_sections(inputs: _Inputs, viewer: _Viewer | None, heads: list[tuple[int, int]]) -> list[Section]:
     """The circuit viewer (when there are circuits to show) and the attention viewer (model and
-    dataset), from report.sections.circuit and report.sections.attention."""
+    dataset)."""
+    from .sections import attention as attention_section
+    from .sections import circuit as circuit_section
+
     out = []
-    circuit_section, attention_section = _section_module("circuit"), _section_module("attention")
-    if viewer is not None and circuit_section is not None:
+    attention = inputs.model is not None and inputs.dataset is not None
+    if viewer is not None:
         spans = _as_span(viewer.circuits[0]).spans
         scores = inputs.scores if inputs.scores is not None and _fits(inputs.scores, viewer.circuits[0]) else None
         info = [{} if p is None else {"label": _label(p), **{k: getattr(p, k) for k in MEASURES}}
                 for p in viewer.points]
         out.append(circuit_section.section(circuit_payload(
-            viewer.circuits, scores=scores, counts=_counts(inputs.dataset, spans), info=info, default=viewer.saved,
-            attention_heads=[head_name(l, h) for l, h in heads] if attention_section is not None else [])))
-    if inputs.model is not None and inputs.dataset is not None and attention_section is not None:
+            viewer.circuits, scores=scores, counts=_counts(inputs.dataset, spans), info=info, saved=viewer.saved,
+            attention_heads=[head_name(l, h) for l, h in heads] if attention else [])))
+    if attention:
         out.append(attention_section.section(attention_payload(inputs.model, inputs.dataset, heads, ATTENTION_EXAMPLES)))
     return out
 
@@ -351,19 +354,6 @@ def _label(point) -> str:
     """A curve circuit's label in the viewer: its share of all edges and its size."""
     share = f"{100 * point.fraction:g}% of edges, " if point.fraction is not None else ""
     return f"{share}{point.n_edges:,} edges"
-
-
-def _section_module(name: str):
-    """report.sections.<name>, or None while that module is not there (the viewers are written on
-    another branch)."""
-    import importlib
-
-    try:
-        return importlib.import_module(f"{__package__}.sections.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.sections.{name}":
-            raise
-        return None
 
 
 def _fits(scores: EdgeScores, circuit) -> bool:

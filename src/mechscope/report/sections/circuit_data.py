@@ -14,10 +14,11 @@ MAX_CIRCUITS = 32  # bits of the member column
 
 
 def circuit_payload(circuits: Sequence, scores=None, counts: dict | None = None, info: Sequence[dict] | None = None,
-                    default: int | None = None, attention_heads: Sequence[str] = ()) -> dict:
+                    saved: int | None = None, default: int | None = None, attention_heads: Sequence[str] = ()) -> dict:
     """The viewer's payload (see the report contract) for `circuits` (SpanCircuit or Circuit, smallest
     first). `info[i]` may give circuit i's `label`, `concrete_edges`, `normalized`, `soft` and `hard`;
-    `default` is the circuit shown first and marked saved (the last one when None)."""
+    `saved` is the circuit marked as the saved one (None: none is); `default` the one shown first (the
+    saved one, else the largest)."""
     if not circuits:
         raise CircuitError("the circuit viewer needs at least one circuit")
     if len(circuits) > MAX_CIRCUITS:
@@ -25,9 +26,11 @@ def circuit_payload(circuits: Sequence, scores=None, counts: dict | None = None,
     info = list(info) if info is not None else [{} for _ in circuits]
     if len(info) != len(circuits):
         raise CircuitError(f"{len(info)} info entries for {len(circuits)} circuits")
-    default = len(circuits) - 1 if default is None else default
-    if not 0 <= default < len(circuits):
-        raise CircuitError(f"default circuit {default} is not one of the {len(circuits)} circuits")
+    if default is None:
+        default = len(circuits) - 1 if saved is None else saved
+    for name, i in (("default", default), ("saved", saved)):
+        if i is not None and not 0 <= i < len(circuits):
+            raise CircuitError(f"{name} circuit {i} is not one of the {len(circuits)} circuits")
     edges = circuit_edges(circuits, scores, counts)
     g, nodes = edges.graph, edges.nodes
     entries = []
@@ -40,7 +43,7 @@ def circuit_payload(circuits: Sequence, scores=None, counts: dict | None = None,
             "normalized": extra.get("normalized"),
             "soft": extra.get("soft"),
             "hard": extra.get("hard"),
-            "saved": i == default,
+            "saved": i == saved,
         })
     return {
         "spans": list(edges.spans),
