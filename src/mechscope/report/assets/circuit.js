@@ -364,9 +364,10 @@
     // labels: always for groups, for single nodes when the zoom leaves room
     ctx.fillStyle = '#1d2330';
     const room = headDx * sc;
+    const few = drawnNodes.length <= 80;  // a small circuit: name every head even when they sit close
     for (const v of drawnNodes) {
       const k = vKind[v];
-      const show = k >= 7 || (k === 0 || k === 6 || k === 2 ? room > 14 || st.mode !== 'heads' : k === 1 ? room > 30 : room > 110);
+      const show = k >= 7 || (k === 0 || k === 6 || k === 2 ? room > 14 || st.mode !== 'heads' : k === 1 ? room > 30 || few : room > 110);
       if (!show && v !== st.pinned && !(matches.length && matches.includes(v))) continue;
       const x = X(v), y = Y(v);
       if (x < -20 || x > W + 20 || y < -10 || y > Hc + 10) continue;
