@@ -34,7 +34,7 @@ def section(evaluation, predictions=None, lens_config: dict | None = None) -> Se
             f'<p class="note">Mean KL(final || lens) in nats over {evaluation.n_positions:,} held-out positions '
             '(BOS left out); layer l is the residual stream after layer l, embed the embedding.</p>'
             + _training_note(lens_config)
-            + f'<details><summary>Table</summary><table><tr><th>layer</th>{head}</tr>{rows}</table></details>')
+            + f'<details open><summary>Table</summary><table><tr><th>layer</th>{head}</tr>{rows}</table></details>')
     data = {"streams": evaluation.streams, "kl": evaluation.kl}
     if predictions is not None:
         body += ('<h3>Top predictions per layer</h3><div class="controls">lens <select id="lens-pick">'
