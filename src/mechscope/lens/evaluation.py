@@ -158,7 +158,7 @@ def kl_figure(evaluation: LensEvaluation, path: str | os.PathLike) -> Path:
         pts = [(i, v) for i, v in zip(x, values) if v > 0]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=f"{name} lens")
     ax.set_yscale("log")
-    step = max(1, len(x) // 16)
+    step = max(1, -(-len(x) // 16))  # at most 16 labels
     ax.set_xticks(x[::step], [evaluation.streams[i] for i in x[::step]])
     ax.set_xlabel("layer (residual stream after it; embed = the embedding)")
     ax.set_ylabel("KL(final || lens), nats")
