@@ -127,6 +127,13 @@ def no_compile(mp: pytest.MonkeyPatch) -> None:
     mp.setattr("mechscope.toys.tracr.benchmark.compile_program", compile_program)
 
 
+def other_lens(path: Path) -> None:
+    """A tuned lens directory for a model of another shape (d_model 32, 3 layers)."""
+    from mechscope.lens import TunedLens
+
+    TunedLens(32, 3, {"model": "elsewhere"}).save(path)
+
+
 def user_programs(e: Env) -> None:
     """A module of user programs for the tracr benchmark, each wrong in one way."""
     e.write("mine.py", "from mechscope.toys.tracr import ProgramSpec\n"
@@ -635,6 +642,37 @@ CLI_FAULTS: list[CliFault] = [
     CliFault("figure: --max-edges 0",
              lambda e: ["figure", str(e.root / "c.json"), "--max-edges", "0", "--out", str(e.root / "f.png")],
              "--max-edges must be at least 1, got 0", setup=lambda e: figure_inputs(e)),
+    # --- mechscope lens (every check before the model loads)
+    CliFault("lens train: an empty text file",
+             lambda e: ["lens", "train", "--model", e.llama, "--text", str(e.root / "empty.txt"),
+                        "--out", str(e.root / "l")],
+             "empty.txt: holds no text", inject=no_model, setup=lambda e: e.write("empty.txt", " \n")),
+    CliFault("lens train: text shorter than one sequence",
+             lambda e: ["lens", "train", "--model", e.llama, "--text", str(e.root / "short.txt"),
+                        "--out", str(e.root / "l")],
+             "short.txt: too short:", inject=no_model, setup=lambda e: e.write("short.txt", "Mary and John")),
+    CliFault("lens train: a JSONL line without text",
+             lambda e: ["lens", "train", "--model", e.llama, "--text", str(e.root / "t.jsonl"),
+                        "--out", str(e.root / "l")],
+             "t.jsonl, line 1: missing field 'text'", inject=no_model,
+             setup=lambda e: e.write("t.jsonl", '{"body": "x"}\n')),
+    CliFault("lens train: --tokens 0",
+             lambda e: ["lens", "train", "--model", e.llama, "--tokens", "0", "--out", str(e.root / "l")],
+             "--tokens must be at least 1, got 0", inject=no_model),
+    CliFault("lens train: --out exists",
+             lambda e: ["lens", "train", "--model", e.llama, "--out", str(e.root / "taken")],
+             "taken: exists; choose a new --out or pass --overwrite", setup=lambda e: (e.root / "taken").mkdir(),
+             inject=no_model),
+    CliFault("lens eval: no such lens",
+             lambda e: ["lens", "eval", "--model", e.llama, "--lens", str(e.root / "none"), "--out", str(e.out)],
+             "none: not a tuned lens directory (no such directory)", inject=no_model),
+    CliFault("lens eval: a lens of another model shape",
+             lambda e: ["lens", "eval", "--model", e.llama, "--lens", str(e.root / "other"), "--out", str(e.out)],
+             "was trained for a model with d_model 32 and 3 layers (elsewhere), but", inject=no_model,
+             setup=lambda e: other_lens(e.root / "other")),
+    CliFault("lens eval: an empty prompt",
+             lambda e: ["lens", "eval", "--model", e.llama, "--prompt", " ", "--out", str(e.out)],
+             "--prompt is empty", inject=no_model),
 ]
 
 API_FAULTS: list[ApiFault] = [

@@ -707,6 +707,11 @@ def benchmark_tracr(
     console.print(f"best_mean_edge_auroc_floor={summary['best_mean_edge_auroc_floor']:.4f}", highlight=False)
 
 
+from .lens.cli import lens_app  # noqa: E402  (after the helpers it uses)
+
+app.add_typer(lens_app, name="lens")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     app(args=argv if argv is not None else sys.argv[1:])
 
