@@ -633,6 +633,10 @@ def _task_or_data(task, data_file, model: str, n_task: int, seed: int, n_data: i
 benchmark_app = typer.Typer(no_args_is_help=True, help="Benchmarks of the circuit finders.")
 app.add_typer(benchmark_app, name="benchmark")
 
+from .patching.cli import patch_app  # noqa: E402  (sub-app of `mechscope patch`)
+
+app.add_typer(patch_app, name="patch")
+
 
 @benchmark_app.command("tracr")
 @_user_errors
