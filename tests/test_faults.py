@@ -389,6 +389,16 @@ CLI_FAULTS: list[CliFault] = [
     CliFault("circuit: unknown method", lambda e: ["circuit", "--data", str(e.dataset), "--model", e.llama,
                                                    "--method", "magic", "--out", str(e.out)],
              "unknown method 'magic'"),
+    CliFault("patch sweep: unknown component", lambda e: ["patch", "sweep", "--data", str(e.dataset), "--model", e.llama,
+                                                          "--component", "zz", "--out", str(e.out)],
+             "unknown component 'zz'; choose one of resid_pre, resid_post, attn_out, mlp_out, z, z_pos"),
+    CliFault("patch sweep: layer out of range", lambda e: ["patch", "sweep", "--data", str(e.dataset), "--model",
+                                                           e.llama, "--layers", "7", "--out", str(e.out)],
+             "layer 7 is out of range: the model has layers 0..1"),
+    CliFault("patch sweep: resample without partners", lambda e: ["patch", "sweep", "--data", str(e.dataset), "--model",
+                                                                  e.llama, "--reference", "resample", "--n", "1",
+                                                                  "--out", str(e.out)],
+             "resample: example 0 (length 30) has no other example of the same length"),
 
     # --- datasets and other input files
     data_fault("dataset: UTF-16", "u16.jsonl", lambda e, p: p.write_text(e.dataset.read_text(), encoding="utf-16"),

@@ -6,6 +6,15 @@ about results (`MechscopeWarning`) are printed as `warning:` lines at the end of
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # `python -m mechscope.cli`: run the one `mechscope.cli` module that the sub-commands (lens, patch)
+    # import their shared options from, not a second copy of it named __main__.
+    import sys
+
+    from mechscope.cli import main
+
+    sys.exit(main())
+
 import contextlib
 import functools
 import signal
@@ -632,6 +641,10 @@ def _task_or_data(task, data_file, model: str, n_task: int, seed: int, n_data: i
 
 benchmark_app = typer.Typer(no_args_is_help=True, help="Benchmarks of the circuit finders.")
 app.add_typer(benchmark_app, name="benchmark")
+
+from .patching.cli import patch_app  # noqa: E402  (sub-app of `mechscope patch`)
+
+app.add_typer(patch_app, name="patch")
 
 
 @benchmark_app.command("tracr")
