@@ -38,6 +38,8 @@ only. `naive_sweep` is the one-forward-per-patch baseline with a plain hook, for
 
 from __future__ import annotations
 
+import math
+
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -257,7 +259,7 @@ class _Instances:
         self.device = groups.device
         shape = spec.shape
         self.cells = (self.n_pos,) if shape == "pos" else (len(heads), self.n_pos) if shape == "head_pos" else (len(heads),)
-        self.n = int(torch.tensor(self.cells).prod())
+        self.n = math.prod(self.cells)
         self.heads_t = torch.tensor(heads, dtype=torch.long, device=self.device)
 
     def nonempty(self) -> torch.Tensor:
