@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
 from mechscope.errors import ParameterError
 from mechscope.graph import Graph
 from mechscope.metrics import final_logits, logit_diff
-from mechscope.patching.cli_path import register
 from mechscope.patching.names import Node, parse_receiver, parse_receivers, parse_sender, parse_senders
 from mechscope.patching.path import PathPatchingResult, path_patch, path_patch_sets, path_patch_sweep
 from mechscope.tasks import make_task
@@ -261,10 +259,9 @@ def test_names_refuse_with_one_line(text, kind, message):
 
 @pytest.fixture(scope="module")
 def patch_cli():
-    app = typer.Typer()
-    sub = typer.Typer()
-    register(sub)
-    app.add_typer(sub, name="patch")
+    """The real `mechscope` app: `patch path` and `patch dla` are registered on its `patch` sub-app."""
+    from mechscope.cli import app
+
     return app
 
 
