@@ -27,7 +27,7 @@ def data(tiny_model):
 
 def _cache(model, tokens, mask):
     """z per layer, MLP outputs and the embedding on `tokens`."""
-    cache, hooks = {}, []
+    cache = {}
     names = ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.{h}" for l in range(model.cfg.n_layers)
                                             for h in ("attn.hook_z", "hook_mlp_out")]
 

@@ -20,7 +20,6 @@ needed).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 

@@ -35,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..attribution.references import check_ablation, clean_pass, counterfactual_pass, mean_reference, reference_outputs
+from ..attribution.references import check_ablation, counterfactual_pass, mean_reference, reference_outputs
 from ..attribution.runner import StopForward, graph_hooks, prepare_model, unembed, check_ablatable
 from ..behaviour import check_compatible
 from ..data.dataset import Batch, PromptPairDataset
