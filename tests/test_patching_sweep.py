@@ -18,7 +18,7 @@ from mechscope.patching.sweep import last_logits, resample_partners
 from mechscope.metrics import compute_metric, final_logits
 from mechscope.tasks import make_task
 
-TOL = 2e-5
+TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
