@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from ..cli import _data_option, _device_option, _model_option, _task_option  # the options every verb shares
+
 patch_app = typer.Typer(no_args_is_help=True, help="Patching: activation patching sweeps, path patching, direct logit attribution.")
 
 
@@ -24,9 +26,9 @@ def _ints(text: Optional[str], what: str) -> Optional[list[int]]:
 
 @patch_app.command("sweep")
 def sweep_command(
-    task: Optional[str] = typer.Option(None, "--task", help="Built-in task: ioi, greater-than, winobias, induction."),
-    data_file: Optional[Path] = typer.Option(None, "--data", help="A dataset JSONL (or text JSONL)."),
-    model: str = typer.Option("smollm2-135m", "--model", help="Model alias, directory or GGUF file."),
+    task: Optional[str] = _task_option(),
+    data_file: Optional[Path] = _data_option(),
+    model: str = _model_option(),
     component: str = typer.Option("z_pos", help="resid_pre, resid_post, attn_out, mlp_out, z, z_pos, q, k, v, pattern."),
     direction: str = typer.Option("noising", help="noising or denoising."),
     reference: str = typer.Option("counterfactual", help="counterfactual, mean, zero or resample (noising)."),
@@ -40,7 +42,7 @@ def sweep_command(
     batch_size: int = typer.Option(16, help="Examples per batch."),
     patch_batch: int = typer.Option(256, help="Patches per forward pass."),
     out: Path = typer.Option(..., "--out", "-o", help="New directory for the result, heatmap and report."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N."),
+    device: Optional[str] = _device_option(),
 ) -> None:
     """Patch every instance of one component kind in every example and write DIR/result.safetensors
     (+ result.json), heatmap.png and report.html (and estimate.safetensors, estimate.png with --estimate)."""

@@ -12,6 +12,8 @@ from typing import Optional
 
 import typer
 
+from ..cli import _data_option, _device_option, _model_option, _task_option  # the options every verb shares
+
 from ..errors import ParameterError
 
 
@@ -38,10 +40,10 @@ def _common_checks(task, data_file, n: int, batch_size, out: Path, overwrite: bo
 
 
 def path_command(
-    task: Optional[str] = typer.Option(None, "--task", help="Built-in task: ioi, greater-than, winobias, induction."),
-    data_file: Optional[Path] = typer.Option(None, "--data", help="A dataset JSONL instead of --task."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model alias, .gguf, directory or hub id."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available)."),
+    task: Optional[str] = _task_option(),
+    data_file: Optional[Path] = _data_option(),
+    model: str = _model_option(),
+    device: Optional[str] = _device_option(),
     n: int = typer.Option(16, "--n", help="Examples (generated with --task, the first N of --data)."),
     seed: int = typer.Option(0, help="Seed of the task generator."),
     senders: Optional[str] = typer.Option(None, "--senders", help="Comma-separated senders, all patched at once: "
@@ -101,10 +103,10 @@ def path_command(
 
 
 def dla_command(
-    task: Optional[str] = typer.Option(None, "--task", help="Built-in task: ioi, greater-than, winobias, induction."),
-    data_file: Optional[Path] = typer.Option(None, "--data", help="A dataset JSONL instead of --task."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model alias, .gguf, directory or hub id."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available)."),
+    task: Optional[str] = _task_option(),
+    data_file: Optional[Path] = _data_option(),
+    model: str = _model_option(),
+    device: Optional[str] = _device_option(),
     n: int = typer.Option(16, "--n", help="Examples (generated with --task, the first N of --data)."),
     seed: int = typer.Option(0, help="Seed of the task generator."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Examples per forward pass."),
