@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import re
-import shutil
 
 import pytest
 import torch
@@ -21,7 +20,6 @@ from mechscope.report import FILES
 from mechscope.tasks import make_task
 
 runner = CliRunner()
-CHROMIUM = "/usr/bin/chromium"
 
 
 def embedded(page: str) -> dict:
@@ -148,25 +146,10 @@ def test_report_in_a_headless_browser_offline(report_dir, tmp_path):
     section reports a failure, each curve chart draws a line per method, the edges table sorts by the
     column header clicked (descending, then ascending), and a 1280x800 screenshot of the curves is not
     blank. (The viewers' own browser tests are in their test files.)"""
-    from playwright.sync_api import sync_playwright
+    from viewer_pages import browser
 
-    assert shutil.which(CHROMIUM), "chromium is missing: run `make setup` (installs it with apt)"
     summary = json.loads((report_dir / "summary.json").read_text())
-    outside: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"])
-        context = browser.new_context(viewport={"width": 1280, "height": 800})
-
-        def guard(route):
-            url = route.request.url
-            if url.startswith(("file:", "data:", "about:")):
-                route.continue_()
-            else:
-                outside.append(url)
-                route.abort()
-
-        context.route("**/*", guard)
+    with browser(1280, 800) as (context, outside):
         page = context.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -197,7 +180,6 @@ def test_report_in_a_headless_browser_offline(report_dir, tmp_path):
 
         page.locator("#curves").scroll_into_view_if_needed()
         shot = page.locator("#curves .charts").screenshot(path=str(tmp_path / "curves.png"))
-        browser.close()
     assert outside == []
     from matplotlib.image import imread
 
