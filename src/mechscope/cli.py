@@ -724,6 +724,10 @@ from .lens.cli import lens_app  # noqa: E402  (after the helpers it uses)
 
 app.add_typer(lens_app, name="lens")
 
+from .toys.cli import toy_app  # noqa: E402  (after the helpers it uses)
+
+app.add_typer(toy_app, name="toy")
+
 
 def main(argv: Optional[list[str]] = None) -> None:
     app(args=argv if argv is not None else sys.argv[1:])

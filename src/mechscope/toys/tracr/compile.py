@@ -186,10 +186,11 @@ def _import_assembled(assembled, sink, name: str, dtype) -> tuple[CompiledTransf
                 bias.copy_(as_t(p(f"attn/{kind}")["b"].reshape(h, e)))
             block.attn.W_O.copy_(as_t(p("attn/linear")["w"].reshape(h, e, d_model)))
             block.attn.b_O.copy_(as_t(p("attn/linear")["b"]))
-            block.mlp.W_in.copy_(as_t(p("mlp/linear_1")["w"]))
-            block.mlp.b_in.copy_(as_t(p("mlp/linear_1")["b"]))
-            block.mlp.W_out.copy_(as_t(p("mlp/linear_2")["w"]))
-            block.mlp.b_out.copy_(as_t(p("mlp/linear_2")["b"]))
+            if cfg.d_mlp:  # a program without MLPs compiles to an attention-only model
+                block.mlp.W_in.copy_(as_t(p("mlp/linear_1")["w"]))
+                block.mlp.b_in.copy_(as_t(p("mlp/linear_1")["b"]))
+                block.mlp.W_out.copy_(as_t(p("mlp/linear_2")["w"]))
+                block.mlp.b_out.copy_(as_t(p("mlp/linear_2")["b"]))
     return model, output_values, categorical
 
 
