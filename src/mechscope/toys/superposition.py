@@ -94,8 +94,8 @@ class SuperpositionModel(nn.Module):
         i, m, n = config.n_instances, config.d_hidden, config.n_features
         self.W = nn.Parameter(torch.empty(i, m, n, device=device))
         self.b = nn.Parameter(torch.zeros(i, n, device=device))
-        self.register_buffer("importance", config.importance_decay ** torch.arange(n, device=device, dtype=torch.float32),
-                             persistent=False)
+        decay = config.importance_decay ** torch.arange(n, device=device, dtype=torch.float32)
+        self.register_buffer("importance", decay, persistent=False)
         self.register_buffer("presence", 1 - torch.tensor(config.instance_sparsity(), device=device),
                              persistent=False)
 
