@@ -343,7 +343,7 @@ def mechanism_proof(model: HookedToyTransformer, k: int, per_output: bool = Fals
     s_last = S[:, k - 1].diagonal()  # [q]: the query token at its own position
     flops += 3 * n * k * n
     counts = class_counts(n, k, device)  # [m, q, c + 1]
-    certified = 0
+    proved = torch.zeros(n, n, n + 1, dtype=torch.bool, device=device)  # the classes certified
     for m in range(n):
         wrong = ~eye[m]  # outputs other than m
         for query_is_max in (True, False) if k >= 2 else (True,):
@@ -377,21 +377,113 @@ def mechanism_proof(model: HookedToyTransformer, k: int, per_output: bool = Fals
                     y = torch.where(wrong, DD[qs, m], neg).amax(-1)[:, None] + torch.where(wrong, B[m, :nc], neg).amax(-1)[None]
                     worst = torch.maximum(x, (1 - alpha) * x + alpha * y)
                     flops += 2 * qs.numel() * n + nc * n + 5 * qs.numel() * nc
-                ok = worst < -slack
-                # c < q is impossible when q < m (the query is itself below m): those classes count 0.
-                certified += int((counts[m, qs, 1: nc + 1] * ok).sum())
+                # (c < q is impossible when q < m, the query being below m: those classes count 0.)
+                proved[m, qs, 1: nc + 1] = worst < -slack
             if query_is_max:  # every token is m: the attention is all on m
-                ok_all = X.amax(-1)[0] < -slack
-                certified += int(counts[m, m, 0] * ok_all)
+                proved[m, m, 0] = X.amax(-1)[0] < -slack
             flops += qs.numel() * n * 2
+    certified = int((counts * proved).sum())
+    flops += 2 * counts.numel()
     synchronize(device)
     seconds = time.perf_counter() - start_time
     total = n ** k
     name = "per_output" if per_output else "cubic"
-    return Proof(name, certified / total, certified, total, int(flops), seconds, {"slack": slack})
+    return Proof(name, certified / total, certified, total, int(flops), seconds, {"slack": slack, "classes": proved})
 
 
 def prove_all(model: HookedToyTransformer, k: int, progress: bool = False, batch: int = 1 << 15) -> dict[str, Proof]:
     return {"brute_force": brute_force(model, k, batch=batch, progress=progress),
             "per_output": mechanism_proof(model, k, per_output=True),
             "cubic": mechanism_proof(model, k, per_output=False)}
+
+
+# Analysis ----------------------------------------------------------------------------------------
+
+LABELS = {"brute_force": "brute force (every input)", "per_output": "mechanism, per output token",
+          "cubic": "mechanism, cubic (worst terms apart)"}
+
+
+@dataclass
+class MaxOfKAnalysis:
+    """Every proof's bound, cost and time on one trained model."""
+
+    config: MaxOfKConfig
+    proofs: dict[str, Proof]
+
+    @property
+    def accuracy(self) -> float:
+        return self.proofs["brute_force"].bound
+
+    @property
+    def summary(self) -> dict:
+        brute = self.proofs["brute_force"]
+        out = {"d_vocab": self.config.d_vocab, "k": self.config.k, "inputs": brute.total, "accuracy": self.accuracy,
+               "argmax_accuracy": brute.detail.get("argmax_accuracy")}
+        for name, proof in self.proofs.items():
+            out[f"{name}_bound"] = proof.bound
+            out[f"{name}_flops"] = proof.flops
+            out[f"{name}_seconds"] = round(proof.seconds, 4)
+            if name != "brute_force":
+                out[f"{name}_flops_ratio"] = proof.flops / brute.flops
+                out[f"{name}_bound_ratio"] = proof.bound / self.accuracy if self.accuracy > 0 else None
+        out["proofs"] = [{k: v for k, v in p.as_dict().items() if k not in ("margins", "classes")} for p in self.proofs.values()]
+        return out
+
+    def figure(self, path) -> None:
+        """Bound against cost: log FLOPs on x, the certified accuracy on y, the true accuracy dashed."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), constrained_layout=True)
+        colours = {"brute_force": "#444444", "per_output": "#2f6fb3", "cubic": "#c2552b"}
+        for name, proof in self.proofs.items():
+            ax.scatter([proof.flops], [proof.bound], s=60, color=colours.get(name, "#2f7d4f"), zorder=3,
+                       label=f"{LABELS.get(name, name)}: {proof.bound:.4f}")
+        ax.axhline(self.accuracy, color="#999999", ls="--", lw=1, label=f"true accuracy {self.accuracy:.4f}")
+        ax.set_xscale("log")
+        ax.set_xlabel("proof cost (FLOPs, log scale)")
+        ax.set_ylabel("proved lower bound on accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+        ax.set_title(f"Max-of-{self.config.k}, d_vocab={self.config.d_vocab}: "
+                     f"accuracy over all {self.proofs['brute_force'].total:,} inputs")
+        fig.savefig(path, dpi=130, format="png")
+        plt.close(fig)
+
+    def sections(self) -> list:
+        from ..report.page import Section
+
+        buf = io.BytesIO()
+        self.figure(buf)
+        png = base64.b64encode(buf.getvalue()).decode("ascii")
+        brute = self.proofs["brute_force"]
+        rows = "".join(
+            f"<tr><td>{html.escape(LABELS.get(name, name))}</td><td class='num'>{p.bound:.5f}</td>"
+            f"<td class='num'>{p.certified:,}</td><td class='num'>{p.flops:.3g}</td>"
+            f"<td class='num'>{p.flops / brute.flops:.2e}</td><td class='num'>{p.seconds:.3f}</td></tr>"
+            for name, p in self.proofs.items())
+        body = (f"<p class='note'>A one-layer attention-only model trained to output the largest of "
+                f"{self.config.k} tokens from {self.config.d_vocab}. Each proof gives a lower bound on its accuracy "
+                f"over all {brute.total:,} inputs: brute force runs every input; the mechanism proofs bound, for each "
+                f"(maximum, query token, largest other token), the attention paid to tokens below the maximum and the "
+                f"worst logit margin, and count the inputs whose worst case is still right. FLOPs are counted from the "
+                f"operations each proof does; times are wall-clock on the machine that ran the analysis.</p>"
+                f"<img alt='proved bound against cost' style='max-width:100%' src='data:image/png;base64,{png}'>"
+                f"<table><tr><th>proof</th><th>bound</th><th>inputs certified</th><th>FLOPs</th>"
+                f"<th>FLOPs / brute force</th><th>seconds</th></tr>{rows}</table>")
+        return [Section(id="max-of-k", title="Max-of-K: proved accuracy against proof cost", html=body)]
+
+    def files(self) -> dict:
+        return {"bound_vs_cost.png": self.figure}
+
+
+def analyze(trained: MaxOfK, progress: bool = True) -> MaxOfKAnalysis:
+    return MaxOfKAnalysis(trained.config, prove_all(trained.model, trained.config.k, progress=progress))
+
+
+TOY = Toy(name=NAME, description="one-layer attention-only transformer outputs the max of K tokens; its accuracy "
+                                 "proved by brute force and by cheaper proofs that use the mechanism (bound vs FLOPs)",
+          config=MaxOfKConfig, train=train, load=load, analyze=analyze)
