@@ -367,7 +367,22 @@ def mechanism_proof(model: HookedToyTransformer, k: int, per_output: bool = Fals
             nc = alpha.shape[1]
             flops += 6 * qs.numel() * nc
             if nc:
-                if per_output:
+                if per_output and not query_is_max:
+                    # The query's own value is known exactly. With x, y the attention on the query and on
+                    # the earlier tokens below m relative to that on the copies of m (x <= rx, y <= ry),
+                    # the wrong-minus-right logit is D + (A + x Vq + y B) / (1 + x + y), largest at a
+                    # corner of the box [0, rx] x [0, ry].
+                    rx = torch.exp(s_last[qs] - s_max_pre[qs, m])[:, None, None]  # [nq, 1, 1]
+                    ry = ((k - 2) * torch.exp(s_low[qs, :m] - s_max_pre[qs, m][:, None]))[..., None]  # [nq, c, 1]
+                    Aq = A[None, None, :]
+                    Vq = (V[k - 1, qs] - V[k - 1, qs, m][:, None])[:, None, :]  # [nq, 1, o]
+                    Bc = B[m, :nc][None]  # [1, c, o]
+                    corners = [Aq, (Aq + rx * Vq) / (1 + rx), (Aq + ry * Bc) / (1 + ry),
+                               (Aq + rx * Vq + ry * Bc) / (1 + rx + ry)]
+                    Y = torch.stack(torch.broadcast_tensors(*corners)).amax(0) + DD[qs, m][:, None, :]
+                    worst = torch.where(wrong, Y, neg).amax(-1)
+                    flops += 16 * qs.numel() * nc * n
+                elif per_output:
                     Y = torch.where(wrong, DD[qs, m][:, None, :] + B[m, :nc][None], neg)  # [nq, c, o]
                     worst_o = torch.maximum(X[:, None, :], (1 - alpha[..., None]) * X[:, None, :] + alpha[..., None] * Y)
                     worst = worst_o.amax(-1)
