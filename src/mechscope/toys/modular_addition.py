@@ -70,7 +70,7 @@ class ModularAdditionConfig:
     seed: int = 0
     eval_every: int = 50
     grok_threshold: float = 0.99
-    stop_after_grok: int = 1000
+    stop_after_grok: int = 500
     key_fraction: float = 0.9
 
     def __post_init__(self):
