@@ -147,7 +147,8 @@ def test_checkpoint_round_trip_and_resume(tmp_path):
 @pytest.mark.parametrize("change, field", [
     (dict(p=2), "p"), (dict(p=21), "p"), (dict(frac_train=0.0), "frac_train"), (dict(frac_train=1.0), "frac_train"),
     (dict(frac_train=0.001, p=5), "frac_train"), (dict(d_mlp=0), "d_mlp"), (dict(lr=0.0), "lr"),
-    (dict(betas=(0.9,)), "betas"), (dict(stop_after_grok=-2), "stop_after_grok"), (dict(key_fraction=1.5), "key_fraction"),
+    (dict(betas=(0.9,)), "betas"), (dict(stop_after_grok=-2), "stop_after_grok"),
+    (dict(key_fraction=1.5), "key_fraction"),
 ])
 def test_bad_configs_name_the_field(change, field):
     with pytest.raises(ToyError, match=rf"ModularAdditionConfig\.{field}:"):
@@ -185,5 +186,5 @@ def test_training_and_analysis_on_cuda():
     assert done.model.W_E.device.type == "cuda"
     assert done.state.last("train_acc") > 0.9
     s = analyze(done).summary
-    assert s["test_acc"] == done.state.last("test_acc") or abs(s["test_acc"] - done.state.last("test_acc")) < 0.01
+    assert abs(s["test_acc"] - done.state.last("test_acc")) < 0.01  # hooked forward vs the fast one
     assert s["key_norm_fraction"] >= 0.9

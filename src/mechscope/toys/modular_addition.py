@@ -32,7 +32,6 @@ import io
 import math
 import time
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F
@@ -222,7 +221,8 @@ def train(config: ModularAdditionConfig, out=None, device=None, progress: bool =
         differ = [f.name for f in fields(config) if f.name not in RESUMABLE
                   and getattr(config, f.name) != getattr(saved, f.name)]
         if differ:
-            raise ToyError(f"{out}: the checkpoint was trained with {', '.join(f'{k}={getattr(saved, k)!r}' for k in differ)}; "
+            was = ", ".join(f"{k}={getattr(saved, k)!r}" for k in differ)
+            raise ToyError(f"{out}: the checkpoint was trained with {was}; "
                            "resume with the same settings")
         model.load_state_dict(ckpt.tensors)
         if ckpt.optimizer is not None:
@@ -244,14 +244,13 @@ def train(config: ModularAdditionConfig, out=None, device=None, progress: bool =
         grokked = grok_step(st.history, config.grok_threshold)
         return config.stop_after_grok >= 0 and grokked is not None and st.step >= grokked + config.stop_after_grok
 
-    save = None
-    if out is not None:
-        def save(st):
-            save_checkpoint(out, NAME, config, model, optimizer, st)
+    def save(st):
+        save_checkpoint(out, NAME, config, model, optimizer, st)
 
     start = time.perf_counter()
     state = train_loop(model, optimizer, loss_fn, steps=config.steps, state=state, eval_fn=eval_fn,
-                       eval_every=config.eval_every, save=save, checkpoint_every=1000 if out is not None else 0,
+                       eval_every=config.eval_every, save=save if out is not None else None,
+                       checkpoint_every=1000 if out is not None else 0,
                        stop_fn=stop_fn, progress=progress, desc=f"{NAME} p={config.p}")
     return TrainedModularAddition(config, model, state, time.perf_counter() - start)
 
@@ -359,7 +358,8 @@ class ModularAdditionAnalysis:
         rows = "".join(
             f"<tr><td class='num'>{k}</td><td class='num'>{f:.4f}</td><td>{'key' if k in key else ''}</td></tr>"
             for k, f in sorted(enumerate(s["frequency_fractions"], 1), key=lambda kf: -kf[1])[:max(10, len(key))])
-        acc = (("trained model", s["test_acc"]), (f"key frequencies {s['key_frequencies']} ablated", s["test_acc_key_ablated"]),
+        acc = (("trained model", s["test_acc"]),
+               (f"key frequencies {s['key_frequencies']} ablated", s["test_acc_key_ablated"]),
                ("all other frequencies ablated", s["test_acc_rest_ablated"]), ("chance (1/p)", s["chance"]))
         acc_rows = "".join(f"<tr><td>{html.escape(name)}</td><td class='num'>{a:.4f}</td></tr>" for name, a in acc)
         grok = "not reached" if s["grok_step"] is None else f"step {s['grok_step']}"
@@ -385,7 +385,9 @@ def _img(writer) -> str:
 
 
 def _figure(analysis: ModularAdditionAnalysis, path, panels) -> None:
-    from ..report import figures  # noqa: F401  (selects matplotlib's non-interactive backend)
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     s = analysis.summary
@@ -408,7 +410,8 @@ def _figure(analysis: ModularAdditionAnalysis, path, panels) -> None:
         else:
             fr = s["frequency_fractions"]
             key = set(s["key_frequencies"])
-            ax.bar(range(1, len(fr) + 1), fr, color=["#dc2626" if k in key else "#94a3b8" for k in range(1, len(fr) + 1)])
+            ks = range(1, len(fr) + 1)
+            ax.bar(ks, fr, color=["#dc2626" if k in key else "#94a3b8" for k in ks])
             ax.set_xlabel("frequency k")
             ax.set_ylabel("share of embedding norm²")
             ax.set_title(f"W_E Fourier spectrum: key k = {', '.join(map(str, sorted(key)))} "
