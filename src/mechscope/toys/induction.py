@@ -236,9 +236,12 @@ def head_scores(pattern: torch.Tensor, batch: RepeatBatch) -> tuple[torch.Tensor
     return prev, induction
 
 
-def identify_heads(prev: torch.Tensor, induction: torch.Tensor) -> tuple[int, int]:
-    """(previous-token head of layer 0, induction head of layer 1): each layer's best-scoring head."""
-    return int(prev[0].argmax()), int(induction[1].argmax())
+def identify_heads(prev: torch.Tensor, induction: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((layer, head) of the best previous-token head, (layer, head) of the best induction head), each
+    the argmax over every head of the model: the mechanism puts the first in layer 0, the second in 1."""
+    p, i = int(prev.flatten().argmax()), int(induction.flatten().argmax())
+    n = prev.shape[1]
+    return (p // n, p % n), (i // n, i % n)
 
 
 @torch.no_grad()
@@ -336,7 +339,7 @@ def induction_task(config: InductionConfig, n: int | None = None, seed: int | No
     examples = []
     for _ in range(n):
         p, m, r = (rng.randint(0, most) for _ in range(3))
-        ids = rng.sample(range(1, config.d_vocab), p + m + r + 5)
+        ids = rng.sample(range(1, config.d_vocab), p + m + r + 4)
         prefix, (a, b, d, c), middle, tail = ids[:p], ids[p:p + 4], ids[p + 4:p + 4 + m], ids[p + 4 + m:]
         clean = [BOS, *prefix, a, b, *middle, d, c, *tail, a]
         cf = [BOS, *prefix, d, b, *middle, a, c, *tail, a]
@@ -450,13 +453,15 @@ def analyze(trained: TrainedInduction, progress: bool = True, circuit: bool = Tr
     batch = repeated_batch(config, config.n_eval, held_out_seed(config))
     pattern = patterns(model, batch.tokens)
     prev, ind = head_scores(pattern, batch)
-    hp, hi = identify_heads(prev, ind)
+    (lp, hp), (li, hi) = identify_heads(prev, ind)
+    found = lp == 0 and li == 1
     with torch.no_grad():
         losses, _ = sequence_losses(model, batch)
     summary = {
         "steps": trained.state.step,
-        "prev_token_head": f"a0.h{hp}", "prev_token_score": float(prev[0, hp]),
-        "induction_head": f"a1.h{hi}", "induction_score": float(ind[1, hi]),
+        "prev_token_head": f"a{lp}.h{hp}", "prev_token_score": float(prev[lp, hp]),
+        "induction_head": f"a{li}.h{hi}", "induction_score": float(ind[li, hi]),
+        "heads_in_expected_layers": found,
         "prev_token_score_in_layer1_best": float(prev[1].max()),
         "induction_score_in_layer0_best": float(ind[0].max()),
         "loss_first_half": float(masked_mean(losses, batch.first_mask())),
@@ -465,7 +470,7 @@ def analyze(trained: TrainedInduction, progress: bool = True, circuit: bool = Tr
         "prev_token_scores": prev.tolist(), "induction_scores": ind.tolist(),
     }
     extra = {}
-    if circuit:
+    if circuit and found:
         check = circuit_check(model, hp, hi, induction_task(config), progress=progress)
         extra = check
         summary.update({
@@ -477,9 +482,11 @@ def analyze(trained: TrainedInduction, progress: bool = True, circuit: bool = Tr
             "peap_top_layer1_key_edge": check["top_layer1_key_edge"],
             "peap_curve": check["curve"],
         })
+    elif circuit:  # no previous-token head in layer 0 feeding an induction head in layer 1 to look for
+        summary.update({"peap_key_edge_in_circuit": False, "peap_prev_to_key_at_B1": False, "peap_key_B1_to_A2": False})
     i = 0
     return InductionAnalysis(summary, prev.tolist(), ind.tolist(), InductionTokenizer(config.d_vocab).convert_ids_to_tokens(batch.tokens[i]),
-                             pattern[0, i, hp].cpu().tolist(), pattern[1, i, hi].cpu().tolist(),
+                             pattern[lp, i, hp].cpu().tolist(), pattern[li, i, hi].cpu().tolist(),
                              int(batch.start[i]), int(batch.segment[i]), extra)
 
 
