@@ -96,8 +96,9 @@ class InductionConfig:
             raise ToyError(f"InductionConfig.d_vocab={self.d_vocab}: a sequence with a {self.min_segment}-token segment "
                            f"needs {self.n_ctx - self.min_segment} distinct tokens besides BOS; raise d_vocab or "
                            f"min_segment, or lower n_ctx")
-        if self.n_ctx < len(SPANS):
-            raise ToyError(f"InductionConfig.n_ctx={self.n_ctx}: the induction task's prompts need at least {len(SPANS)} tokens")
+        if self.max_segment < self.min_segment + 2:
+            raise ToyError(f"InductionConfig.max_segment={self.max_segment}: the induction task's two matches lie "
+                           f"2 tokens apart, so max_segment must be at least min_segment + 2 = {self.min_segment + 2}")
         if self.loss_on not in ("repeat", "all"):
             raise ToyError(f"InductionConfig.loss_on must be 'repeat' or 'all', got {self.loss_on!r}")
         for name in ("lr", "weight_decay"):
@@ -335,10 +336,16 @@ def induction_task(config: InductionConfig, n: int | None = None, seed: int | No
     seed = (config.seed + 7919) if seed is None else seed
     rng = random.Random(f"induction-task-{seed}")
     tok = InductionTokenizer(config.d_vocab)
-    most = max(0, min(TASK_SPAN_MAX, (config.n_ctx - len(SPANS)) // 3, (config.d_vocab - len(SPANS)) // 3))
     examples = []
     for _ in range(n):
-        p, m, r = (rng.randint(0, most) for _ in range(3))
+        # Both matches (A1 in the clean prompt, D1 in the counterfactual) lie as far before A2 as the
+        # training repeats did (min_segment .. max_segment), and a random prefix fills the context as
+        # in training, so A2 sits where training's repeats were predicted.
+        while True:
+            m, r = rng.randint(0, TASK_SPAN_MAX), rng.randint(0, 2 * TASK_SPAN_MAX)
+            if r + 2 >= config.min_segment and m + r + 4 <= config.max_segment:
+                break
+        p = min(config.n_ctx - 6 - m - r, config.d_vocab - 5 - m - r)
         ids = rng.sample(range(1, config.d_vocab), p + m + r + 4)
         prefix, (a, b, d, c), middle, tail = ids[:p], ids[p:p + 4], ids[p + 4:p + 4 + m], ids[p + 4 + m:]
         clean = [BOS, *prefix, a, b, *middle, d, c, *tail, a]
