@@ -113,12 +113,13 @@ class SuperpositionModel(nn.Module):
         return torch.relu(torch.einsum("bim,imn->bin", hidden, self.W) + self.b)
 
     def batch(self, size: int, seed: int) -> torch.Tensor:
-        """`size` inputs for every instance, drawn from a generator seeded by `seed` on the model's device."""
-        device = self.W.device
-        g = torch.Generator(device=device).manual_seed(seed)
+        """`size` inputs for every instance, drawn on the host from a generator seeded by `seed` and
+        moved to the model's device: the same seed gives the same data, and so the same model, on every
+        device (CUDA's generator draws other numbers than the CPU's)."""
+        g = torch.Generator(device=HOST).manual_seed(seed)
         shape = (size, *self.b.shape)
-        present = torch.rand(shape, generator=g, device=device) < self.presence[:, None]
-        return torch.rand(shape, generator=g, device=device) * present
+        present = torch.rand(shape, generator=g, device=HOST) < self.presence.to(HOST)[:, None]
+        return (torch.rand(shape, generator=g, device=HOST) * present).to(self.W.device)
 
     def instance_losses(self, x: torch.Tensor) -> torch.Tensor:
         """The importance-weighted squared error of each instance, averaged over the batch and features."""
