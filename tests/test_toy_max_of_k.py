@@ -202,6 +202,7 @@ def test_cli_train_then_analyze(tmp_path):
     summary = json.loads((report / "analysis.json").read_text())
     assert summary["inputs"] == 512 and summary["brute_force_bound"] == summary["accuracy"]
     assert summary["per_output_bound"] <= summary["accuracy"] and summary["cubic_bound"] <= summary["per_output_bound"]
+    assert summary["per_output_bound"] <= summary["positional_bound"] <= summary["accuracy"]
     assert "data:image/png;base64," in (report / "report.html").read_text()
     bad = runner.invoke(app, ["toy", "train", "max-of-k", "--out", str(tmp_path / "bad"), "--set", "k=9"])
     assert bad.exit_code == 2 and "n_ctx" in bad.output
@@ -223,4 +224,4 @@ def test_training_and_proofs_on_cuda():
     result = analyze(trained, progress=False)
     cpu = brute_force(trained.model.to("cpu"), 3)
     assert abs(result.accuracy - cpu.bound) <= 2 / 1000  # float32 on another device: a tie may flip
-    assert result.summary["per_output_bound"] <= result.accuracy
+    assert result.summary["per_output_bound"] <= result.summary["positional_bound"] <= result.accuracy
