@@ -473,7 +473,9 @@ def positional_proof(model: HookedToyTransformer, k: int) -> Proof:
         at_m = G[:, : k - 1, m]  # [q, p, o]
         at_c = G[:, : k - 1, :m].permute(0, 2, 1, 3)  # [q, c, p, o]
         # below[q, c, p, o]: the worst token t < c at p (-inf for c = 0: no such token)
-        below = torch.cat([torch.full_like(at_c[:, :1], float("-inf")), at_c[:, :-1].cummax(1).values], 1) if m else at_c
+        below = at_c
+        if m:
+            below = torch.cat([torch.full_like(at_c[:, :1], float("-inf")), at_c[:, :-1].cummax(1).values], 1)
         flops += n * (k - 1) * m * (n - 1)
         qs = slice(0, m + 1)  # the query is at most m
         for labels in patterns:
@@ -484,8 +486,10 @@ def positional_proof(model: HookedToyTransformer, k: int) -> Proof:
             ncls = m if "c" in labels else 1
             total = query[q_range][:, None, :]  # [nq, 1, o]
             for p, label in enumerate(labels):
-                term = at_m[q_range, None, p] if label == "m" else at_c[q_range, :, p] if label == "c" else below[q_range, :, p]
-                total = total + term
+                if label == "m":
+                    total = total + at_m[q_range, None, p]
+                else:
+                    total = total + (at_c if label == "c" else below)[q_range, :, p]
             worst = total.amax(-1)  # [nq, c or 1]
             nq = q_range.stop - q_range.start
             flops += nq * ncls * (n - 1) * (len(labels) + 1)
