@@ -1,5 +1,5 @@
 """Max-of-K with compact proofs: train the paper's model (d_vocab 64, K 4, one attention-only layer),
-prove its accuracy over all 64^4 = 16.7M inputs by brute force and by the two mechanism proofs, and
+prove its accuracy over all 64^4 = 16.7M inputs by brute force and by the three mechanism proofs, and
 print each proof's bound, FLOPs and time as key=value lines; the bound-vs-cost figure goes to
 docs/images/toy-max-of-k.png.
 

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from mechscope.cli import app
 from mechscope.toys import ToyError, get_toy
 from mechscope.toys.max_of_k import (MaxOfKConfig, _inputs, analyze, brute_force, build_model, class_counts, load,
-                                     mechanism_proof, path_tables, sample, train)
+                                     margins_of, mechanism_proof, path_tables, positional_certified, positional_classes,
+                                     positional_proof, sample, train)
 
 
 def test_defaults_are_the_papers_and_impossible_configs_name_their_field():
@@ -94,7 +95,45 @@ def _assert_sound(model, k):
         assert 0 < proof.flops < brute.flops
         bounds[proof.strategy] = proof.bound
     assert bounds["cubic"] <= bounds["per_output"]  # the cubic proof takes the worst terms apart
+    bounds["positional"] = _assert_positional_sound_and_exact(model, k, tokens, brute)
+    # each positional class lies inside one (m, q, c) class and its worst case is exact, so it certifies more
+    assert bounds["positional"] >= bounds["per_output"]
     return brute.bound, bounds
+
+
+def _positional_class_keys(tokens):
+    """Each input's positional class, computed here by a plain loop: (m, q, c, labels of the earlier positions)."""
+    keys = []
+    for row in tokens.tolist():
+        m, earlier = max(row), row[:-1]
+        c = max([t for t in earlier if t < m], default=-1)
+        keys.append((m, row[-1], c, tuple("m" if t == m else "c" if t == c else "b" for t in earlier)))
+    return keys
+
+
+def _assert_positional_sound_and_exact(model, k, tokens, brute):
+    """The positional proof certifies only right inputs, counts them exactly, and its worst case is exact:
+    a class is certified exactly when every input in it beats every wrong logit by more than the slack
+    (each input's logits rebuilt in float64 from the path tables)."""
+    proof = positional_proof(model, k)
+    certified = positional_certified(proof, tokens)
+    assert int(certified.sum()) == proof.certified
+    assert bool((brute.detail["margins"][certified] > 0).all())
+    assert proof.bound <= brute.bound and 0 < proof.flops < brute.flops
+    tables = path_tables(model, k)
+    pos = torch.arange(k)[None]
+    attn = torch.softmax(tables.S[tokens[:, -1:], pos, tokens], -1)
+    logits = tables.D[tokens[:, -1]] + (attn[..., None] * tables.V[pos, tokens]).sum(1)
+    margin64 = margins_of(logits, tokens.max(-1).values)
+    worst = {}
+    for key, margin in zip(_positional_class_keys(tokens), margin64.tolist()):
+        worst[key] = min(worst.get(key, float("inf")), margin)
+    assert {key[3] for key in worst} <= set(positional_classes(k))
+    for key, certified_here in zip(_positional_class_keys(tokens), certified.tolist()):
+        slack = proof.detail["slack"]
+        if abs(worst[key] - slack) > 1e-9:  # away from a tie at the threshold, the verdict is the exact one
+            assert certified_here == (worst[key] > slack), key
+    return proof.bound
 
 
 @pytest.mark.parametrize("d_vocab,k,seed,scale", [(8, 3, 0, 1.0), (10, 4, 1, 1.0), (12, 3, 2, 3.0), (9, 2, 3, 2.0)])
@@ -120,6 +159,7 @@ def test_short_training_learns_the_max_and_the_proofs_certify_part_of_it(short_r
     accuracy, bounds = _assert_sound(short_run.model, 3)
     assert accuracy > 0.8
     assert bounds["per_output"] > 0.3  # the mechanism already carries a proof of much of it
+    assert bounds["positional"] > 0.9 * accuracy  # the exact per-class worst case certifies nearly all of it
 
 
 @pytest.mark.parametrize("k", [3, 4])
@@ -162,6 +202,7 @@ def test_cli_train_then_analyze(tmp_path):
     summary = json.loads((report / "analysis.json").read_text())
     assert summary["inputs"] == 512 and summary["brute_force_bound"] == summary["accuracy"]
     assert summary["per_output_bound"] <= summary["accuracy"] and summary["cubic_bound"] <= summary["per_output_bound"]
+    assert summary["per_output_bound"] <= summary["positional_bound"] <= summary["accuracy"]
     assert "data:image/png;base64," in (report / "report.html").read_text()
     bad = runner.invoke(app, ["toy", "train", "max-of-k", "--out", str(tmp_path / "bad"), "--set", "k=9"])
     assert bad.exit_code == 2 and "n_ctx" in bad.output
@@ -183,4 +224,4 @@ def test_training_and_proofs_on_cuda():
     result = analyze(trained, progress=False)
     cpu = brute_force(trained.model.to("cpu"), 3)
     assert abs(result.accuracy - cpu.bound) <= 2 / 1000  # float32 on another device: a tie may flip
-    assert result.summary["per_output_bound"] <= result.accuracy
+    assert result.summary["per_output_bound"] <= result.summary["positional_bound"] <= result.accuracy
