@@ -64,6 +64,8 @@ def parse_overrides(config_cls, pairs: list[str] | tuple[str, ...], base: dict |
         values[key] = _parse(raw.strip(), default, pair)
     try:
         return config_cls(**values)
+    except ToyError:
+        raise  # the config's own message names its class and field
     except (TypeError, ValueError) as exc:
         raise ToyError(f"{config_cls.__name__}: {exc}") from None
 
