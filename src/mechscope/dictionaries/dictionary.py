@@ -110,9 +110,11 @@ class DictionaryConfig:
 
     @property
     def decoder_norm(self) -> str:
-        """'penalty': decoder norms are folded into the L1 penalty (relu, gated and relu-activated
-        transcoders/crosscoders); 'unit': decoder rows are kept at unit norm."""
-        return "penalty" if self.sparsity in ("relu", "gated") else "unit"
+        """'penalty': decoder norms are folded into the L1 penalty (relu, and relu-activated
+        transcoders/crosscoders: the penalty f_i·‖W_dec,i‖ is unchanged by rescaling a latent, so the
+        norms may float); 'unit': decoder rows are kept at unit norm (the others; gated too, whose
+        magnitude path could otherwise shrink the decoder to open every gate at no cost)."""
+        return "penalty" if self.sparsity == "relu" else "unit"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -258,8 +260,9 @@ def batch_topk(values: Tensor, k: int) -> Tensor:
 
 class Dictionary(nn.Module):
     """A sparse dictionary (see the module's docstring). Created with zero weights on `device`;
-    `init_weights(seed)` draws a starting point. `.training` (nn.Module's train()/eval()) decides
-    whether BatchTopK selects over the batch (training) or by its estimated threshold (eval)."""
+    `init_weights(seed)` draws a starting point. It starts in eval mode; `.training` (nn.Module's
+    train()/eval()) decides whether BatchTopK selects over the batch (training) or by its estimated
+    threshold (eval)."""
 
     def __init__(self, config: DictionaryConfig, device=None):
         super().__init__()
@@ -287,6 +290,7 @@ class Dictionary(nn.Module):
             self.b_mag = nn.Parameter(torch.zeros(d_sae, **kw))
         if c.architecture == "skip_transcoder":
             self.W_skip = nn.Parameter(torch.zeros(d_in, d_out, **kw))
+        self.eval()  # an inference object until training says otherwise
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -412,8 +416,6 @@ class Dictionary(nn.Module):
     def save(self, path, overwrite: bool = False) -> Path:
         """Write the directory `path` (dictionary.safetensors + config.json) atomically; an existing
         non-empty directory is replaced only with `overwrite`."""
-        from safetensors.torch import save_file
-
         from ..fileio import atomic_dir
 
         path = Path(path)
@@ -421,12 +423,18 @@ class Dictionary(nn.Module):
             raise DictionaryError(f"{path}: exists and is not a directory")
         if path.is_dir() and any(path.iterdir()) and not overwrite:
             raise DictionaryError(f"{path}: already exists and is not empty (pass overwrite=True to replace it)")
-        tensors = {name: t.detach().to(HOST).contiguous() for name, t in self.state_dict().items()}
         with atomic_dir(path, error=DictionaryError, replace=overwrite) as tmp:
-            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
-            (tmp / CONFIG).write_text(json.dumps(
-                {"format": FORMAT, "version": FORMAT_VERSION, "config": self.config.to_json()}, indent=1))
+            self.write_files(tmp)
         return path
+
+    def write_files(self, folder: Path) -> None:
+        """Write dictionary.safetensors and config.json into the (temporary) folder `folder`."""
+        from safetensors.torch import save_file
+
+        tensors = {name: t.detach().to(HOST).contiguous() for name, t in self.state_dict().items()}
+        save_file(tensors, str(folder / WEIGHTS), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
+        (folder / CONFIG).write_text(json.dumps(
+            {"format": FORMAT, "version": FORMAT_VERSION, "config": self.config.to_json()}, indent=1))
 
     @classmethod
     def load(cls, path, device=None) -> "Dictionary":

@@ -1,0 +1,241 @@
+"""Training a sparse dictionary on a stream of activation batches.
+
+`train(sae, batches, steps, lr)` takes any iterator of activation tensors (or (input, target) pairs
+for transcoders), one optimizer step (Adam) per batch, and handles what every architecture needs:
+
+- decoder norms: where the architecture keeps decoder rows at unit norm (TopK, BatchTopK, JumpReLU,
+  Gated, Matryoshka and the transcoders / crosscoders using those), the component of each row's
+  gradient along the row is removed before the step and the rows renormalised after it; where the
+  norms are folded into the penalty (ReLU + L1, relu-activated transcoders / crosscoders) they are
+  left free;
+- the learning rate: a linear warm-up over `warmup_steps`, constant, then a linear decay to zero over
+  the last `decay_fraction` of the steps;
+- dead latents: tokens since each latent last fired; those past `dead_after` tokens are dead and
+  feed AuxK (TopK-style architectures);
+- progress: a tqdm bar with the running (exponential average) L0, FVU and dead count;
+- checkpoints: every `checkpoint_every` steps (and at the end), the directory `checkpoint` is written
+  atomically (the dictionary's own files, which `Dictionary.load` reads, plus the optimizer, schedule
+  and counters), so an interrupt leaves the last complete one and no partial file; `resume=True`
+  continues from it and, by default, skips the batches it had consumed, so a deterministic stream
+  resumes to the same parameters as an uninterrupted run.
+
+The first batch sets b_dec (autoencoders) to the batch's mean activation when `init_b_dec` is on and
+training starts fresh.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from ..errors import MechscopeWarning, check_count
+from ..fileio import atomic_dir
+from .architectures import loss as architecture_loss
+from .dictionary import CONFIG, WEIGHTS, Dictionary, DictionaryConfig, DictionaryError
+from .metrics import split_batch
+
+STATE = "training.json"
+OPTIMIZER = "optimizer.pt"
+
+
+@dataclass
+class TrainResult:
+    """What a run did: steps and tokens in all (a resumed run counts from the start), the history of
+    logged values, and tokens since each latent last fired."""
+
+    steps: int = 0
+    tokens: int = 0
+    history: list[dict] = field(default_factory=list)
+    tokens_since_fired: torch.Tensor | None = None
+
+    def dead(self, dead_after: int) -> torch.Tensor:
+        return self.tokens_since_fired >= dead_after
+
+
+def lr_factor(step: int, steps: int, warmup_steps: int, decay_fraction: float) -> float:
+    """The learning rate's multiplier at `step` (0-based): warm-up, constant, linear decay to 0."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = int(steps * decay_fraction)
+    start = steps - decay_steps
+    if decay_steps and step >= start:
+        return max(0.0, (steps - step) / decay_steps)
+    return 1.0
+
+
+def _flat_rows(w: torch.Tensor) -> torch.Tensor:
+    return w.reshape(w.shape[0], -1)
+
+
+@torch.no_grad()
+def remove_parallel_gradient(sae: Dictionary) -> None:
+    """Take out of each decoder row's gradient its component along the (unit) row, so a step moves the
+    row round the sphere rather than off it."""
+    grad = sae.W_dec.grad
+    if grad is None:
+        return
+    w, g = _flat_rows(sae.W_dec), _flat_rows(grad)
+    unit = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    g -= (g * unit).sum(-1, keepdim=True) * unit
+
+
+@torch.no_grad()
+def normalize_decoder(sae: Dictionary) -> None:
+    """Scale each decoder row (a crosscoder's over all its hook points) to unit norm."""
+    w = _flat_rows(sae.W_dec)
+    w /= w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _check_checkpoint(path: Path, config: DictionaryConfig) -> dict:
+    for name in (CONFIG, WEIGHTS, STATE, OPTIMIZER):
+        if not (path / name).is_file():
+            raise DictionaryError(f"{path}: not a dictionary training checkpoint (no {name})")
+    try:
+        state = json.loads((path / STATE).read_text())
+    except (OSError, ValueError) as exc:
+        raise DictionaryError(f"{path / STATE}: not readable JSON ({exc})") from None
+    saved = Dictionary.load(path).config
+    if saved.to_json() != config.to_json():
+        diff = [k for k, v in config.to_json().items() if saved.to_json().get(k) != v]
+        raise DictionaryError(f"{path}: the checkpoint is of another dictionary (differs in {', '.join(diff)})")
+    return state
+
+
+def save_checkpoint(path: Path, sae: Dictionary, optimizer, scheduler, result: TrainResult, extra: dict) -> None:
+    """Write the checkpoint directory atomically (replacing the previous one only once complete)."""
+    with atomic_dir(path, error=DictionaryError, replace=True) as tmp:
+        sae.write_files(tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "tokens_since_fired": result.tokens_since_fired.cpu()}, tmp / OPTIMIZER)
+        (tmp / STATE).write_text(json.dumps({"step": result.steps, "tokens": result.tokens,
+                                             "history": result.history, **extra}, indent=1))
+
+
+def train(sae: Dictionary, batches: Iterable, steps: int, lr: float = 2e-4, *,
+          warmup_steps: int | None = None, decay_fraction: float = 0.2, betas=(0.9, 0.999),
+          max_grad_norm: float | None = 1.0, dead_after: int = 1_000_000, init_b_dec: bool = True,
+          checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1000, resume: bool = False,
+          skip_consumed: bool = True, log_every: int = 10, progress: bool = True) -> TrainResult:
+    """Train `sae` in place for `steps` optimizer steps, one per batch of `batches`; see the module's
+    docstring. Returns the TrainResult. An empty stream raises DictionaryError; a stream that ends
+    early stops training there with a MechscopeWarning."""
+    from tqdm.auto import tqdm
+
+    steps = check_count("steps", steps)
+    log_every = check_count("log_every", log_every)
+    checkpoint_every = check_count("checkpoint_every", checkpoint_every)
+    dead_after = check_count("dead_after", dead_after)
+    if not lr > 0 or not math.isfinite(lr):
+        raise DictionaryError(f"lr must be a positive number, got {lr}")
+    if not 0 <= decay_fraction <= 1:
+        raise DictionaryError(f"decay_fraction must be in [0, 1], got {decay_fraction}")
+    warmup = min(1000, steps // 20) if warmup_steps is None else check_count("warmup_steps", warmup_steps, 0)
+    c = sae.config
+    unit = c.decoder_norm == "unit"
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, decay_fraction))
+    result = TrainResult(tokens_since_fired=torch.zeros(c.d_sae, dtype=torch.int64, device=sae.device))
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if resume:
+        if ckpt is None:
+            raise DictionaryError("resume=True needs a checkpoint directory")
+        if not ckpt.exists():
+            raise DictionaryError(f"{ckpt}: no checkpoint to resume from")
+        state = _check_checkpoint(ckpt, c)
+        if state.get("total_steps") != steps:
+            raise DictionaryError(f"{ckpt}: the checkpoint was of a {state.get('total_steps')}-step run, "
+                                  f"not {steps} steps (the learning-rate schedule depends on it)")
+        sae.load_state_dict(Dictionary.load(ckpt, device=sae.device).state_dict())
+        saved = torch.load(ckpt / OPTIMIZER, map_location=sae.device, weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        result.steps, result.tokens, result.history = state["step"], state["tokens"], state["history"]
+        result.tokens_since_fired = saved["tokens_since_fired"].to(sae.device)
+    elif ckpt is not None and ckpt.exists() and (not ckpt.is_dir() or any(ckpt.iterdir())):
+        raise DictionaryError(f"{ckpt}: a checkpoint is already there; pass resume=True to continue it, "
+                              "or choose another directory")
+    extra = {"total_steps": steps, "lr": lr, "warmup_steps": warmup, "decay_fraction": decay_fraction,
+             "dead_after": dead_after}
+    iterator = iter(batches)
+    if resume and skip_consumed:
+        for _ in range(result.steps):
+            if next(iterator, None) is None:
+                raise DictionaryError(f"{ckpt}: the stream ended before the {result.steps} batches the "
+                                      "checkpoint had consumed")
+    feat = 2 if c.architecture == "crosscoder" else 1
+    running: dict[str, float] = {}
+    sae.train()
+    bar = tqdm(total=steps, initial=result.steps, desc=f"train {c.architecture}", unit="step",
+               disable=not progress)
+    seen_any = result.steps > 0
+    try:
+        while result.steps < steps:
+            batch = next(iterator, None)
+            if batch is None:
+                if not seen_any:
+                    raise DictionaryError("the activation stream is empty: no batch to train on")
+                warnings.warn(f"the activation stream ended after {result.steps} of {steps} steps; "
+                              "training stopped there", MechscopeWarning, stacklevel=2)
+                break
+            seen_any = True
+            x, y = split_batch(batch, sae)
+            if x.shape[0] == 0:
+                raise DictionaryError(f"batch {result.steps} has no tokens")
+            if result.steps == 0 and init_b_dec and not c.is_transcoder:
+                with torch.no_grad():
+                    sae.b_dec.copy_(x.mean(0))
+            dead = result.tokens_since_fired >= dead_after
+            parts = architecture_loss(sae, x, y, dead)
+            optimizer.zero_grad(set_to_none=True)
+            parts.loss.backward()
+            if unit:
+                remove_parallel_gradient(sae)
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                if unit:
+                    normalize_decoder(sae)
+                if c.sparsity == "jumprelu":
+                    sae.threshold.clamp_(min=1e-6)
+                fired = (parts.latents != 0).reshape(-1, c.d_sae).any(0)
+                result.tokens_since_fired += x.shape[0]
+                result.tokens_since_fired[fired] = 0
+            result.steps += 1
+            result.tokens += x.shape[0]
+            if result.steps % log_every == 0 or result.steps == steps:
+                row = _log_row(parts, x if y is None else y, feat, result, dead_after, optimizer)
+                result.history.append(row)
+                for key in ("l0", "fvu"):
+                    running[key] = row[key] if key not in running else 0.9 * running[key] + 0.1 * row[key]
+                bar.set_postfix(l0=f"{running['l0']:.1f}", fvu=f"{running['fvu']:.3f}", dead=row["dead"])
+            bar.update(1)
+            if ckpt is not None and (result.steps % checkpoint_every == 0 or result.steps == steps):
+                save_checkpoint(ckpt, sae, optimizer, scheduler, result, extra)
+    finally:
+        bar.close()
+    if ckpt is not None and result.steps % checkpoint_every and result.steps < steps:  # ended early
+        save_checkpoint(ckpt, sae, optimizer, scheduler, result, extra)
+    sae.eval()
+    return result
+
+
+@torch.no_grad()
+def _log_row(parts, target, feat, result: TrainResult, dead_after: int, optimizer) -> dict:
+    from .metrics import fvu
+
+    f = parts.latents
+    row = {"step": result.steps, "tokens": result.tokens, "loss": float(parts.loss),
+           "l0": float((f != 0).sum(-1).float().mean()), "fvu": float(fvu(target, parts.output, feat)),
+           "dead": int((result.tokens_since_fired >= dead_after).sum()),
+           "lr": float(optimizer.param_groups[0]["lr"])}
+    row.update({k: float(v) for k, v in parts.parts.items()})
+    return row
