@@ -145,8 +145,8 @@ def activations(tiny_model_dirs):
         ids = torch.cat([torch.full((enc.input_ids.shape[0], 1), tok.bos_token_id), enc.input_ids], 1)
         mask = torch.cat([torch.zeros(ids.shape[0], 1, dtype=torch.bool), enc.attention_mask.bool()], 1)
         with torch.no_grad():
-            _, cache = model.run_with_cache(ids, attention_mask=torch.cat(
-                [torch.ones(ids.shape[0], 1, dtype=torch.long), enc.attention_mask], 1), names_filter=lambda n: n in points)
+            attention = torch.cat([torch.ones(ids.shape[0], 1, dtype=torch.long), enc.attention_mask], 1)
+            _, cache = model.run_with_cache(ids, attention_mask=attention, names_filter=lambda n: n in points)
         for p in points:
             out[p].append(cache[p][mask])
     acts = {p: torch.cat(v) for p, v in out.items()}

@@ -8,8 +8,9 @@ architecture's sparsity calls for:
 - topk, batchtopk (and matryoshka): AuxK, α·‖e − ê‖², where e = y − ŷ is the residual (held fixed) and
   ê its reconstruction by the `aux_k` largest pre-activations among the dead latents only (no bias);
 - jumprelu: λ·Σ_i H(z_i − θ_i), the L0 norm, whose θ-gradient comes from the rectangle-kernel STE;
-- gated: λ·Σ_i ReLU(π_gate,i)‖W_dec,i‖ (unit decoder rows) plus the auxiliary ‖x − (W_dec·ReLU(π_gate) + b_dec)‖² through
-  a frozen copy of the decoder, which trains the gate path to reconstruct on its own;
+- gated: λ·Σ_i ReLU(π_gate,i)‖W_dec,i‖ (unit decoder rows) plus the auxiliary
+  ‖x − (W_dec·ReLU(π_gate) + b_dec)‖² through a frozen copy of the decoder, which trains the gate
+  path to reconstruct on its own;
 - matryoshka: the reconstruction error of each nested prefix of the latents, averaged over the prefixes.
 
 A BatchTopK dictionary in training also updates its inference threshold here: a running average

@@ -37,7 +37,8 @@ def fvu(x: Tensor, x_hat: Tensor, feature_dims: int = 1) -> Tensor:
     """‖x − x̂‖² / ‖x − mean(x)‖² over all tokens; the last `feature_dims` axes are features (2 for a
     crosscoder's [..., n_hooks, d])."""
     if x.shape != x_hat.shape:
-        raise DictionaryError(f"fvu: activations {tuple(x.shape)} and reconstructions {tuple(x_hat.shape)} differ in shape")
+        raise DictionaryError(f"fvu: activations {tuple(x.shape)} and reconstructions {tuple(x_hat.shape)} "
+                              "differ in shape")
     a, b = _tokens(x, feature_dims).to(torch.float64), _tokens(x_hat, feature_dims).to(torch.float64)
     total = (a - a.mean(0)).pow(2).sum()
     return (a - b).pow(2).sum() / total
