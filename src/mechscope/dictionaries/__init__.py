@@ -1,0 +1,1 @@
+"""Sparse dictionaries (SAEs, transcoders, crosscoders): activations, training, metrics, interop."""
