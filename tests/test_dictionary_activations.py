@@ -196,7 +196,8 @@ def test_bad_input_names_the_problem(model, tokens, tmp_path):
                              out_hook_point="", hook_points=())
     with pytest.raises(ActivationError, match="d_in is 48 but hook point blocks.1.attn.hook_z .* width 64"):
         for_dictionary(model, config, tokens, progress=False)
-    assert hook_widths(model, ["blocks.1.attn.hook_z"]) == {"blocks.1.attn.hook_z": model.cfg.n_heads * model.cfg.d_head}
+    z_width = model.cfg.n_heads * model.cfg.d_head
+    assert hook_widths(model, ["blocks.1.attn.hook_z"]) == {"blocks.1.attn.hook_z": z_width}
 
 
 def test_no_tensor_without_a_device(model, tokens):

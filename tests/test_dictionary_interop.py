@@ -95,7 +95,8 @@ def test_saelens_jumprelu_and_gated(tmp_path, gen, x):
     assert torch.allclose(d(x), f @ t["W_dec"] + t["b_dec"], atol=1e-5)
 
     g = {n: t[n] for n in ("W_enc", "W_dec", "b_dec")}
-    g.update(b_gate=_rand(gen, D_SAE, scale=0.3), b_mag=_rand(gen, D_SAE, scale=0.3), r_mag=_rand(gen, D_SAE, scale=0.2))
+    g.update(b_gate=_rand(gen, D_SAE, scale=0.3), b_mag=_rand(gen, D_SAE, scale=0.3),
+             r_mag=_rand(gen, D_SAE, scale=0.2))
     for applied in (True, False):
         d = load_saelens(_write(tmp_path / f"gated{applied}", _saelens_cfg("gated", apply_b_dec_to_input=applied), g,
                                 "sae_weights.safetensors"))
@@ -110,7 +111,8 @@ def test_saelens_transcoders(tmp_path, gen, x):
     common = dict(d_out=D_OUT, apply_b_dec_to_input=False,
                   metadata={"hook_name": "blocks.0.ln2.hook_out", "hook_name_out": "blocks.0.hook_mlp_out"})
     d = load_saelens(_write(tmp_path / "tc", _saelens_cfg("transcoder", **common), t, "sae_weights.safetensors"))
-    assert (d.config.architecture, d.config.out_hook_point, d.config.d_out) == ("transcoder", "blocks.0.hook_mlp_out", D_OUT)
+    assert (d.config.architecture, d.config.out_hook_point, d.config.d_out) == \
+        ("transcoder", "blocks.0.hook_mlp_out", D_OUT)
     f = torch.relu(x @ t["W_enc"] + t["b_enc"])
     assert torch.allclose(d(x), f @ t["W_dec"] + t["b_dec"], atol=1e-5)
 
@@ -284,3 +286,23 @@ def test_bad_files_are_refused_with_their_path(tmp_path, gen):
         load_sparsify(tmp_path / "foreign")
     with pytest.raises(DictionaryError, match=str(tmp_path / "foreign")):
         load_any(tmp_path / "foreign")
+
+
+def test_loaded_dictionaries_read_their_hook_points_on_a_model(tmp_path, tiny_model_dirs):
+    """sparsify's Hugging Face names map to hook points the model has, of the widths the files say."""
+    import mechscope
+    from mechscope.dictionaries.activations import for_dictionary, training_tokens
+
+    model = mechscope.load_model(str(tiny_model_dirs["llama"]), device="cpu")
+    width = model.cfg.d_model
+    gen = torch.Generator().manual_seed(1)
+    tensors = {"encoder.weight": _rand(gen, 4 * width, width), "encoder.bias": _rand(gen, 4 * width),
+               "W_dec": _rand(gen, 4 * width, width), "b_dec": _rand(gen, width)}
+    cfg = {"activation": "topk", "num_latents": 4 * width, "k": 4, "d_in": width}
+    tokens = training_tokens(model, ["When Mary and John went to the store, John gave a drink to Mary."] * 4, length=10)
+    for name, transcode in (("layers.0.mlp", True), ("layers.1", False)):
+        d = load_sparsify(_write(tmp_path / name, {**cfg, "transcode": transcode}, tensors, "sae.safetensors"))
+        d.check_model(model)
+        batch = next(iter(for_dictionary(model, d.config, tokens, batch_size=8, buffer_size=48, progress=False)))
+        x, y = batch if transcode else (batch, batch)
+        assert d(x).shape == y.shape == (8, width)

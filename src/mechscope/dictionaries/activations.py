@@ -162,7 +162,10 @@ def _keep_mask(tokens: torch.Tensor, attention_mask: torch.Tensor | None, tokeni
     else:
         pad_id = getattr(tokenizer, "pad_token_id", None)
         specials = {bos, getattr(tokenizer, "eos_token_id", None)}
-        pad = tokens == pad_id if pad_id is not None and pad_id not in specials else torch.zeros_like(tokens, dtype=torch.bool)
+        if pad_id is not None and pad_id not in specials:
+            pad = tokens == pad_id
+        else:
+            pad = torch.zeros_like(tokens, dtype=torch.bool)
     is_bos = (tokens == bos) & ~pad
     return ~(pad | is_bos), int(is_bos.sum()), int(pad.sum())
 
@@ -206,7 +209,8 @@ class ActivationBuffer:
                                   f"{tuple(tokens.shape)}")
         self.tokens = tokens.to(HOST, torch.long)
         self.attention_mask = None if attention_mask is None else attention_mask.to(HOST)
-        self.keep, self.skipped_bos, self.skipped_padding = _keep_mask(self.tokens, self.attention_mask, model.tokenizer)
+        self.keep, self.skipped_bos, self.skipped_padding = _keep_mask(self.tokens, self.attention_mask,
+                                                                        model.tokenizer)
         self.kept_per_sequence = self.keep.sum(1)
         self.total = int(self.kept_per_sequence.sum())
         if self.total == 0:
@@ -214,7 +218,8 @@ class ActivationBuffer:
         self.batch_size = check_count("batch_size", batch_size)
         length = int(self.tokens.shape[1])
         least = 2 * (self.batch_size + length)
-        self.buffer_size = max(32 * self.batch_size, least) if buffer_size is None else check_count("buffer_size", buffer_size)
+        self.buffer_size = max(32 * self.batch_size, least) if buffer_size is None else \
+            check_count("buffer_size", buffer_size)
         if self.buffer_size < least:
             raise ParameterError(f"buffer_size must be at least 2 x (batch_size + sequence length) = {least}, "
                                  f"got {self.buffer_size}")

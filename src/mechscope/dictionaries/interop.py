@@ -17,7 +17,8 @@ encoder.weight [num_latents, d_in], encoder.bias, W_dec [num_latents, d_in], b_d
 [d_in, d_in] with a skip connection. Its latents are the k largest of ReLU((x − b_dec)·encoderᵀ + bias)
 (x itself for transcoders) and the output Σ f_i W_dec,i + b_dec (+ x·W_skipᵀ). sparsify names hook
 points by Hugging Face module ("layers.15", "layers.15.mlp"): these become TransformerLens names
-(blocks.15.hook_resid_post; blocks.15.hook_mlp_out, read from blocks.15.ln2.hook_out by a transcoder);
+(blocks.15.hook_resid_post; blocks.15.hook_mlp_out, read from blocks.15.ln2.hook_out by a transcoder:
+the normalised MLP input, which the bridge's blocks.15.hook_mlp_in is not: that one is resid_mid);
 pass `hook_point=` for any other. Refused: activation "groupmax", `signed`, and weights of other names
 or shapes.
 
@@ -201,7 +202,8 @@ def load_saelens(path, device=None) -> Dictionary:
         if not isinstance(out_hook, str) or not out_hook:
             raise DictionaryError(f"{cfg_file}: a {arch} needs field 'hook_name_out'")
         if _meta(cfg, "hook_head_index_out") is not None:
-            raise DictionaryError(f"{cfg_file}: field 'hook_head_index_out' is set: single-head targets are not supported")
+            raise DictionaryError(f"{cfg_file}: field 'hook_head_index_out' is set: single-head targets are "
+                                  "not supported")
         fields.update(d_out=d_out, out_hook_point=out_hook,
                       architecture="skip_transcoder" if arch == "skip_transcoder" else "transcoder",
                       activation="jumprelu" if arch == "jumprelu_transcoder" else "")
