@@ -95,13 +95,12 @@ def test_actadd_last_token_and_aligned(tiny_model):
     _, c2 = tiny_model.run_with_cache(_tokens(tiny_model, NEG[0]))
     torch.testing.assert_close(vec.vector, c1[HOOK][0, -1] - c2[HOOK][0, -1], atol=1e-5, rtol=1e-4)
     assert vec.method == "actadd"
-    aligned = actadd(tiny_model, "Alice gave a book", "Bob gave a ring", "blocks.0.hook_resid_post", aligned=True) \
-        if len(_tokens(tiny_model, "Alice gave a book")[0]) == len(_tokens(tiny_model, "Bob gave a ring")[0]) else None
-    if aligned is not None:
-        _, a = tiny_model.run_with_cache(_tokens(tiny_model, "Alice gave a book"))
-        _, b = tiny_model.run_with_cache(_tokens(tiny_model, "Bob gave a ring"))
-        h = "blocks.0.hook_resid_post"
-        torch.testing.assert_close(aligned.vector, a[h][0] - b[h][0], atol=1e-5, rtol=1e-4)
+    aligned = actadd(tiny_model, "Alice gave a book", "Bob gave a ring", "blocks.0.hook_resid_post", aligned=True)
+    _, a = tiny_model.run_with_cache(_tokens(tiny_model, "Alice gave a book"))  # both 5 tokens here
+    _, b = tiny_model.run_with_cache(_tokens(tiny_model, "Bob gave a ring"))
+    h = "blocks.0.hook_resid_post"
+    assert aligned.vector.shape == (5, tiny_model.cfg.d_model)
+    torch.testing.assert_close(aligned.vector, a[h][0] - b[h][0], atol=1e-5, rtol=1e-4)
     with pytest.raises(SteeringError, match="equal token length"):
         actadd(tiny_model, "Alice", "When Mary and John went to the store", HOOK, aligned=True)
 
