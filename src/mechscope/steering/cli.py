@@ -80,9 +80,11 @@ def steer(
                                           "sentiment, number or truth."),
     layer: Optional[int] = typer.Option(None, "--layer", help="Layer whose residual stream (hook_resid_post) is "
                                         "steered (default: the middle layer)."),
-    vector: Optional[Path] = typer.Option(None, "--vector", help="A saved steering vector (.safetensors) instead of a concept."),
+    vector: Optional[Path] = typer.Option(None, "--vector",
+                                          help="A saved steering vector (.safetensors) instead of a concept."),
     save_vector: Optional[Path] = typer.Option(None, "--save-vector", help="Write the concept's CAA vector here."),
-    n_pairs: int = typer.Option(200, "--pairs", help="Texts of the concept set (its contrast pairs give the CAA vector)."),
+    n_pairs: int = typer.Option(200, "--pairs",
+                                help="Texts of the concept set (its contrast pairs give the CAA vector)."),
     model: str = _model_option(),
     max_new_tokens: int = typer.Option(30, "--max-new-tokens", help="Tokens to generate."),
     sample: bool = typer.Option(False, "--sample/--greedy", help="Sample at temperature 1 (seeded) instead of greedy."),
@@ -128,7 +130,8 @@ def sweep_command(
     concept: Optional[str] = typer.Option(None, "--concept", help="Built-in concept: sentiment, number or truth."),
     vector: Optional[Path] = typer.Option(None, "--vector", help="A saved steering vector instead of a concept's "
                                           "(then give --positive-words, --negative-words and --prompt)."),
-    layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated layers (default: four spread over the model)."),
+    layers: Optional[str] = typer.Option(None, "--layers",
+                                         help="Comma-separated layers (default: four spread over the model)."),
     alphas: str = typer.Option("-8,-4,-2,0,2,4,8", "--alphas", help="Comma-separated scales."),
     positive_words: Optional[str] = typer.Option(None, "--positive-words", help="With --vector: comma-separated words "
                                                  "whose logits count for the behaviour (first token of each)."),
@@ -169,7 +172,8 @@ def sweep_command(
     with err_console.status(f"loading {model}"):
         bridge = load_model(model, device=device)
     n = bridge.cfg.n_layers
-    layer_list = [int(x) for x in _floats(layers, "--layers")] if layers else sorted({round(n * f) for f in (0.2, 0.35, 0.5, 0.65)})
+    layer_list = ([int(x) for x in _floats(layers, "--layers")] if layers
+                  else sorted({round(n * f) for f in (0.2, 0.35, 0.5, 0.65)}))
     vecs, concept_set = _vectors(bridge, vector, concept, layer_list, n_pairs)
     if concept_set is not None:
         if concept_set.behaviour is None:
@@ -188,7 +192,8 @@ def sweep_command(
         for p in (prompts or held_out[:3]):
             gens.append({"prompt": p, "alpha": best.alpha, "layer": best.layer,
                          "unsteered": continuation(bridge, p, max_new_tokens=max_new_tokens),
-                         "steered": continuation(bridge, p, vector=vec, alpha=best.alpha, max_new_tokens=max_new_tokens)})
+                         "steered": continuation(bridge, p, vector=vec, alpha=best.alpha,
+                                                 max_new_tokens=max_new_tokens)})
     summary = {"model": model, "concept": name, **result.to_json(), "generations": gens}
     write_sections(out, f"Steering: {name} on {model}", [section(result, gens, concept=str(name))],
                    {"steering.json": lambda p: write_json(p, summary),
@@ -197,7 +202,8 @@ def sweep_command(
         console.print(f"layer {p.layer} alpha {p.alpha:+g}: behaviour {p.behaviour:.3f} (effect {p.effect:+.3f}), "
                       f"KL {p.kl:.4f}, loss change {p.loss_change:+.4f}", highlight=False)
     console.print("best: none moved the behaviour" if best is None else
-                  f"best: layer {best.layer} alpha {best.alpha:g} ({best.efficiency:.2f} effect per nat of KL)", highlight=False)
+                  f"best: layer {best.layer} alpha {best.alpha:g} ({best.efficiency:.2f} effect per nat of KL)",
+                  highlight=False)
     console.print(f"wrote {out}", highlight=False)
 
 

@@ -1,7 +1,7 @@
 """Steering vectors: a direction in the activation space of one hook point, where it came from, and
 which model it belongs to.
 
-Four sources (method.md §12):
+Four sources:
   * `actadd` (Turner et al. 2023): the activation difference of ONE prompt pair, at the last token,
     or at every position when the two prompts have the same number of tokens ("aligned": a
     [n_positions, d_model] vector, added at the first n positions of a prompt);
