@@ -96,10 +96,10 @@ def test_actadd_last_token_and_aligned(tiny_model):
     torch.testing.assert_close(vec.vector, c1[HOOK][0, -1] - c2[HOOK][0, -1], atol=1e-5, rtol=1e-4)
     assert vec.method == "actadd"
     aligned = actadd(tiny_model, "Alice gave a book", "Bob gave a ring", "blocks.0.hook_resid_post", aligned=True)
-    _, a = tiny_model.run_with_cache(_tokens(tiny_model, "Alice gave a book"))  # both 5 tokens here
+    _, a = tiny_model.run_with_cache(_tokens(tiny_model, "Alice gave a book"))  # both 5 tokens after BOS
     _, b = tiny_model.run_with_cache(_tokens(tiny_model, "Bob gave a ring"))
     h = "blocks.0.hook_resid_post"
-    assert aligned.vector.shape == (5, tiny_model.cfg.d_model)
+    assert aligned.vector.shape == (6, tiny_model.cfg.d_model)  # BOS + 5 tokens
     torch.testing.assert_close(aligned.vector, a[h][0] - b[h][0], atol=1e-5, rtol=1e-4)
     with pytest.raises(SteeringError, match="equal token length"):
         actadd(tiny_model, "Alice", "When Mary and John went to the store", HOOK, aligned=True)
