@@ -331,3 +331,20 @@ def test_steering_on_cuda(tiny_model_dirs):
             model(tokens)
     u = (vec.vector / vec.vector.norm()).cuda()
     assert float((got["x"] @ u).abs().max()) < 1e-4
+
+
+@pytest.mark.slow
+def test_caa_sentiment_steers_smollm2(smollm2):
+    """On the real model: the CAA sentiment vector at a middle layer moves the sentiment behaviour
+    in alpha's direction, with a KL that grows with |alpha|."""
+    concepts = pytest.importorskip("mechscope.probes.concepts")
+    concept = concepts.make_concept("sentiment", smollm2.tokenizer, n=60)
+    pos = [concept.texts[i] for i, _ in concept.pairs]
+    neg = [concept.texts[j] for _, j in concept.pairs]
+    vec = caa(smollm2, pos, neg, "blocks.15.hook_resid_post")
+    neutral = _tokens(smollm2, "The history of the city goes back to the middle ages, when a small town grew").repeat(2, 1)
+    result = sweep(smollm2, [vec], [-2.0, 0.0, 1.0, 2.0], concept.behaviour.score, concept.behaviour.prompts,
+                   neutral=neutral)
+    by_alpha = {p.alpha: p for p in result.points}
+    assert by_alpha[-2.0].effect < 0 < by_alpha[1.0].effect < by_alpha[2.0].effect
+    assert 0 < by_alpha[1.0].kl < by_alpha[2.0].kl

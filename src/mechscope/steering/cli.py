@@ -14,7 +14,7 @@ import typer
 
 from ..cli import _device_option, _model_option, _user_errors, console, err_console
 
-steer_app = typer.Typer(help="Steering vectors: add a concept direction to the residual stream and see what it does.")
+steer_app = typer.Typer(no_args_is_help=True, help="Steering vectors: add a concept direction to the residual stream and see what it does.")
 
 
 def _floats(text: str, option: str) -> list[float]:
