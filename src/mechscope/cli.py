@@ -728,6 +728,10 @@ from .toys.cli import toy_app  # noqa: E402  (after the helpers it uses)
 
 app.add_typer(toy_app, name="toy")
 
+from .probes.cli import probe_app  # noqa: E402  (after the helpers it uses)
+
+app.add_typer(probe_app, name="probe")
+
 
 def main(argv: Optional[list[str]] = None) -> None:
     app(args=argv if argv is not None else sys.argv[1:])

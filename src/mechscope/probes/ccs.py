@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from ..devices import HOST
 from ..errors import check_count
 from .linear import ProbeError
 
@@ -33,7 +34,8 @@ def ccs_loss(w: torch.Tensor, b, xa: torch.Tensor, xb: torch.Tensor) -> torch.Te
 @dataclass
 class CCSResult:
     """CCS at one hook point: per seed, the final loss, the held-out accuracy (up to sign) and the unit
-    direction (in the normalised space), plus the seed with the lowest training loss."""
+    direction (mapped back from the normalised space to the activations' own: the weight divided by the
+    features' scale), plus the seed with the lowest training loss."""
 
     losses: list[float]
     accuracies: list[float]
@@ -44,7 +46,7 @@ class CCSResult:
         return min(range(len(self.losses)), key=lambda i: self.losses[i])
 
     def summary(self) -> dict:
-        acc = torch.tensor(self.accuracies)
+        acc = torch.tensor(self.accuracies, device=HOST)
         return {"ccs_mean": float(acc.mean()), "ccs_std": float(acc.std(unbiased=False)), "ccs_min": float(acc.min()),
                 "ccs_max": float(acc.max()), "ccs_best_loss": self.accuracies[self.best], "ccs_seeds": len(self.accuracies)}
 
@@ -53,7 +55,7 @@ def orient_pairs(pairs: Sequence[tuple[int, int]], seed: int = 0):
     """(side a indices, side b indices, truth = 1 where side a holds the label-1 text), each pair's order
     drawn at random with `seed`."""
     g = torch.Generator().manual_seed(seed)
-    flip = torch.rand(len(pairs), generator=g) < 0.5
+    flip = torch.rand(len(pairs), generator=g, device=HOST) < 0.5
     a = [q if f else p for (p, q), f in zip(pairs, flip.tolist())]
     b = [p if f else q for (p, q), f in zip(pairs, flip.tolist())]
     return a, b, (~flip).long()
@@ -110,7 +112,7 @@ def fit_ccs(train_a: torch.Tensor, train_b: torch.Tensor, test_a: torch.Tensor, 
     # every seed's probe is trained at once (a column each): AdamW updates each entry on its own, so this
     # is the same as training them one after another
     g = torch.Generator(device="cpu").manual_seed(0)
-    init = torch.stack([torch.randn(d, generator=g.manual_seed(s)) / d ** 0.5 for s in range(seeds)], 1)
+    init = torch.stack([torch.randn(d, generator=g.manual_seed(s), device=HOST) / d ** 0.5 for s in range(seeds)], 1)
     w = init.to(xa.device).requires_grad_(True)
     b = torch.zeros(seeds, device=xa.device, requires_grad=True)
     _adamw([w, b], lambda: ccs_loss(w, b, xa, xb).sum(), steps, lr, weight_decay)
@@ -119,5 +121,6 @@ def fit_ccs(train_a: torch.Tensor, train_b: torch.Tensor, test_a: torch.Tensor, 
         for s in range(seeds):
             losses.append(float(ccs_loss(w[:, s], b[s], xa, xb)))
             accs.append(pair_accuracy(w[:, s], b[s], ta, tb, test_truth))
-            dirs.append(w[:, s] / w[:, s].norm().clamp_min(1e-12))
+            raw = w[:, s] / ((norm_a.scale + norm_b.scale) / 2)  # back to the activations' own space
+            dirs.append(raw / raw.norm().clamp_min(1e-12))
     return CCSResult(losses, accs, dirs)

@@ -3,7 +3,8 @@ by a ranking), the Hewitt & Liang control task, and probe directions a steering 
 
 Fitting is plain torch: features are standardised with the training set's mean and standard deviation,
 the L2 probe is fitted by Newton's method (in float64, with backtracking) on the mean log loss plus
-`l2 / 2 * |w|^2 / n` (scikit-learn's C = 1 / l2), and the L1 probe by FISTA (proximal gradient with soft thresholding) on the
+`l2 / 2 * |w|^2 / n`, w the weights of the standardised features (scikit-learn's C = 1 / l2 after a
+StandardScaler), and the L1 probe by FISTA (proximal gradient with soft thresholding) on the
 mean log loss plus `l1 * |w|_1`. The weights are mapped back to the raw activation space, so a probe
 applies to activations as `collect` returns them.
 """
@@ -17,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from ..devices import HOST
 from ..errors import MechscopeError, ParameterError, check_count
 
 KINDS = ("linear", "l1", "topk")
@@ -88,7 +90,7 @@ def _labels(labels, n: int, device) -> torch.Tensor:
     return y
 
 
-def check_labels(labels, n: int, device=None, what: str = "the training labels") -> torch.Tensor:
+def check_labels(labels, n: int, device=HOST, what: str = "the training labels") -> torch.Tensor:
     """Labels as a long tensor, or ProbeError for an empty set, a wrong count, values other than 0/1, or
     one class only."""
     y = _labels(labels, n, device)
@@ -161,6 +163,8 @@ def _fit_l1(z: torch.Tensor, y: torch.Tensor, l1: float, steps: int):
 def rank_neurons(acts: torch.Tensor, labels) -> torch.Tensor:
     """Feature indices (of the flattened activation) by decreasing |mean difference between the labels|
     divided by the pooled standard deviation."""
+    if len(acts) == 0:
+        raise ProbeError("the label set is empty: no activations to rank neurons on")
     x = acts.reshape(len(acts), -1).float()
     y = check_labels(labels, len(x), x.device)
     a, b = x[y == 1], x[y == 0]
@@ -180,6 +184,8 @@ def fit_probe(acts: torch.Tensor, labels, hook_point: str = "", kind: str = "lin
     if l2 < 0 or l1 < 0:
         raise ParameterError("regularisation strengths l1 and l2 must be >= 0")
     check_count("max_iter", max_iter)
+    if len(acts) == 0:
+        raise ProbeError("the label set is empty: no activations to fit a probe to")
     shape = tuple(acts.shape[1:])
     x = acts.reshape(len(acts), -1).float()
     y = check_labels(labels, len(x), x.device)
