@@ -267,18 +267,20 @@ def _pairs_to_set(name, items, behaviour) -> ConceptSet:
     return ConceptSet(name, texts, labels, pairs, words, behaviour)
 
 
-def _unique(rng: random.Random, draw, count: int, limit: int = 100):
-    """`count` distinct items from `draw()` (repeats allowed once distinct ones run out)."""
+def _unique(rng: random.Random, draw, count: int, limit: int = 200):
+    """`count` pairs from `draw()` in which no text occurs twice (so no held-out text is also a training
+    text), or ConceptError when the templates cannot make that many."""
     seen, out = set(), []
-    tries = 0
-    while len(out) < count:
+    for _ in range(count * limit):
         item = draw()
-        tries += 1
-        if item[0] in seen and tries < count * limit:
+        if item[0] in seen or item[1] in seen:
             continue
-        seen.add(item[0])
+        seen.update(item[:2])
         out.append(item)
-    return out
+        if len(out) == count:
+            return out
+    raise ConceptError(f"the templates make only {len(out)} distinct contrast pairs, fewer than the {count} asked for; "
+                       "ask for fewer texts (n)")
 
 
 def make_concept(name: str, tokenizer, n: int = 200, seed: int = 0) -> ConceptSet:
