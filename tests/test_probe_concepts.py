@@ -74,7 +74,8 @@ def test_behaviour_score_and_measure(tiny_model_dirs):
     got = b.measure(model, batch_size=2)
     for i, prompt in enumerate(b.prompts):  # one prompt at a time, no padding
         ids = [model.tokenizer.bos_token_id] + model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        out = model(torch.tensor([ids]))[0, -1]
+        with torch.no_grad():
+            out = model(torch.tensor([ids]))[0, -1]
         assert float(got[i]) == pytest.approx(float((out[5] + out[7]) / 2 - out[9]), abs=1e-4)
     assert b.accuracy(torch.tensor([1.0, -1.0])) == 1.0 and b.accuracy(torch.tensor([-1.0, -1.0])) == 0.5
     with pytest.raises(ConceptError, match="outside a vocabulary"):
