@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 import mechscope
 from mechscope.devices import synchronize
 from mechscope.probes.activations import collect, resid_points

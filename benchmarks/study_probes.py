@@ -3,7 +3,7 @@ selectivity, sparse probes, and CCS against the supervised probe, for the sentim
 concepts (200 texts each, 70 / 30 split by contrast pair, last token, residual stream after each layer).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/study_probes.py [--model smollm2-135m] [--device cpu]
-        [--concepts sentiment number truth] [--ccs-seeds 5] [--figure docs/images/probe-layers.png]
+        [--concepts sentiment number truth] [--ccs-seeds 5] [--l2 1.0] [--figure docs/images/probe-layers.png]
         [--report DIR] [--json FILE]
 
 Prints a table per concept, then `key=value` lines: per concept the best layer by accuracy, its accuracy
@@ -41,6 +41,7 @@ def main() -> int:
     ap.add_argument("--concepts", nargs="+", default=list(CONCEPTS))
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--ccs-seeds", type=int, default=5)
+    ap.add_argument("--l2", type=float, default=1.0, help="L2 strength of the linear and control probes")
     ap.add_argument("--figure", default="docs/images/probe-layers.png")
     ap.add_argument("--report", default=None, help="also write a report directory here")
     ap.add_argument("--json", default=None, help="also write the summaries here")
@@ -51,7 +52,7 @@ def main() -> int:
     for name in args.concepts:
         t0 = time.perf_counter()
         study = probe_layers(model, make_concept(name, model.tokenizer, n=args.n), ccs_seeds=args.ccs_seeds,
-                             progress=False)
+                             l2=args.l2, progress=False)
         s = study.summary()
         s["seconds"]["total"] = time.perf_counter() - t0
         summaries.append(s)

@@ -87,8 +87,8 @@ def test_behaviour_score_and_measure(tiny_model_dirs):
 def test_load_concept_rows_and_pairs(tmp_path):
     path = tmp_path / "feelings.jsonl"
     rows = [{"positive": "I love it", "negative": "I hate it"}, {"text": "What a joy", "label": 1},
-            {"text": "What a pain", "label": False, "word": "pain"}, {"positive": "so good", "negative": "so bad",
-                                                                          "positive_word": "good", "negative_word": "bad"}]
+            {"text": "What a pain", "label": False, "word": "pain"},
+            {"positive": "so good", "negative": "so bad", "positive_word": "good", "negative_word": "bad"}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     s = load_concept(path)
     assert s.name == "feelings" and s.labels == [1, 0, 1, 0, 1, 0] and s.pairs == [(0, 1), (4, 5)]

@@ -246,7 +246,8 @@ def test_cli_probe_train_on_a_tiny_model(tiny_model_dirs, tmp_path):
     runner = CliRunner()
     out = tmp_path / "rep"
     res = runner.invoke(app, ["probe", "train", "--concept", "truth", "--model", str(tiny_model_dirs["llama"]),
-                              "--n", "40", "--ccs-seeds", "2", "--ccs-steps", "50", "--out", str(out), "--device", "cpu"])
+                              "--n", "40", "--ccs-seeds", "2", "--ccs-steps", "50", "--out", str(out),
+                              "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert {p.name for p in out.iterdir()} == {"report.html", "summary.json", "probes.png", "probes"}
     summary = json.loads((out / "summary.json").read_text())

@@ -48,7 +48,8 @@ class CCSResult:
     def summary(self) -> dict:
         acc = torch.tensor(self.accuracies, device=HOST)
         return {"ccs_mean": float(acc.mean()), "ccs_std": float(acc.std(unbiased=False)), "ccs_min": float(acc.min()),
-                "ccs_max": float(acc.max()), "ccs_best_loss": self.accuracies[self.best], "ccs_seeds": len(self.accuracies)}
+                "ccs_max": float(acc.max()), "ccs_best_loss": self.accuracies[self.best],
+                "ccs_seeds": len(self.accuracies)}
 
 
 def orient_pairs(pairs: Sequence[tuple[int, int]], seed: int = 0):

@@ -30,6 +30,8 @@ def train(
     test_fraction: float = typer.Option(0.3, "--test-fraction", help="Share of the contrast pairs held out."),
     seed: int = typer.Option(0, "--seed", help="Seed of the concept texts, the split and the control labels."),
     k: int = typer.Option(16, "--k", help="Neurons the top-k sparse probe reads."),
+    l2: float = typer.Option(1.0, "--l2", help="L2 strength of the linear probe (on standardised features; scikit-"
+                             "learn's C = 1 / l2). Larger values lower the control task's accuracy (Hewitt & Liang)."),
     l1: float = typer.Option(0.01, "--l1", help="L1 strength of the sparse probe."),
     ccs_seeds: int = typer.Option(5, "--ccs-seeds", help="CCS random starts (0: no CCS)."),
     ccs_steps: int = typer.Option(1000, "--ccs-steps", help="AdamW steps per CCS start."),
@@ -58,6 +60,8 @@ def train(
         except ValueError:
             raise ParameterError(f"--position must be last, mean or a token index, got {position!r}") from None
     check_count("--n", n, 2)
+    if not l2 >= 0 or not l1 >= 0:
+        raise ParameterError("--l2 and --l1 must be >= 0")
     check_count("--ccs-seeds", ccs_seeds, 0)
     check_count("--ccs-steps", ccs_steps)
     resolve_device(device)
@@ -69,7 +73,8 @@ def train(
     concept_set.split(test_fraction, seed)  # too small to split: fail before the model loads
     with err_console.status(f"loading {model}"):
         bridge = load_model(model, device=device)
-    study = probe_layers(bridge, concept_set, hook_point or None, pos, test_fraction=test_fraction, seed=seed, l1=l1,
+    study = probe_layers(bridge, concept_set, hook_point or None, pos, test_fraction=test_fraction, seed=seed, l2=l2,
+                         l1=l1,
                          k=k, ccs_seeds=ccs_seeds, ccs_steps=ccs_steps, batch_size=batch_size)
     summary = study.summary()
     png = probe_figure_png([summary])

@@ -75,7 +75,8 @@ class Behaviour:
     def score(self, logits: torch.Tensor) -> torch.Tensor:
         """[batch, d_vocab] -> [batch]: mean logit of the label-1 words minus mean of the label-0 words."""
         if logits.dim() != 2:
-            raise ConceptError(f"behaviour {self.name!r} scores [batch, d_vocab] logits, got shape {tuple(logits.shape)}")
+            raise ConceptError(f"behaviour {self.name!r} scores [batch, d_vocab] logits, got shape "
+                               f"{tuple(logits.shape)}")
         top = max(max(self.positive_ids), max(self.negative_ids))
         if top >= logits.shape[-1]:
             raise ConceptError(f"behaviour {self.name!r}: token id {top} is outside a vocabulary of "
@@ -141,7 +142,8 @@ class ConceptSet:
                                f"{len(self.word_types)} word types")
         bad = [i for i, y in enumerate(self.labels) if y not in (0, 1)]
         if bad:
-            raise ConceptError(f"concept set {self.name!r}: label of text {bad[0]} is {self.labels[bad[0]]!r}, not 0 or 1")
+            raise ConceptError(f"concept set {self.name!r}: label of text {bad[0]} is {self.labels[bad[0]]!r}, "
+                               "not 0 or 1")
         self.labels = [int(y) for y in self.labels]
         if len(set(self.labels)) < 2:
             raise ConceptError(f"concept set {self.name!r} has only label {self.labels[0]} ({n} texts); "
@@ -149,7 +151,8 @@ class ConceptSet:
         self.pairs = [(int(a), int(b)) for a, b in self.pairs]
         for a, b in self.pairs:
             if not (0 <= a < n and 0 <= b < n) or self.labels[a] != 1 or self.labels[b] != 0:
-                raise ConceptError(f"concept set {self.name!r}: pair ({a}, {b}) is not (a label-1 text, a label-0 text)")
+                raise ConceptError(f"concept set {self.name!r}: pair ({a}, {b}) is not (a label-1 text, "
+                                   "a label-0 text)")
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -388,7 +391,8 @@ def load_concept(path: str | os.PathLike, tokenizer=None) -> ConceptSet:
             raise ConceptError(f"{path}: row {row}: expected fields 'text' and 'label', or 'positive' and "
                                f"'negative'; got {', '.join(map(repr, obj)) or 'no fields'}")
     if not texts:
-        raise ConceptError(f"{path}: no rows; expected JSONL rows with 'text' and 'label', or 'positive' and 'negative'")
+        raise ConceptError(f"{path}: no rows; expected JSONL rows with 'text' and 'label', or 'positive' and "
+                           "'negative'")
     if len(set(labels)) < 2:
         raise ConceptError(f"{path}: every row has label {labels[0]}; a probe needs texts of both labels")
     return ConceptSet(path.stem, texts, labels, pairs, words, None)

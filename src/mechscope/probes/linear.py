@@ -80,7 +80,8 @@ def _features(acts: torch.Tensor, shape: tuple[int, ...], where: str) -> torch.T
 
 
 def _labels(labels, n: int, device) -> torch.Tensor:
-    y = torch.as_tensor(list(labels) if not isinstance(labels, torch.Tensor) else labels, device=device).long().reshape(-1)
+    values = labels if isinstance(labels, torch.Tensor) else list(labels)
+    y = torch.as_tensor(values, device=device).long().reshape(-1)
     if len(y) != n:
         raise ProbeError(f"{len(y)} labels for {n} activations")
     if n == 0:

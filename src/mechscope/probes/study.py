@@ -191,7 +191,8 @@ def save_probes(path: str | os.PathLike, probes: dict[str, Probe], model=None, *
             "probes": [{"hook_point": p.hook_point, "key": f"probe{i}", "bias": p.bias, "kind": p.kind,
                         "neurons": p.neurons, "shape": list(p.shape), "metrics": p.metrics}
                        for i, p in enumerate(probes.values())]}
-    tensors = {f"probe{i}": p.weight.detach().to(HOST, torch.float32).contiguous() for i, p in enumerate(probes.values())}
+    tensors = {f"probe{i}": p.weight.detach().to(HOST, torch.float32).contiguous()
+               for i, p in enumerate(probes.values())}
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / "probes.safetensors"))
         (tmp / "probes.json").write_text(json.dumps(info, indent=1), encoding="utf-8")

@@ -36,7 +36,8 @@ def probe_figure_png(summaries: list[dict]) -> bytes:
         if rows and "pair_accuracy" in rows[0]:
             ax.plot(x, [r["pair_accuracy"] for r in rows], lw=0.9, label="probe, pairs")
         if rows and "ccs_mean" in rows[0]:
-            ax.plot(x, [r["ccs_mean"] for r in rows], marker="s", ms=3, label=f"CCS, pairs ({rows[0]['ccs_seeds']} seeds)")
+            ax.plot(x, [r["ccs_mean"] for r in rows], marker="s", ms=3,
+                    label=f"CCS, pairs ({rows[0]['ccs_seeds']} seeds)")
             ax.fill_between(x, [r["ccs_min"] for r in rows], [r["ccs_max"] for r in rows], alpha=0.2, color="C4")
         ax.axhline(0.5, color="#999", lw=0.8, ls=":")
         low = min([r.get("selectivity", 0.0) for r in rows] + [0.0])
@@ -69,8 +70,9 @@ def _table(summary: dict) -> str:
     note = ""
     if b:
         acc = "" if b.get("accuracy") is None else f", accuracy {fmt(b['accuracy'])} on labelled prompts"
-        note = (f'<p class="note">Behaviour: mean logit difference {fmt(b["mean_score"])} over {b["n_prompts"]} held-out '
-                f'prompts ({html.escape(" ".join(b["positive_words"]))} vs {html.escape(" ".join(b["negative_words"]))})'
+        words = f'{html.escape(" ".join(b["positive_words"]))} vs {html.escape(" ".join(b["negative_words"]))}'
+        note = (f'<p class="note">Behaviour: mean logit difference {fmt(b["mean_score"])} over {b["n_prompts"]} '
+                f'held-out prompts ({words})'
                 f'{acc}.</p>')
     best = max(rows, key=lambda r: r["accuracy"]) if rows else None
     lead = (f'<p>Best layer: <b>{html.escape(best["hook_point"])}</b>, held-out accuracy {fmt(best["accuracy"])}'
