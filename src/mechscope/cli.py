@@ -732,6 +732,10 @@ from .steering.cli import steer_app  # noqa: E402  (after the helpers it uses)
 
 app.add_typer(steer_app, name="steer")
 
+from .probes.cli import probe_app  # noqa: E402  (after the helpers it uses)
+
+app.add_typer(probe_app, name="probe")
+
 
 def main(argv: Optional[list[str]] = None) -> None:
     app(args=argv if argv is not None else sys.argv[1:])
