@@ -10,7 +10,8 @@ from devicecheck import DeviceAudit
 from mechscope.cli import app
 from mechscope.steering import (SteeringError, SteeringVector, ablated, actadd, caa, caa_many, from_decoder_row,
                                 from_direction, generate, residual_writes, steered)
-from mechscope.steering.measure import ablation_effect, behaviour_scores, final_logits, sweep
+from mechscope.probes.activations import prompt_logits
+from mechscope.steering.measure import ablation_effect, behaviour_scores, sweep
 
 POS = ["When Mary and John went to the store", "The designer was good friends with the analyst",
        "Alice gave a book to Bob", "The war lasted from the year 1732"]
@@ -229,7 +230,7 @@ def test_sweep_measures_behaviour_and_side_effects_against_alpha(tiny_model):
     for p in result.points:
         vec = next(v for v in vecs if v.hook_point == p.hook_point)
         with steered(tiny_model, vec, p.alpha):
-            want = float(_behaviour(final_logits(tiny_model, prompts)).mean())
+            want = float(_behaviour(prompt_logits(tiny_model, prompts)).mean())
             lp = torch.log_softmax(tiny_model(neutral)[:, :-1], -1)
         kl = float((base_lp.exp() * (base_lp - lp)).sum(-1).mean())
         dloss = float(-(lp.gather(-1, target)).mean() + base_lp.gather(-1, target).mean())
@@ -241,9 +242,9 @@ def test_sweep_measures_behaviour_and_side_effects_against_alpha(tiny_model):
     assert result.to_json()["points"][0]["alpha"] == -2.0
 
 
-def test_final_logits_read_each_prompt_at_its_own_last_token(tiny_model):
+def test_prompt_logits_read_each_prompt_at_its_own_last_token(tiny_model):
     prompts = [PROMPT, "Alice and Bob"]
-    batch = final_logits(tiny_model, prompts, batch_size=2)
+    batch = prompt_logits(tiny_model, prompts, batch_size=2)
     for i, p in enumerate(prompts):
         torch.testing.assert_close(batch[i], tiny_model(_tokens(tiny_model, p))[0, -1], atol=1e-4, rtol=1e-4)
     with pytest.raises(SteeringError, match="one number per prompt"):
@@ -266,7 +267,7 @@ def test_ablation_effect_and_collect_under_ablation(tiny_model):
     r = _vector(tiny_model, seed=4).vector
     result = ablation_effect(tiny_model, r, _behaviour, [PROMPT], neutral=_tokens(tiny_model))
     with ablated(tiny_model, r):
-        after = float(_behaviour(final_logits(tiny_model, [PROMPT])).mean())
+        after = float(_behaviour(prompt_logits(tiny_model, [PROMPT])).mean())
         acts = collect(tiny_model, POS, [HOOK], progress=False)[HOOK]
     assert result.behaviour_after == pytest.approx(after, abs=1e-5)
     assert result.kl > 0

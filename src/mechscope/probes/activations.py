@@ -79,6 +79,40 @@ def _select(act: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, positi
     return act[rows, index]
 
 
+def padded(ids: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded [batch, width] token ids and their [batch, width] bool mask (True on real tokens)."""
+    width = max(len(t) for t in ids)
+    tokens = torch.full((len(ids), width), pad, dtype=torch.long, device=device)
+    mask = torch.zeros(len(ids), width, dtype=torch.bool, device=device)
+    for row, t in enumerate(ids):
+        tokens[row, :len(t)] = torch.tensor(list(t), dtype=torch.long, device=device)
+        mask[row, :len(t)] = True
+    return tokens, mask
+
+
+def pad_token(tokenizer, ids: Sequence[Sequence[int]]) -> int:
+    """The tokenizer's padding id, or the first token (BOS) where it has none (masked out either way)."""
+    pad = tokenizer.pad_token_id
+    return int(pad if pad is not None else ids[0][0])
+
+
+@torch.no_grad()
+def prompt_logits(model, prompts: Sequence[str], batch_size: int | None = None) -> torch.Tensor:
+    """[n_prompts, d_vocab] float32 logits (on the host) at each prompt's last token, the prompts
+    tokenized with BOS in front and right-padded."""
+    ids = tokenize_texts(model.tokenizer, list(prompts))
+    device = model_device(model)
+    batch_size = check_count("batch_size", batch_size_for(model, batch_size))
+    pad = pad_token(model.tokenizer, ids)
+    out = []
+    for start in range(0, len(ids), batch_size):
+        tokens, mask = padded(ids[start:start + batch_size], pad, device)
+        logits = model(tokens, attention_mask=mask.long())
+        rows = torch.arange(len(tokens), device=device)
+        out.append(logits[rows, mask.sum(1) - 1].float().to(HOST))
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def collect(model, texts: Sequence[str] | Sequence[Sequence[int]], hook_points: Sequence[str] | str | None = None,
             position: int | str = "last", batch_size: int | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
@@ -102,8 +136,7 @@ def collect(model, texts: Sequence[str] | Sequence[Sequence[int]], hook_points: 
                               "tokens (BOS included)")
     batch_size = check_count("batch_size", batch_size_for(model, batch_size))
     device = model_device(model)
-    pad = model.tokenizer.pad_token_id
-    pad = int(pad if pad is not None else ids[0][0])
+    pad = pad_token(model.tokenizer, ids)
     deepest = max(_layer_of(p) for p in points)
     last_layer = deepest if deepest >= 0 and all(_layer_of(p) >= 0 for p in points) else None
     stop_at = None
@@ -114,12 +147,7 @@ def collect(model, texts: Sequence[str] | Sequence[Sequence[int]], hook_points: 
     bar = tqdm(total=len(ids), desc="activations", unit="text", disable=not progress)
     for start in range(0, len(ids), batch_size):
         chunk = order[start:start + batch_size]
-        width = max(lengths_all[i] for i in chunk)
-        tokens = torch.full((len(chunk), width), pad, dtype=torch.long, device=device)
-        mask = torch.zeros(len(chunk), width, dtype=torch.bool, device=device)
-        for row, i in enumerate(chunk):
-            tokens[row, :lengths_all[i]] = torch.tensor(ids[i], dtype=torch.long, device=device)
-            mask[row, :lengths_all[i]] = True
+        tokens, mask = padded([ids[i] for i in chunk], pad, device)
         lengths = mask.sum(1)
         got: dict[str, torch.Tensor] = {}
 

@@ -86,32 +86,11 @@ class Behaviour:
         logits = logits.float()
         return logits[:, pos].mean(-1) - logits[:, neg].mean(-1)
 
-    @torch.no_grad()
     def measure(self, model, prompts: Sequence[str] | None = None, batch_size: int | None = None) -> torch.Tensor:
         """The score on each prompt's last real token (BOS in front, right padding), [n_prompts] on the host."""
-        from ..devices import HOST, batch_size_for, model_device
-        from .activations import tokenize_texts
+        from .activations import prompt_logits
 
-        prompts = list(self.prompts if prompts is None else prompts)
-        ids = tokenize_texts(model.tokenizer, prompts)
-        batch_size = check_count("batch_size", batch_size_for(model, batch_size))
-        device = model_device(model)
-        pad = model.tokenizer.pad_token_id
-        pad = int(pad if pad is not None else ids[0][0])
-        out = []
-        for start in range(0, len(ids), batch_size):
-            chunk = ids[start:start + batch_size]
-            width = max(len(t) for t in chunk)
-            tokens = torch.full((len(chunk), width), pad, dtype=torch.long, device=device)
-            mask = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
-            for row, t in enumerate(chunk):
-                tokens[row, :len(t)] = torch.tensor(t, dtype=torch.long, device=device)
-                mask[row, :len(t)] = 1
-            logits = model(tokens, attention_mask=mask)
-            last = mask.sum(1) - 1
-            rows = torch.arange(len(chunk), device=device)
-            out.append(self.score(logits[rows, last]).to(HOST))
-        return torch.cat(out)
+        return self.score(prompt_logits(model, list(self.prompts if prompts is None else prompts), batch_size))
 
     def accuracy(self, scores: torch.Tensor) -> float | None:
         """Fraction of prompts whose score has the sign of its label (None without prompt labels)."""

@@ -24,42 +24,18 @@ import torch
 
 from ..devices import HOST, batch_size_for, model_device
 from ..errors import check_count, check_finite
+from ..probes.activations import prompt_logits
 from .apply import steered
 from .vectors import SteeringError, SteeringVector
 
 Behaviour = Callable[[torch.Tensor], torch.Tensor]
 
 
-@torch.no_grad()
-def final_logits(model, prompts: Sequence[str], batch_size: int | None = None) -> torch.Tensor:
-    """[n_prompts, d_vocab] float32 logits at each prompt's last token (BOS in front, right-padded)."""
-    from ..probes.activations import tokenize_texts
-
-    ids = tokenize_texts(model.tokenizer, list(prompts))
-    device = model_device(model)
-    batch_size = check_count("batch_size", batch_size_for(model, batch_size))
-    pad = model.tokenizer.pad_token_id
-    pad = int(pad if pad is not None else ids[0][0])
-    out = []
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start:start + batch_size]
-        width = max(len(t) for t in chunk)
-        tokens = torch.full((len(chunk), width), pad, dtype=torch.long, device=device)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
-        for row, t in enumerate(chunk):
-            tokens[row, :len(t)] = torch.tensor(t, dtype=torch.long, device=device)
-            mask[row, :len(t)] = 1
-        logits = model(tokens, attention_mask=mask)
-        rows = torch.arange(len(chunk), device=device)
-        out.append(logits[rows, mask.sum(1) - 1].float().to(HOST))
-    return torch.cat(out)
-
-
 def behaviour_scores(model, behaviour: Behaviour, prompts: Sequence[str], batch_size: int | None = None) -> torch.Tensor:
     """[n_prompts] behaviour metric on the prompts' final-position logits (host float32)."""
     if not prompts:
         raise SteeringError("no held-out prompts to measure the behaviour on")
-    scores = behaviour(final_logits(model, prompts, batch_size)).float().to(HOST)
+    scores = behaviour(prompt_logits(model, prompts, batch_size)).float().to(HOST)
     if scores.shape != (len(prompts),):
         raise SteeringError(f"the behaviour metric returned shape {tuple(scores.shape)} for {len(prompts)} prompts; "
                             f"it must return one number per prompt")
