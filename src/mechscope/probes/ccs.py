@@ -78,20 +78,14 @@ def pair_accuracy(w: torch.Tensor, b, xa: torch.Tensor, xb: torch.Tensor, truth:
     return max(acc, 1 - acc)
 
 
-def _adamw(params, loss_fn, steps: int, lr: float, weight_decay: float, betas=(0.9, 0.999), eps=1e-8) -> None:
-    """AdamW (decoupled weight decay) for a few small tensors, without torch.optim's per-step overhead."""
-    m = [torch.zeros_like(p) for p in params]
-    v = [torch.zeros_like(p) for p in params]
-    for t in range(1, steps + 1):
+def _adamw(params, loss_fn, steps: int, lr: float, weight_decay: float) -> None:
+    """`steps` steps of torch's AdamW (decoupled weight decay) on `loss_fn()`."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            grads = torch.autograd.grad(loss_fn(), params)
-        with torch.no_grad():
-            for p, g, m_, v_ in zip(params, grads, m, v):
-                p.mul_(1 - lr * weight_decay)
-                m_.mul_(betas[0]).add_(g, alpha=1 - betas[0])
-                v_.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
-                denom = (v_ / (1 - betas[1] ** t)).sqrt_().add_(eps)
-                p.addcdiv_(m_, denom, value=-lr / (1 - betas[0] ** t))
+            loss_fn().backward()
+        opt.step()
 
 
 def fit_ccs(train_a: torch.Tensor, train_b: torch.Tensor, test_a: torch.Tensor, test_b: torch.Tensor,
