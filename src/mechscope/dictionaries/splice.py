@@ -12,8 +12,12 @@
 Latents and error are nodes of their own: they pass through hook points named
 `<H>.sae.hook_latents` [..., d_sae] and `<H>.sae.hook_error` [..., d] (H the hook point written: the
 target's for a transcoder), plus `<H>.sae.hook_recons` (x̂ before the error is added). A hook on them
-can read, patch or take gradients with respect to them (gradients flow through the whole of
-x̂ + e, so with `keep_error=True` the spliced model's gradients upstream of H are the original's).
+can read, patch or take gradients with respect to them.
+With gradients on, the latent node is a copy of the encoder's output and the error is computed from
+the encoder's output itself, so the gradient at `hook_latents` is the partial one, W_dec·∂m/∂x̂ (not
+cancelled by the error's own dependence on the latents), the gradient at `hook_error` is ∂m/∂x̂, and
+upstream gradients are the original model's; a hook that edits the latents changes x̂ and leaves the
+error at its value for the unedited latents.
 The names are registered on the model while the splice is open, so `model.hooks(fwd_hooks=[...])` and
 `model.run_with_cache` reach them; `Splice.hook_dict` holds them too.
 
@@ -68,6 +72,11 @@ class _Site(nn.Module):
         self.source = act
         return act
 
+    def _decode(self, f: Tensor, x: Tensor) -> Tensor:
+        out = self.sae.decode(f)
+        skip = self.sae.skip(x)
+        return out if skip is None else out + skip
+
     def replace(self, act: Tensor, untouched: Tensor | None) -> Tensor:
         """The activation written at the hook point: x̂ + e (keep_error) or x̂ (BOS positions unchanged)."""
         sae = self.sae
@@ -80,17 +89,19 @@ class _Site(nn.Module):
         shape = act.shape
         x = x.reshape(*x.shape[:2], -1)  # hook_z: [batch, pos, heads, d_head] -> [batch, pos, heads * d_head]
         y = act.reshape(*shape[:2], -1)
-        f = self.hook_latents(sae.encode(x))
-        recons = sae.decode(f)
-        skip = sae.skip(x)
-        if skip is not None:
-            recons = recons + skip
-        recons = self.hook_recons(recons.to(act.dtype))
+        grad = torch.is_grad_enabled()
+        encoded = sae.encode(x)
+        # The latent node is a copy when gradients are on, so that its gradient is the partial one
+        # (through the reconstruction only), not cancelled by the error's dependence on the same latents.
+        f = self.hook_latents(encoded.clone() if grad else encoded)
+        recons = self.hook_recons(self._decode(f, x).to(act.dtype))
         if recons.shape != y.shape:
             raise DictionaryError(f"the dictionary writes width {recons.shape[-1]} at {self.writes}, whose "
                                   f"activation has width {y.shape[-1]}")
         if self.keep_error:
-            out = recons + self.hook_error(y - recons)
+            # e = y − x̂ of the unpatched latents: a hook that edits the latents changes x̂ alone.
+            base = recons if (f is encoded and not grad) else self._decode(encoded, x).to(act.dtype)
+            out = recons + self.hook_error(y - base)
         else:
             out = recons
             if untouched is not None:
