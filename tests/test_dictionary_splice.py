@@ -164,7 +164,8 @@ def test_splice_refuses_what_does_not_fit(tiny_model):
         with splice(tiny_model, wide):
             pass
     unknown = Dictionary(DictionaryConfig("topk", d, 32, "blocks.9.hook_resid_post", k=2))
-    with pytest.raises(DictionaryError, match=r"unknown hook point 'blocks.9.hook_resid_post'.*blocks.0.hook_resid_post"):
+    listed = r"unknown hook point 'blocks.9.hook_resid_post'.*blocks.0.hook_resid_post"
+    with pytest.raises(DictionaryError, match=listed):
         with splice(tiny_model, unknown):
             pass
     cross = Dictionary(DictionaryConfig("crosscoder", d, 32, "", hook_points=(RESID, "blocks.0.hook_resid_post")))
@@ -259,6 +260,10 @@ def test_a_perfect_dictionary_recovers_everything_a_zero_one_nothing(tiny_model,
     flat = measure(tiny_model, zero, toks)
     assert flat.ce_recovered_mean == pytest.approx(0, abs=1e-4)
     assert direct["ce_clean"] == pytest.approx(flat.ce_clean, rel=1e-5)
+    # with the error term kept the spliced model is the original
+    kept = measure(tiny_model, sae_at(tiny_model), toks, keep_error=True)
+    assert kept.kl == pytest.approx(0, abs=1e-7) and kept.ce_spliced == pytest.approx(kept.ce_clean, abs=1e-5)
+    assert kept.ce_recovered_zero == pytest.approx(1, abs=1e-4) and kept.ce_recovered_mean == pytest.approx(1, abs=1e-4)
     # the result saves as JSON and reads back
     path = good.save(tmp_path / "m.json")
     assert SpliceMetrics(**json.loads(path.read_text())) == good

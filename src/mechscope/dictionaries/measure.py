@@ -102,10 +102,12 @@ def _check_tokens(tokens) -> Tensor:
 
 
 @torch.no_grad()
-def measure(model, sae: Dictionary, tokens: Tensor, batch_size: int | None = None,
+def measure(model, sae: Dictionary, tokens: Tensor, batch_size: int | None = None, keep_error: bool = False,
             progress: bool = False) -> SpliceMetrics:
     """The metrics of `sae` on `model` over the held-out `tokens` [n, length] (see the module's
-    docstring). `batch_size`: sequences per forward pass (default: the model's)."""
+    docstring). `batch_size`: sequences per forward pass (default: the model's). `keep_error=True`
+    splices with the error term kept (a check: the spliced model is then the original, CE recovered 1
+    and KL 0)."""
     from .activations import _enable
     from .splice import _bos_token
 
@@ -164,7 +166,7 @@ def measure(model, sae: Dictionary, tokens: Tensor, batch_size: int | None = Non
             y = got["y"][~untouched].to(torch.float64)
             act_sum = y.sum(0) if act_sum is None else act_sum + y.sum(0)
             n_act += y.shape[0]
-            with splice(model, sae, keep_error=False, check=False) as spliced:
+            with splice(model, sae, keep_error=keep_error, check=False) as spliced:
                 spliced.set_tokens(batch)
                 names = [f"{written}.sae.hook_latents", f"{written}.sae.hook_recons"]
                 with model.hooks(fwd_hooks=[(names[0], grab("f")), (names[1], grab("recons"))]):
