@@ -354,6 +354,22 @@ def test_cli_train_eval_export(tiny_model_dirs, text_file, tmp_path):
         assert second[key] == pytest.approx(first[key], rel=1e-4, abs=1e-6), key
 
 
+def test_cli_trains_a_transcoder(tiny_model_dirs, text_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from mechscope.cli import app
+
+    out = tmp_path / "tc"
+    result = CliRunner().invoke(app, ["sae", "train", "--model", str(tiny_model_dirs["gpt2"]), "--hook", MLP_IN,
+                                      "--target", MLP_OUT, "--architecture", "skip_transcoder", "--text",
+                                      str(text_file), "--tokens", "1024", "--batch-size", "128", "--length", "32",
+                                      "--held-out", "2", "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    sae = Dictionary.load(out)
+    assert (sae.config.hook_point, sae.config.out_hook_point) == (MLP_IN, MLP_OUT)
+    assert json.loads((out / "metrics.json").read_text())["hook_point"] == MLP_OUT
+
+
 def test_cli_train_resumes_an_interrupted_run(tiny_model_dirs, text_file, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
