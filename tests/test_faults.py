@@ -838,6 +838,78 @@ API_FAULTS: list[ApiFault] = [
 # ------------------------------------------------------------------------------------------------
 
 
+# --- `mechscope sae` (sparse dictionaries): checks before the model loads where they can be
+SAE_HOOK = "blocks.1.hook_resid_post"
+
+
+def sae_text(env: Env) -> Path:
+    import tiny
+
+    return env.write("text.txt", " ".join(tiny.corpus()))
+
+
+def sae_dir(env: Env, d_in: int = 64, hook: str = SAE_HOOK, architecture: str = "topk") -> Path:
+    from mechscope.dictionaries import Dictionary, DictionaryConfig
+
+    extra = {"hook_points": (hook, "blocks.0.hook_resid_post")} if architecture == "crosscoder" else {"k": 2}
+    config = DictionaryConfig(architecture, d_in, 16, "" if architecture == "crosscoder" else hook, **extra)
+    return Dictionary(config).init_weights(0).save(env.root / "sae")
+
+
+def sae_train(env: Env, *more: str) -> list[str]:
+    return ["sae", "train", "--model", env.llama, "--hook", SAE_HOOK, "--k", "2", "--expansion", "2",
+            "--text", str(env.root / "text.txt"), "--tokens", "256", "--batch-size", "64", "--length", "16",
+            "--held-out", "2", "--device", "cpu", "--out", str(env.out), *more]
+
+
+def sae_eval(env: Env, sae: Path) -> list[str]:
+    return ["sae", "eval", "--model", env.llama, "--sae", str(sae), "--text", str(env.root / "text.txt"),
+            "--length", "16", "--count", "2", "--device", "cpu", "--out", str(env.out)]
+
+
+CLI_FAULTS += [
+    CliFault("sae train: unknown architecture", lambda e: sae_train(e, "--architecture", "magic"),
+             "unknown architecture 'magic'; choose one of relu, topk", setup=sae_text, inject=no_model),
+    CliFault("sae train: transcoder without a target", lambda e: sae_train(e, "--architecture", "transcoder"),
+             "a transcoder needs --target", setup=sae_text, inject=no_model),
+    CliFault("sae train: empty text", lambda e: sae_train(e),
+             "text.txt: holds no text", setup=lambda e: e.write("text.txt", ""), inject=no_model),
+    CliFault("sae train: too little text for the held-out set", lambda e: sae_train(e, "--held-out", "5000"),
+             "not enough for 5000 held-out sequences", setup=sae_text, inject=no_model),
+    CliFault("sae train: output exists", lambda e: sae_train(e),
+             "out: exists and is not an empty directory", setup=lambda e: (sae_text(e), e.write("out/x", "x")),
+             inject=no_model),
+    CliFault("sae train: resume with no checkpoint", lambda e: sae_train(e, "--resume"),
+             "out.checkpoint: no checkpoint to resume from", setup=sae_text, inject=no_model),
+    CliFault("sae train: zero tokens", lambda e: sae_train(e, "--tokens", "0"),
+             "--tokens must be at least 1, got 0", setup=sae_text, inject=no_model),
+    CliFault("sae train: unknown hook point", lambda e: sae_train(e)[:5] + ["blocks.9.hook_resid_post"]
+             + sae_train(e)[6:], "unknown hook point 'blocks.9.hook_resid_post'", setup=sae_text),
+    CliFault("sae train: k above the latents", lambda e: sae_train(e, "--d-sae", "8", "--k", "9"),
+             "--k 9 is more than the 8 latents", setup=sae_text),
+    CliFault("sae eval: a dictionary of another width", lambda e: sae_eval(e, e.root / "sae"),
+             "expects width 65 at blocks.1.hook_resid_post, but", setup=lambda e: (sae_text(e), sae_dir(e, 65))),
+    CliFault("sae eval: a dictionary of an unknown hook point", lambda e: sae_eval(e, e.root / "sae"),
+             "unknown hook point 'blocks.7.hook_resid_post'",
+             setup=lambda e: (sae_text(e), sae_dir(e, hook="blocks.7.hook_resid_post"))),
+    CliFault("sae eval: not a dictionary", lambda e: sae_eval(e, e.root / "notes"),
+             "notes: not a mechscope dictionary, no config.json",
+             setup=lambda e: (sae_text(e), e.write("notes/a.txt", "x")), inject=no_model),
+    CliFault("sae eval: a corrupt weights file", lambda e: sae_eval(e, e.root / "sae"),
+             "dictionary.safetensors: not a readable safetensors file",
+             setup=lambda e: (sae_text(e), sae_dir(e), e.write("sae/dictionary.safetensors", b"junk")),
+             inject=no_model),
+    CliFault("sae eval: a crosscoder", lambda e: sae_eval(e, e.root / "sae"),
+             "a crosscoder cannot be spliced into one forward pass",
+             setup=lambda e: (sae_text(e), sae_dir(e, architecture="crosscoder")), inject=no_model),
+    CliFault("sae export: unknown layout", lambda e: ["sae", "export", "--sae", str(e.root / "sae"), "--to", "onnx",
+                                                      "--out", str(e.out)],
+             "unknown layout 'onnx' for --to; choose saelens", setup=sae_dir),
+    CliFault("sae export: a crosscoder", lambda e: ["sae", "export", "--sae", str(e.root / "sae"), "--out", str(e.out)],
+             "a crosscoder has no SAELens layout", setup=lambda e: sae_dir(e, architecture="crosscoder")),
+]
+
+
 @pytest.fixture(scope="session")
 def fault_dataset(tmp_path_factory, tiny_model_dirs):
     from mechscope.models import load_tokenizer

@@ -724,6 +724,10 @@ from .lens.cli import lens_app  # noqa: E402  (after the helpers it uses)
 
 app.add_typer(lens_app, name="lens")
 
+from .dictionaries.cli import sae_app  # noqa: E402  (after the helpers it uses)
+
+app.add_typer(sae_app, name="sae")
+
 from .toys.cli import toy_app  # noqa: E402  (after the helpers it uses)
 
 app.add_typer(toy_app, name="toy")
