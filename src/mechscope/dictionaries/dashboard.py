@@ -9,15 +9,16 @@ batch of latents in memory besides fixed-size per-latent state), each latent get
   * a uniform sample of its firing tokens (`samples` per latent, with their windows), from which
     examples at activation quantiles are drawn. The sample is the `samples` firing tokens with the
     smallest hash keys, a key being a fixed integer hash of (token, latent): a uniform sample without
-    replacement that does not depend on how the tokens are batched, so a streamed pass equals a one-shot
-    one exactly;
+    replacement that does not depend on how the tokens are batched;
   * its firing density (fires / tokens), mean and maximum activation, and a histogram of its non-zero
     activations in log2 bins (`bins` equal bins over log2 activation in `log2_range`; activations
     outside the range go to the end bins);
   * its direct effect on the logits: the top promoted and suppressed output tokens (see `logit_effects`).
 
 Per batch, everything is vectorised over latents: torch.topk over the batch's tokens gives each latent's
-candidates, merged with the running top-N by another topk; there is no per-latent Python loop.
+candidates, merged with the running top-N by another topk; there is no per-latent Python loop. Ranks
+are exact int64 (an activation's float bits, or the hash key, then the token id to break ties), so a
+streamed pass keeps exactly the tokens a one-shot pass keeps.
 
 Skipped tokens: BOS and padding, as the activation buffer skips them (activations._keep_mask).
 """
@@ -87,43 +88,52 @@ class DashboardConfig:
 
 
 def sample_keys(token_ids: Tensor, n_latents: int) -> Tensor:
-    """[tokens, n_latents] float64 keys in [0, 1): a fixed integer hash of (global token id, latent),
+    """[tokens, n_latents] int64 keys in [0, 2**31): a fixed integer hash of (global token id, latent),
     in exact int64 arithmetic (every product stays below 2**63)."""
     m = 1 << 32
     latent = torch.arange(n_latents, dtype=torch.int64, device=token_ids.device)
     h = (token_ids.to(torch.int64)[:, None] * 2654435761 + latent[None, :] * 40503 + 12345) % m
     for _ in range(3):
         h = ((h ^ (h >> 16)) * 0x45D9F3B) % m
-    h = h ^ (h >> 16)
-    return h.to(torch.float64) / m
+    return (h ^ (h >> 16)) >> 1
+
+
+_LOW = (1 << 31) - 1  # token ids and keys below 2**31
+
+
+def _rank(primary: Tensor, gid: Tensor, fired: Tensor) -> Tensor:
+    """int64 ranks [tokens, L]: larger `primary` (a non-negative int31) first, ties to the smaller token id;
+    -1 where a latent did not fire. Exact, so any batching ranks the same tokens first."""
+    r = (primary << 31) | (_LOW - gid)[:, None]
+    return torch.where(fired, r, torch.full_like(r, -1))
 
 
 class _TopSet:
-    """The `k` largest scores per latent so far, with their global token ids and windows: scores [k, L]
-    (-inf = empty), tokens [k, L] (-1 = empty), values [k, L] (the activation), windows [k, L, W]."""
+    """The `k` highest-ranked tokens per latent so far (see `_rank`), with their global token ids and
+    windows: rank [k, L] (-1 = empty), token [k, L] (-1 = empty), value [k, L] (the activation),
+    window [k, L, W]."""
 
     def __init__(self, k: int, n_latents: int, width: int, device):
         self.k = k
-        self.score = torch.full((k, n_latents), -math.inf, dtype=torch.float64, device=device)
+        self.rank = torch.full((k, n_latents), -1, dtype=torch.int64, device=device)
         self.token = torch.full((k, n_latents), -1, dtype=torch.int64, device=device)
         self.value = torch.zeros((k, n_latents), dtype=torch.float32, device=device)
         self.window = torch.zeros((k, n_latents, width), dtype=torch.float32, device=device)
 
-    def merge(self, score: Tensor, flat: Tensor, gid: Tensor, window_index: Tensor, window_ok: Tensor) -> None:
-        """Candidates of one batch: score [tokens, L] (-inf = not a candidate), flat latents [tokens, L],
+    def merge(self, rank: Tensor, flat: Tensor, gid: Tensor, window_index: Tensor, window_ok: Tensor) -> None:
+        """Candidates of one batch: rank [tokens, L] (-1 = not a candidate), flat latents [tokens, L],
         gid [tokens] global token ids, window_index [tokens, W] (rows of `flat`), window_ok [tokens, W]."""
-        k = min(self.k, score.shape[0])
-        s, rows = score.topk(k, dim=0)                                    # [k, L]
+        k = min(self.k, rank.shape[0])
+        r, rows = rank.topk(k, dim=0)                                     # [k, L]
         val = flat.gather(0, rows)
-        tok = torch.where(torch.isfinite(s), gid[rows], torch.full_like(rows, -1))
+        tok = torch.where(r >= 0, gid[rows], torch.full_like(rows, -1))
         idx = window_index[rows]                                          # [k, L, W]
         ok = window_ok[rows]
         L, W = flat.shape[1], idx.shape[-1]
         latent = torch.arange(L, dtype=torch.int64, device=flat.device)[None, :, None]
-        win = flat[idx.clamp(min=0), latent.expand(k, L, W)] * ok
-        all_s = torch.cat([self.score, s])
-        best_s, pick = all_s.topk(self.k, dim=0)
-        self.score = best_s
+        win = flat[idx, latent.expand(k, L, W)] * ok
+        best, pick = torch.cat([self.rank, r]).topk(self.k, dim=0)
+        self.rank = best
         self.token = torch.cat([self.token, tok]).gather(0, pick)
         self.value = torch.cat([self.value, val]).gather(0, pick)
         self.window = torch.cat([self.window, win]).gather(0, pick[..., None].expand(self.k, L, W))
@@ -174,10 +184,9 @@ class DashboardBuilder:
         ok = ((at >= 0) & (at < T))[None].expand(b, T, -1)
         index = (torch.arange(b, dtype=torch.int64, device=dev)[:, None, None] * T + at.clamp(0, T - 1)[None])
         index, ok = index.reshape(b * T, -1), ok.reshape(b * T, -1).to(flat.dtype)
-        neg = torch.full_like(flat, -math.inf, dtype=torch.float64)
-        self.top.merge(torch.where(fired, flat.to(torch.float64), neg), flat, gid, index, ok)
-        keys = sample_keys(gid, L)
-        self.sample.merge(torch.where(fired, -keys, neg), flat, gid, index, ok)
+        bits = flat.contiguous().view(torch.int32).to(torch.int64)  # non-negative floats order as their bits
+        self.top.merge(_rank(bits, gid, fired), flat, gid, index, ok)
+        self.sample.merge(_rank(_LOW - sample_keys(gid, L), gid, fired), flat, gid, index, ok)
 
     def finish(self) -> dict[str, Tensor]:
         """The accumulated tensors, latent-major, on the host."""
@@ -336,14 +345,25 @@ class Dashboards:
         return path
 
     def write_files(self, folder: Path) -> None:
+        self.write_tensors(Path(folder) / TENSORS)
+        self.write_meta(Path(folder) / META)
+
+    def files(self) -> dict:
+        """{file name: writer(path)} for report.write.write_sections: a report directory that also
+        loads as a dashboards directory."""
+        return {TENSORS: self.write_tensors, META: self.write_meta}
+
+    def write_tensors(self, file: Path) -> None:
         from safetensors.torch import save_file
 
         tensors = {k: v.contiguous() for k, v in self.tensors.items()}
         tensors["tokens"] = self.tokens.contiguous()
-        save_file(tensors, str(Path(folder) / TENSORS), metadata={"format": FORMAT})
+        save_file(tensors, str(file), metadata={"format": FORMAT})
+
+    def write_meta(self, file: Path) -> None:
         data = {"format": FORMAT, "version": VERSION, "config": asdict(self.config), "meta": self.meta,
                 "strings": {str(k): v for k, v in self.strings.items()}}
-        (Path(folder) / META).write_text(json.dumps(data, separators=(",", ":")), encoding="utf-8")
+        Path(file).write_text(json.dumps(data, separators=(",", ":")), encoding="utf-8")
 
     @classmethod
     def load(cls, path) -> "Dashboards":
@@ -403,6 +423,8 @@ def compute_dashboards(model, sae: Dictionary, tokens: Tensor, *, config: Dashbo
     check_points(model, inputs)
     final = [FINAL] if FINAL in model.hook_dict and getattr(model.cfg, "normalization_type", None) else []
     tokens = tokens.to(HOST, torch.long)
+    if tokens.numel() >= 1 << 31:
+        raise DashboardError(f"at most 2**31 - 1 held-out tokens, got {tokens.numel():,}")
     mask = None if attention_mask is None else attention_mask.to(HOST)
     keep, skipped_bos, skipped_pad = _keep_mask(tokens, mask, model.tokenizer)
     n, T = tokens.shape
