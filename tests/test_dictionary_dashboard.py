@@ -252,7 +252,13 @@ def test_page_search_sort_and_open_offline(tiny_page):
         T = dash.tokens.shape[1]
         shown = [int(dash.tokens[g // T, g % T]) for g in t["top_token"][i, :N].tolist() if g >= 0]
         shown += t["promoted_token"][i].tolist()
-        return any(needle in dash.strings[s].lower() for s in shown)
+        return any(dash.strings[s].strip().lower() == needle for s in shown)
+
+    def starts(i):
+        T = dash.tokens.shape[1]
+        shown = [int(dash.tokens[g // T, g % T]) for g in t["top_token"][i, :N].tolist() if g >= 0]
+        shown += t["promoted_token"][i].tolist()
+        return any(dash.strings[s].strip().lower().startswith(needle[:1]) for s in shown)
 
     with browser(1280, 900) as (context, blocked):
         errors: list[str] = []
@@ -263,6 +269,7 @@ def test_page_search_sort_and_open_offline(tiny_page):
         assert pg.evaluate("MS.dashboard.sort('id')") == alive[:50]
         assert pg.evaluate("MS.dashboard.search('7')") == [7]
         assert pg.evaluate(f"MS.dashboard.search({needle!r})") == [i for i in range(L) if has(i)]
+        assert pg.evaluate(f"MS.dashboard.search({needle[:1] + '*'!r})") == [i for i in range(L) if starts(i)]
         pg.fill("#db-search", "")
         pg.wait_for_function("MS.dashboard.state.query === ''")
         pg.check("#db-dead")

@@ -21,21 +21,25 @@
   MS.dashboard = api;
 
   const esc = s => s.replace(/[&<>"]/g, c => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'}[c]));
-  const show = s => esc(s.replace(/\n/g, '⏎').replace(/\t/g, '⇥'));
+  // newlines and tabs as symbols; a token of spaces only as visible spaces (else it is an empty box)
+  const show = s => esc((/^ +$/.test(s) ? s.replace(/ /g, '␣') : s).replace(/\n/g, '⏎').replace(/\t/g, '⇥'));
   const pct = x => x === 0 ? '0' : x >= 0.01 ? (100 * x).toFixed(2) + '%' : (100 * x).toPrecision(2) + '%';
 
   // ---- the index ----------------------------------------------------------------------------
   function matches(query) {
-    // latent ids: a number (or #number); else latents whose top-activating tokens or promoted tokens
-    // contain the query (case-insensitive)
+    // latent ids: a number (or #number); else latents among whose top-activating tokens or promoted
+    // tokens is the query (case-insensitive, surrounding spaces ignored; `prefix*` matches a prefix)
     const q = query.trim();
     if (!q) return null;
     const num = /^#?(\d+)$/.exec(q);
     if (num) { const i = +num[1]; return i < L ? [i] : []; }
-    const needle = q.toLowerCase();
+    const prefix = q.endsWith('*'), needle = (prefix ? q.slice(0, -1) : q).trim().toLowerCase();
     const hit = new Uint8Array(S.length);
     let any = false;
-    for (let s = 0; s < S.length; s++) if (S[s].toLowerCase().includes(needle)) { hit[s] = 1; any = true; }
+    for (let s = 0; s < S.length; s++) {
+      const text = S[s].trim().toLowerCase();
+      if (prefix ? text.startsWith(needle) : text === needle) { hit[s] = 1; any = true; }
+    }
     if (!any) return [];
     const out = [];
     for (let i = 0; i < L; i++) {

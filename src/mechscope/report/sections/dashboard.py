@@ -18,7 +18,7 @@ from ..page import Section, column
 HTML = """
 <p class="note" id="db-meta"></p>
 <div class="controls db-controls">
- <label>search <input id="db-search" type="search" placeholder="latent id, or a token" size="24"></label>
+ <label>search <input id="db-search" type="search" placeholder="latent id, a token, or prefix*" size="26"></label>
  <label>sort <select id="db-sort">
   <option value="density">density</option><option value="max">max activation</option>
   <option value="mean">mean activation</option><option value="id">id</option></select></label>
