@@ -67,7 +67,7 @@ def test_statistics_equal_a_naive_computation(case):
     torch.testing.assert_close(dash.density, counts.double() / keep.sum())
     torch.testing.assert_close(t["total"], f.sum((0, 1)))
     flat = f.reshape(-1, L)
-    keys = sample_keys(torch.arange(n * T), L)
+    keys = sample_keys(torch.arange(n * T)[:, None], torch.arange(L)[None, :])
     lo, hi = CFG.log2_range
     for i in range(L):
         fired = (flat[:, i] > 0).nonzero().flatten()

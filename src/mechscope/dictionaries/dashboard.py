@@ -15,10 +15,12 @@ batch of latents in memory besides fixed-size per-latent state), each latent get
     outside the range go to the end bins);
   * its direct effect on the logits: the top promoted and suppressed output tokens (see `logit_effects`).
 
-Per batch, everything is vectorised over latents: torch.topk over the batch's tokens gives each latent's
-candidates, merged with the running top-N by another topk; there is no per-latent Python loop. Ranks
-are exact int64 (an activation's float bits, or the hash key, then the token id to break ties), so a
-streamed pass keeps exactly the tokens a one-shot pass keeps.
+Per batch, everything is vectorised over latents, with no per-latent Python loop: the batch's firing
+entries (dictionaries are sparse) are sorted by rank and stably by latent, which gives each latent's best
+k of the batch; these are merged with the running best by a torch.topk over [2k, latents]. Ranks are
+exact int64 (an activation's float bits, or the hash key, then the token id to break ties), so a
+streamed pass keeps exactly the tokens a one-shot pass keeps. On one CPU thread a batch of 1,024 tokens
+costs about 1.2 s for 16,384 latents (TopK, k = 32), besides the model's forward pass.
 
 Skipped tokens: BOS and padding, as the activation buffer skips them (activations._keep_mask).
 """
@@ -87,12 +89,11 @@ class DashboardConfig:
 # ------------------------------------------------------------------------------------------------
 
 
-def sample_keys(token_ids: Tensor, n_latents: int) -> Tensor:
-    """[tokens, n_latents] int64 keys in [0, 2**31): a fixed integer hash of (global token id, latent),
-    in exact int64 arithmetic (every product stays below 2**63)."""
+def sample_keys(token_ids: Tensor, latents: Tensor) -> Tensor:
+    """int64 keys in [0, 2**31), elementwise: a fixed integer hash of (global token id, latent), in exact
+    int64 arithmetic (every product stays below 2**63)."""
     m = 1 << 32
-    latent = torch.arange(n_latents, dtype=torch.int64, device=token_ids.device)
-    h = (token_ids.to(torch.int64)[:, None] * 2654435761 + latent[None, :] * 40503 + 12345) % m
+    h = (token_ids.to(torch.int64) * 2654435761 + latents.to(torch.int64) * 40503 + 12345) % m
     for _ in range(3):
         h = ((h ^ (h >> 16)) * 0x45D9F3B) % m
     return (h ^ (h >> 16)) >> 1
@@ -101,17 +102,11 @@ def sample_keys(token_ids: Tensor, n_latents: int) -> Tensor:
 _LOW = (1 << 31) - 1  # token ids and keys below 2**31
 
 
-def _rank(primary: Tensor, gid: Tensor, fired: Tensor) -> Tensor:
-    """int64 ranks [tokens, L]: larger `primary` (a non-negative int31) first, ties to the smaller token id;
-    -1 where a latent did not fire. Exact, so any batching ranks the same tokens first."""
-    r = (primary << 31) | (_LOW - gid)[:, None]
-    return torch.where(fired, r, torch.full_like(r, -1))
-
-
 class _TopSet:
-    """The `k` highest-ranked tokens per latent so far (see `_rank`), with their global token ids and
-    windows: rank [k, L] (-1 = empty), token [k, L] (-1 = empty), value [k, L] (the activation),
-    window [k, L, W]."""
+    """The `k` highest-ranked tokens per latent so far, with their global token ids and windows: rank
+    [k, L] (-1 = empty), token [k, L] (-1 = empty), value [k, L] (the activation), window [k, L, W].
+    A rank is an exact int64: a non-negative int31 `primary` (larger first), then the smaller token id
+    first, so any batching keeps the same tokens."""
 
     def __init__(self, k: int, n_latents: int, width: int, device):
         self.k = k
@@ -120,23 +115,37 @@ class _TopSet:
         self.value = torch.zeros((k, n_latents), dtype=torch.float32, device=device)
         self.window = torch.zeros((k, n_latents, width), dtype=torch.float32, device=device)
 
-    def merge(self, rank: Tensor, flat: Tensor, gid: Tensor, window_index: Tensor, window_ok: Tensor) -> None:
-        """Candidates of one batch: rank [tokens, L] (-1 = not a candidate), flat latents [tokens, L],
-        gid [tokens] global token ids, window_index [tokens, W] (rows of `flat`), window_ok [tokens, W]."""
-        k = min(self.k, rank.shape[0])
-        r, rows = rank.topk(k, dim=0)                                     # [k, L]
-        val = flat.gather(0, rows)
-        tok = torch.where(r >= 0, gid[rows], torch.full_like(rows, -1))
-        idx = window_index[rows]                                          # [k, L, W]
-        ok = window_ok[rows]
-        L, W = flat.shape[1], idx.shape[-1]
-        latent = torch.arange(L, dtype=torch.int64, device=flat.device)[None, :, None]
-        win = flat[idx, latent.expand(k, L, W)] * ok
-        best, pick = torch.cat([self.rank, r]).topk(self.k, dim=0)
+    def merge(self, primary: Tensor, row: Tensor, col: Tensor, flat: Tensor, gid: Tensor, window_index: Tensor,
+              window_ok: Tensor) -> None:
+        """One batch's firing entries (row, col) of `flat` [tokens, L] with their `primary` keys; gid
+        [tokens] global token ids, window_index [tokens, W] (rows of `flat`), window_ok [tokens, W].
+        Works on the firing entries only (dictionaries are sparse): each latent's best k of the batch
+        by sorting the entries by rank, then stably by latent; merged with the running best by topk."""
+        k, L = self.k, flat.shape[1]
+        dev = flat.device
+        rank = (primary << 31) | (_LOW - gid[row])
+        order = rank.argsort(descending=True, stable=True)
+        order = order[col[order].argsort(stable=True)]
+        row, col, rank = row[order], col[order], rank[order]
+        counts = torch.bincount(col, minlength=L)
+        slot = torch.arange(col.numel(), dtype=torch.int64, device=dev) - (counts.cumsum(0) - counts)[col]
+        keep = slot < k
+        row, col, rank, slot = row[keep], col[keep], rank[keep], slot[keep]
+        r = torch.full((k, L), -1, dtype=torch.int64, device=dev)
+        r[slot, col] = rank
+        rows = torch.zeros((k, L), dtype=torch.int64, device=dev)
+        rows[slot, col] = row
+        latent = torch.arange(L, dtype=torch.int64, device=dev)
+        found = r >= 0
+        val = flat[rows, latent[None, :]] * found
+        tok = torch.where(found, gid[rows], torch.full_like(rows, -1))
+        W = window_index.shape[-1]
+        win = flat[window_index[rows], latent[None, :, None].expand(k, L, W)] * window_ok[rows] * found[..., None]
+        best, pick = torch.cat([self.rank, r]).topk(k, dim=0)
         self.rank = best
         self.token = torch.cat([self.token, tok]).gather(0, pick)
         self.value = torch.cat([self.value, val]).gather(0, pick)
-        self.window = torch.cat([self.window, win]).gather(0, pick[..., None].expand(self.k, L, W))
+        self.window = torch.cat([self.window, win]).gather(0, pick[..., None].expand(k, L, W))
 
 
 class DashboardBuilder:
@@ -184,9 +193,9 @@ class DashboardBuilder:
         ok = ((at >= 0) & (at < T))[None].expand(b, T, -1)
         index = (torch.arange(b, dtype=torch.int64, device=dev)[:, None, None] * T + at.clamp(0, T - 1)[None])
         index, ok = index.reshape(b * T, -1), ok.reshape(b * T, -1).to(flat.dtype)
-        bits = flat.contiguous().view(torch.int32).to(torch.int64)  # non-negative floats order as their bits
-        self.top.merge(_rank(bits, gid, fired), flat, gid, index, ok)
-        self.sample.merge(_rank(_LOW - sample_keys(gid, L), gid, fired), flat, gid, index, ok)
+        bits = flat[row, col].view(torch.int32).to(torch.int64)  # non-negative floats order as their bits
+        self.top.merge(bits, row, col, flat, gid, index, ok)
+        self.sample.merge(_LOW - sample_keys(gid[row], col), row, col, flat, gid, index, ok)
 
     def finish(self) -> dict[str, Tensor]:
         """The accumulated tensors, latent-major, on the host."""
