@@ -99,7 +99,8 @@ def interact(pg) -> dict[str, float]:
     for key in ("max", "mean", "id", "density"):
         t[f"sort_{key}"] = timed(f"MS.dashboard.sort('{key}')")
     t["next_page"] = timed("MS.dashboard.page(1)")
-    opens = [timed(f"MS.dashboard.open({i})") for i in (0, 8191, 16383 % max(1, pg.evaluate('MS.dashboard.state.order.length')))]
+    n = pg.evaluate("MS.dashboard.state.order.length")
+    opens = [timed(f"MS.dashboard.open({i})") for i in (0, n // 2, n - 1)]
     t["open_latent"] = statistics.median(opens)
     return t
 

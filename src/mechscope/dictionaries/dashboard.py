@@ -312,8 +312,9 @@ class Dashboards:
         (`which` = "top" or "sample"), the window's tokens as text."""
         c, T = self.config, int(self.tokens.shape[1])
         out = []
-        for v, g, w in zip(self.tensors[f"{which}_value"][latent].tolist(), self.tensors[f"{which}_token"][latent].tolist(),
-                           self.tensors[f"{which}_window"][latent].tolist()):
+        t = self.tensors
+        for v, g, w in zip(t[f"{which}_value"][latent].tolist(), t[f"{which}_token"][latent].tolist(),
+                           t[f"{which}_window"][latent].tolist()):
             if g < 0:
                 continue
             s, p = divmod(g, T)
