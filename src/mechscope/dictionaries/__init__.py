@@ -7,6 +7,7 @@ dictionaries inside the model's forward pass (their latents and error terms as h
 `measure` gives their cost to the model's predictions (CE loss recovered, KL)."""
 
 from .activations import ActivationBuffer, for_dictionary, training_tokens
+from .dashboard import DashboardConfig, Dashboards, compute_dashboards
 from .dictionary import ARCHITECTURES, Dictionary, DictionaryConfig, DictionaryError
 from .interop import export_saelens, load_any, load_saelens, load_sparsify, load_sparsify_run
 from .measure import SpliceMetrics, measure
@@ -14,7 +15,7 @@ from .metrics import LatentStats, evaluate, fvu, l0
 from .splice import Splice, splice
 from .training import TrainResult, train
 
-__all__ = ["ARCHITECTURES", "ActivationBuffer", "Dictionary", "DictionaryConfig", "DictionaryError", "LatentStats",
-           "Splice", "SpliceMetrics", "TrainResult", "evaluate", "export_saelens", "for_dictionary", "fvu", "l0",
+__all__ = ["ARCHITECTURES", "ActivationBuffer", "DashboardConfig", "Dashboards", "Dictionary", "DictionaryConfig", "DictionaryError", "LatentStats",
+           "Splice", "SpliceMetrics", "TrainResult", "compute_dashboards", "evaluate", "export_saelens", "for_dictionary", "fvu", "l0",
            "load_any", "load_saelens", "load_sparsify", "load_sparsify_run", "measure", "splice", "train",
            "training_tokens"]

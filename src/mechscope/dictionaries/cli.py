@@ -272,3 +272,8 @@ def export(
     sae = load_any(sae_dir)
     export_saelens(sae, out, overwrite=overwrite)
     console.print(f"wrote {out} (SAELens layout) from {sae_dir}", highlight=False)
+
+
+from .cli_dashboard import register as _register_dashboard  # noqa: E402  (`mechscope sae dashboard`)
+
+_register_dashboard(sae_app)
