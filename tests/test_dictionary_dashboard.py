@@ -301,12 +301,15 @@ def test_page_search_sort_and_open_offline(tiny_page):
 def test_dashboards_on_cuda(tiny_model_dirs):
     import mechscope
 
-    model = mechscope.load_model(str(tiny_model_dirs["llama"]), device="cuda")
-    tokens = training_tokens(model, tiny.corpus()[:80], length=16, progress=False)[:40]
-    sae = make_sae(model).to("cuda")
-    dash = compute_dashboards(model, sae, tokens, config=CFG, batch_size=7, progress=False)
+    import copy
+
     cpu_model = mechscope.load_model(str(tiny_model_dirs["llama"]), device="cpu")
-    ref = compute_dashboards(cpu_model, make_sae(cpu_model), tokens, config=CFG, batch_size=40, progress=False)
+    model = mechscope.load_model(str(tiny_model_dirs["llama"]), device="cuda")
+    tokens = training_tokens(cpu_model, tiny.corpus()[:80], length=16, progress=False)[:40]
+    cpu_sae = make_sae(cpu_model)  # the same dictionary on both devices
+    sae = copy.deepcopy(cpu_sae).to("cuda")
+    dash = compute_dashboards(model, sae, tokens, config=CFG, batch_size=7, progress=False)
+    ref = compute_dashboards(cpu_model, cpu_sae, tokens, config=CFG, batch_size=40, progress=False)
     assert torch.equal(dash.tensors["count"], ref.tensors["count"])
     torch.testing.assert_close(dash.tensors["top_value"], ref.tensors["top_value"], rtol=1e-4, atol=1e-5)
     assert dash.section().data["n"] == 40
