@@ -7,126 +7,31 @@ about results (`MechscopeWarning`) are printed as `warning:` lines at the end of
 from __future__ import annotations
 
 if __name__ == "__main__":
-    # `python -m mechscope.cli`: run the one `mechscope.cli` module that the sub-commands (lens, patch)
-    # import their shared options from, not a second copy of it named __main__.
+    # `python -m mechscope.cli`: run the one `mechscope.cli` module, which registers the verb groups,
+    # not a second copy of it named __main__.
     import sys
 
     from mechscope.cli import main
 
     sys.exit(main())
 
-import contextlib
-import functools
-import signal
 import sys
-import threading
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from .errors import MechscopeError, MechscopeWarning
+from .cli_common import (Terminated, _batch_option, _check_batch_size, _data_option, _device_option,
+                         _model_option, _task_option, _task_or_data, _user_errors, console, err_console)
+
+__all__ = ["Terminated", "app", "main"]  # Terminated: SIGTERM as an exception, for callers of main()
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mechanistic interpretability workbench.")
-console = Console()
-err_console = Console(stderr=True)
 
 IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
 QUERY_EDGES_HELP = ("peap's query edges: per_key (the PEAP paper's: a query in its score against one key) | "
                     "whole_row (a query in all its scores at once).")
-
-
-def _device_option():
-    return typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu).")
-
-
-def _task_option():
-    return typer.Option(None, "--task", help="Built-in task: ioi, greater-than, winobias, induction.")
-
-
-def _data_option():
-    return typer.Option(None, "--data", help="A dataset JSONL (tokenized or text) instead of --task.")
-
-
-def _model_option(help: str = "Model alias, .gguf, directory or hub id."):
-    return typer.Option("smollm2-135m", "--model", "-m", help=help)
-
-
-def _batch_option():
-    return typer.Option(None, "--batch-size", help="Examples per forward pass (default: 64 on a GPU, 16 on the CPU).")
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every clean-up runs."""
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """While a command runs, SIGTERM (sent by `timeout`, Slurm, `docker stop`) stops it as Ctrl-C does:
-    a KeyboardInterrupt, so unfinished outputs and temporaries are removed on the way out. A second
-    SIGTERM during that clean-up is ignored. Signal handlers belong to the main thread: elsewhere
-    (a command run from a worker thread) nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-
-def _check_batch_size(batch_size: int | None) -> None:
-    """--batch-size, when given, is a positive integer (checked before any model work)."""
-    if batch_size is not None:
-        from .errors import check_count
-
-        check_count("batch_size", batch_size)
-
-
-def _user_errors(fn):
-    """Turn a MechscopeError into a one-line message and exit status 2, and an interruption (Ctrl-C,
-    SIGTERM) into a one-line message and status 130 or 143; print each distinct MechscopeWarning once,
-    as a `warning:` line, when the command ends (other warnings as usual)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        seen: list[str] = []
-        with warnings.catch_warnings(), _sigterm_interrupts():
-            warnings.simplefilter("always", MechscopeWarning)
-            show = warnings.showwarning
-
-            def collect(message, category, *rest, **kw):
-                if issubclass(category, MechscopeWarning):
-                    if str(message) not in seen:
-                        seen.append(str(message))
-                else:
-                    show(message, category, *rest, **kw)
-
-            warnings.showwarning = collect
-            try:
-                return fn(*args, **kwargs)
-            except MechscopeError as exc:
-                err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-                raise typer.Exit(code=2)
-            except KeyboardInterrupt as exc:
-                signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
-                err_console.print(f"[bold red]interrupted[/] by {signum.name}; unfinished outputs were removed",
-                                  highlight=False, soft_wrap=True)
-                raise typer.Exit(code=128 + signum)
-            finally:
-                for message in seen:
-                    err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
-
-    return wrapper
 
 
 @app.command()
@@ -598,45 +503,6 @@ def figure(
     check_scores_fit(circuit, scores)
     draw_figure(circuit, out, scores=scores, aggregate=aggregate, max_edges=max_edges, title=title)
     console.print(f"wrote {out}: {circuit.n_edges:,} span edges")
-
-
-def _task_or_data(task, data_file, model: str, n_task: int, seed: int, n_data: int | None = None,
-                  device: str | None = None):
-    """(loaded model, dataset) from --task (`n_task` generated pairs) or --data (its first `n_data`
-    examples, or all): a tokenized dataset JSONL or a text JSONL (told apart by the dataset header, and
-    tokenized with the model's tokenizer). A wrong choice, unknown task or unreadable or malformed file
-    fails before the model loads."""
-    from .data.dataset import DatasetError, PromptPairDataset
-    from .data.text_jsonl import is_dataset_jsonl, read_text_jsonl, text_dataset
-    from .models import load_model
-    from .tasks import TASKS, make_task
-
-    if (task is None) == (data_file is None):
-        raise DatasetError("give either --task or --data")
-    dataset = rows = None
-    if task is not None and task not in TASKS:
-        raise DatasetError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
-    if data_file is not None:
-        if is_dataset_jsonl(data_file):
-            dataset = PromptPairDataset.load(data_file)
-            size = len(dataset)
-        else:
-            rows = read_text_jsonl(data_file)
-            size = len(rows)
-        if n_data is not None and n_data > size:
-            raise DatasetError(f"--n {n_data} is larger than the {size} examples in {data_file}")
-    with err_console.status(f"loading {model}"):
-        bridge = load_model(model, device=device)
-    if rows is not None:
-        dataset = text_dataset(rows[:n_data], bridge.tokenizer, data_file, n_ctx=bridge.cfg.n_ctx)
-        dataset.model = model
-    elif dataset is not None:
-        if n_data is not None:
-            dataset = dataset.subset(range(n_data))
-    else:
-        dataset = make_task(task, bridge.tokenizer, n_task, seed=seed)
-        dataset.model = model
-    return bridge, dataset
 
 
 benchmark_app = typer.Typer(no_args_is_help=True, help="Benchmarks of the circuit finders.")

@@ -22,7 +22,7 @@ def _guarded(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from ..cli import _user_errors
+        from ..cli_common import _user_errors
 
         return _user_errors(fn)(*args, **kwargs)
 
@@ -46,7 +46,7 @@ def dashboard_command(
 ) -> None:
     """Feature dashboards: each latent's top contexts, activation histogram and density, promoted and
     suppressed tokens, and examples at activation quantiles, browsable for tens of thousands of latents."""
-    from ..cli import console, err_console
+    from ..cli_common import console, err_console
     from ..devices import model_device, resolve_device
     from ..errors import check_count
     from ..models import load_model

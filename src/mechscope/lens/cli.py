@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from ..cli import _device_option, _model_option, _user_errors, console, err_console
+from ..cli_common import _device_option, _model_option, _user_errors, console, err_console
 
 lens_app = typer.Typer(no_args_is_help=True, help="Logit lens and tuned lens: train, evaluate, report.")
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ..cli import _data_option, _device_option, _model_option, _task_option  # the options every verb shares
+from ..cli_common import _data_option, _device_option, _model_option, _task_option  # the options every verb shares
 
 patch_app = typer.Typer(no_args_is_help=True, help="Patching: activation patching sweeps, path patching, direct logit attribution.")
 
@@ -46,7 +46,7 @@ def sweep_command(
 ) -> None:
     """Patch every instance of one component kind in every example and write DIR/result.safetensors
     (+ result.json), heatmap.png and report.html (and estimate.safetensors, estimate.png with --estimate)."""
-    from ..cli import _user_errors
+    from ..cli_common import _user_errors
 
     _user_errors(_sweep)(task, data_file, model, component, direction, reference, positions, layers, heads, n, seed,
                          estimate, batch_size, patch_batch, out, device)
@@ -54,7 +54,7 @@ def sweep_command(
 
 def _sweep(task, data_file, model, component, direction, reference, positions, layers, heads, n, seed, estimate,
            batch_size, patch_batch, out, device) -> None:
-    from ..cli import _task_or_data, console
+    from ..cli_common import _task_or_data, console
     from ..errors import check_count
     from ..fileio import write_json
     from ..report import check_output_dir, write_sections

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from ..cli import _data_option, _device_option, _model_option, _task_option  # the options every verb shares
+from ..cli_common import _data_option, _device_option, _model_option, _task_option  # the options every verb shares
 
 from ..errors import ParameterError
 
@@ -22,7 +22,7 @@ def _guarded(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from ..cli import _user_errors
+        from ..cli_common import _user_errors
 
         return _user_errors(fn)(*args, **kwargs)
 
@@ -30,7 +30,7 @@ def _guarded(fn):
 
 
 def _common_checks(task, data_file, n: int, batch_size, out: Path, overwrite: bool) -> None:
-    from ..cli import _check_batch_size
+    from ..cli_common import _check_batch_size
     from ..report import check_output_dir
 
     if n < 1:
@@ -59,7 +59,7 @@ def path_command(
 ) -> None:
     """Path patching: the normalised effect (noising) of the paths from the senders to the receivers."""
     from ..attribution.references import check_ablation
-    from ..cli import _task_or_data, console
+    from ..cli_common import _task_or_data, console
     from ..graph import Graph
     from ..report import write_sections
     from ..report.sections import dla as heat
@@ -115,7 +115,7 @@ def dla_command(
 ) -> None:
     """Direct logit attribution of the logit difference (correct - wrong) to every head, MLP and the
     embedding, with the final norm's scale frozen at its clean value."""
-    from ..cli import _task_or_data, console
+    from ..cli_common import _task_or_data, console
     from ..report import write_sections
     from ..report.sections import dla as heat
     from .dla import check_dla_supported, direct_logit_attribution

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from ..cli import _batch_option, _device_option, _model_option, _user_errors, console, err_console
+from ..cli_common import _batch_option, _device_option, _model_option, _user_errors, console, err_console
 
 probe_app = typer.Typer(no_args_is_help=True, help="Linear and sparse probes, control tasks and CCS, per layer.")
 

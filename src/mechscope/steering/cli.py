@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from ..cli import _device_option, _model_option, _user_errors, console, err_console
+from ..cli_common import _device_option, _model_option, _user_errors, console, err_console
 
 steer_app = typer.Typer(no_args_is_help=True, help="Steering vectors: add a concept direction to the residual stream and see what it does.")
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ..cli import _device_option, _user_errors, console, err_console
+from ..cli_common import _device_option, _user_errors, console, err_console
 
 toy_app = typer.Typer(no_args_is_help=True, help="Toy models with known mechanisms: train, analyse, report.")
 
