@@ -1,0 +1,103 @@
+"""Attribution to a spliced dictionary's latents and error (dictionaries/features.py): per position the
+latents' scores plus the error's equal the hook point's own EAP score, computed here with plain hooks on
+the unspliced model; the span sums; the spliced model equals the original; and no device leaks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from devicecheck import DeviceAudit
+from test_attribution import ioi_like
+from test_dictionary_splice import sae_at
+
+from mechscope.attribution.peap import batch_span_of
+from mechscope.dictionaries.features import attribute_latents, token_scores
+from mechscope.dictionaries.splice import splice
+from mechscope.errors import ParameterError
+from mechscope.metrics import compute_metric, final_logits
+
+POINT = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def data(tiny_tokenizer):
+    return ioi_like(tiny_tokenizer, 5, seed=3)
+
+
+def first_batch(data, n=5):
+    indices, batch = next(iter(data.batches(n)))
+    return indices, batch
+
+
+def hook_point_eap(model, batch, point, ablation):
+    """(x − x_ref) · ∂M/∂x at `point` per [b, t], on the plain model."""
+    got = {}
+
+    def keep(act, hook):
+        act.retain_grad() if act.requires_grad else act.requires_grad_(True)
+        got["x"] = act
+        return act
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(point, keep)]):
+        final = final_logits(model(batch.clean, attention_mask=batch.attention_mask), batch.last)
+        m = compute_metric("logit_diff", final, batch)
+        (g,) = torch.autograd.grad(m.sum(), [got["x"]])
+    x = got["x"].detach()
+    if ablation == "zero":
+        ref = torch.zeros_like(x)
+    else:
+        with torch.no_grad(), model.hooks(fwd_hooks=[(point, keep)]):
+            model(batch.counterfactual, attention_mask=batch.attention_mask)
+        ref = got["x"].detach()
+    return ((x - ref) * g).sum(-1) * batch.attention_mask
+
+
+@pytest.mark.parametrize("architecture", ["topk", "relu"])
+@pytest.mark.parametrize("ablation", ["counterfactual", "zero"])
+def test_latents_plus_error_equal_the_hook_points_eap(tiny_model, data, architecture, ablation):
+    sae = sae_at(tiny_model, POINT, architecture, d_sae=48, seed=1)
+    _, batch = first_batch(data)
+    lat, err = token_scores(tiny_model, sae, batch, "logit_diff", ablation)[POINT]
+    direct = hook_point_eap(tiny_model, batch, POINT, ablation)
+    assert direct.abs().max() > 1e-3  # the test compares something
+    assert lat.abs().sum() > 0 and (lat != 0).sum() < lat.numel()  # sparse latents took part
+    torch.testing.assert_close(lat.sum(-1) + err, direct, atol=1e-4, rtol=1e-4)
+
+
+def test_span_sums_and_keep_error_identity(tiny_model, data):
+    sae = sae_at(tiny_model, POINT, "topk", d_sae=48, seed=2)
+    scores = attribute_latents(tiny_model, sae, data, "counterfactual", progress=False)
+    assert scores.latents[POINT].shape == (len(data.schema), 48)
+    assert scores.error[POINT].shape == (len(data.schema),)
+    # The same sums by hand from the token scores, span by span.
+    total = torch.zeros(len(data.schema), dtype=torch.float64)
+    for indices, batch in data.batches(2):
+        direct = hook_point_eap(tiny_model, batch, POINT, "counterfactual")
+        span_of = batch_span_of(data, indices, batch.clean.shape[1])
+        for s in range(len(data.schema)):
+            total[s] += direct[span_of == s].double().sum()
+    torch.testing.assert_close(scores.node_total(), total / len(data), atol=1e-4, rtol=1e-4)
+    # keep_error: the spliced model is the original.
+    _, batch = first_batch(data)
+    plain = tiny_model(batch.clean, attention_mask=batch.attention_mask)
+    with splice(tiny_model, sae, keep_error=True):
+        spliced = tiny_model(batch.clean, attention_mask=batch.attention_mask)
+    torch.testing.assert_close(spliced, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_mean_ablation_scores_and_bad_input(tiny_model, data):
+    sae = sae_at(tiny_model, POINT, "relu", d_sae=32, seed=0)
+    scores = attribute_latents(tiny_model, sae, data, "mean", progress=False)
+    assert torch.isfinite(scores.latents[POINT]).all() and scores.latents[POINT].abs().sum() > 0
+    with pytest.raises(ParameterError, match="unknown ablation"):
+        attribute_latents(tiny_model, sae, data, "resample", progress=False)
+    with pytest.raises(ParameterError, match="'sum' only"):
+        attribute_latents(tiny_model, sae, data, aggregation="avg", progress=False)
+
+
+def test_no_device_leaks(tiny_model, data):
+    sae = sae_at(tiny_model, POINT, "topk", d_sae=32, seed=0)
+    with DeviceAudit() as audit:
+        for ablation in ("counterfactual", "mean", "zero"):
+            attribute_latents(tiny_model, sae, data, ablation, progress=False)
+    assert not audit.leaks, audit.report()
