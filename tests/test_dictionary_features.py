@@ -11,7 +11,7 @@ from test_attribution import ioi_like
 from test_dictionary_splice import sae_at
 
 from mechscope.attribution.peap import batch_span_of
-from mechscope.dictionaries.features import attribute_latents, token_scores
+from mechscope.dictionaries.features import attribute_latents, faithfulness, token_scores, top_features
 from mechscope.dictionaries.splice import splice
 from mechscope.errors import ParameterError
 from mechscope.metrics import compute_metric, final_logits
@@ -99,5 +99,29 @@ def test_no_device_leaks(tiny_model, data):
     sae = sae_at(tiny_model, POINT, "topk", d_sae=32, seed=0)
     with DeviceAudit() as audit:
         for ablation in ("counterfactual", "mean", "zero"):
-            attribute_latents(tiny_model, sae, data, ablation, progress=False)
+            scores = attribute_latents(tiny_model, sae, data, ablation, progress=False)
+            faithfulness(tiny_model, sae, data, {POINT: top_features(scores, 3)}, keep_error=False, ablation=ablation)
     assert not audit.leaks, audit.report()
+
+
+def test_faithfulness_ends_at_clean_and_reference(tiny_model, data):
+    from mechscope.behaviour import measure_behaviour
+    from mechscope.dictionaries.features import feature_curve
+
+    sae = sae_at(tiny_model, POINT, "topk", d_sae=48, seed=1)
+    scores = attribute_latents(tiny_model, sae, data, "counterfactual", progress=False)
+    b = measure_behaviour(tiny_model, data, progress=False)
+    clean, cf = float(b.metric_clean.mean()), float(b.metric_counterfactual.mean())
+    assert abs(clean - cf) > 1e-2
+    n_all = scores.latents[POINT].numel()
+    curve = feature_curve(tiny_model, sae, data, scores, [0, 5, n_all])
+    assert curve[-1][0] == n_all and curve[-1][1] == pytest.approx(clean, abs=1e-4)
+    # error kept, no latent: the latents' part alone is patched, so the metric moves off clean.
+    assert abs(curve[0][1] - clean) > 1e-4
+    none = torch.zeros_like(scores.latents[POINT], dtype=torch.bool)
+    assert faithfulness(tiny_model, sae, data, {POINT: none}, keep_error=False) == pytest.approx(cf, abs=1e-4)
+    top = top_features(scores, 5)
+    assert int(top.sum()) == 5
+    assert scores.latents[POINT].abs()[top].min() >= scores.latents[POINT].abs()[~top].max()
+    with pytest.raises(ParameterError, match="bool tensor"):
+        faithfulness(tiny_model, sae, data, {POINT: none[:, :3]})

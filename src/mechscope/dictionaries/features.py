@@ -190,6 +190,14 @@ def token_scores(model, saes, batch: Batch, metric: Metric, ablation: str = "cou
     return out
 
 
+def _setup(model, saes, dataset, ablation, metric, batch_size):
+    """Checked (dictionaries, metric, batch size, device) shared by the entry points."""
+    check_ablation(ablation)
+    items = _as_list(saes)
+    check_compatible(model, dataset)
+    return items, resolve_metric(metric, dataset), batch_size_for(model, batch_size), model_device(model)
+
+
 def attribute_latents(model, saes, dataset: PromptPairDataset, ablation: str = "counterfactual", *,
                       batch_size: int | None = None, progress: bool = True, metric: Metric | None = None,
                       reference: PromptPairDataset | None = None, aggregation: str = "sum") -> LatentScores:
@@ -199,12 +207,7 @@ def attribute_latents(model, saes, dataset: PromptPairDataset, ablation: str = "
     module's docstring for the references; `reference` is the set the mean is taken over."""
     if aggregation != "sum":
         raise ParameterError(f"latent scores aggregate with 'sum' only, not '{aggregation}'")
-    check_ablation(ablation)
-    items = _as_list(saes)
-    check_compatible(model, dataset)
-    metric = resolve_metric(metric, dataset)
-    batch_size = batch_size_for(model, batch_size)
-    device = model_device(model)
+    items, metric, batch_size, device = _setup(model, saes, dataset, ablation, metric, batch_size)
     mean = mean_latents(model, items, reference or dataset, batch_size) if ablation == "mean" else None
     n_spans = len(dataset.schema)
     points = [_written(s) for s in items]
@@ -231,3 +234,78 @@ def attribute_latents(model, saes, dataset: PromptPairDataset, ablation: str = "
         check_finite(latents[h], f"latent scores at {h}", hint)
         check_finite(error[h], f"error scores at {h}", hint)
     return LatentScores(latents, error, tuple(dataset.schema.spans), metric_name(metric), ablation, n, points)
+
+
+def top_features(scores: LatentScores, n: int, hook_point: str | None = None) -> Tensor:
+    """[n_spans, d_sae] bool: the `n` (span, latent) nodes of largest |score| at `hook_point` (ties broken
+    by order)."""
+    h = scores._point(hook_point)
+    values = scores.latents[h]
+    if n < 0:
+        raise ParameterError(f"n must be >= 0, not {n}")
+    keep = torch.zeros(values.numel(), dtype=torch.bool, device=HOST)
+    keep[values.abs().flatten().argsort(descending=True, stable=True)[: min(n, values.numel())]] = True
+    return keep.view_as(values)
+
+
+def _patcher(ref: Tensor, keep: Tensor, span_of: Tensor):
+    """Replace a node's value with `ref` at the positions and latents `keep` [n_spans, width] or [n_spans]
+    leaves out."""
+
+    def patch(value: Tensor) -> Tensor:
+        spans = span_of.clamp(min=0)
+        mask = keep.to(value.device)[spans]  # [b, t, width] or [b, t]
+        if mask.dim() == 2:
+            mask = mask[..., None]
+        mask = mask | (span_of < 0)[..., None]  # padding keeps its value
+        return torch.where(mask, value, ref.to(value.dtype))
+    return patch
+
+
+@torch.no_grad()
+def faithfulness(model, saes, dataset: PromptPairDataset, keep: dict[str, Tensor], keep_error: bool | dict = True,
+                 ablation: str = "counterfactual", *, batch_size: int | None = None, metric: Metric | None = None,
+                 mean: dict | None = None, reference: PromptPairDataset | None = None) -> float:
+    """Mean metric over `dataset` of the feature circuit: at each hook point H written by `saes`, the
+    (span, latent) nodes `keep[H]` [n_spans, d_sae] (bool) keep their clean values, the others take their
+    reference (`ablation`, as `attribute_latents`); the error keeps its clean value where `keep_error`
+    (True, False, or per H a [n_spans] bool) says so, else takes its reference."""
+    items, metric, batch_size, device = _setup(model, saes, dataset, ablation, metric, batch_size)
+    n_spans = len(dataset.schema)
+    if ablation == "mean" and mean is None:
+        mean = mean_latents(model, items, reference or dataset, batch_size)
+    masks = {}
+    for sae in items:
+        h = _written(sae)
+        if h not in keep or tuple(keep[h].shape) != (n_spans, sae.config.d_sae):
+            raise ParameterError(f"keep['{h}'] must be a bool tensor [{n_spans}, {sae.config.d_sae}]")
+        err = keep_error.get(h, True) if isinstance(keep_error, dict) else keep_error
+        err = torch.full((n_spans,), bool(err), dtype=torch.bool, device=HOST) if isinstance(err, bool) else err
+        masks[h] = (keep[h].bool(), err.bool())
+    total = 0.0
+    with splice(model, items, keep_error=True) as state:
+        for indices, batch in dataset.batches(batch_size):
+            batch = batch.to(device)
+            rec = _Recorder(state)
+            clean_final = _forward_last(model, state, batch.clean, batch, rec.hooks())
+            ref = references(model, state, items, batch, ablation, rec.values, mean)
+            span_of = batch_span_of(dataset, indices, batch.clean.shape[1], device)
+            replace = {}
+            for h, (lat, err) in masks.items():
+                replace[f"{h}.{LATENTS}"] = _patcher(ref[f"{h}.{LATENTS}"], lat, span_of)
+                replace[f"{h}.{ERROR}"] = _patcher(ref[f"{h}.{ERROR}"], err, span_of)
+            patched = _forward_last(model, state, batch.clean, batch, _Recorder(state, replace).hooks())
+            total += float(compute_metric(metric, patched, batch, clean_logits=clean_final).double().sum())
+    return total / len(dataset)
+
+
+def feature_curve(model, saes, dataset: PromptPairDataset, scores: LatentScores, ns: Sequence[int],
+                  keep_error: bool = True, **kw) -> list[tuple[int, float]]:
+    """[(n, metric)] of `faithfulness` keeping the top n (span, latent) nodes by |score| at each hook point
+    (and the error where `keep_error`), for each n of `ns`."""
+    items = _as_list(saes)
+    kw.setdefault("ablation", scores.ablation)
+    if kw["ablation"] == "mean" and kw.get("mean") is None:  # one mean for every point of the curve
+        kw["mean"] = mean_latents(model, items, kw.pop("reference", None) or dataset, kw.get("batch_size"))
+    return [(n, faithfulness(model, items, dataset, {_written(s): top_features(scores, n, _written(s)) for s in items},
+                             keep_error, **kw)) for n in ns]
