@@ -9,13 +9,14 @@ dictionaries inside the model's forward pass (their latents and error terms as h
 from .activations import ActivationBuffer, for_dictionary, training_tokens
 from .dashboard import DashboardConfig, Dashboards, compute_dashboards
 from .dictionary import ARCHITECTURES, Dictionary, DictionaryConfig, DictionaryError
+from .features import LatentScores, attribute_latents, feature_curve, top_features
 from .interop import export_saelens, load_any, load_saelens, load_sparsify, load_sparsify_run
 from .measure import SpliceMetrics, measure
 from .metrics import LatentStats, evaluate, fvu, l0
 from .splice import Splice, splice
 from .training import TrainResult, train
 
-__all__ = ["ARCHITECTURES", "ActivationBuffer", "DashboardConfig", "Dashboards", "Dictionary", "DictionaryConfig", "DictionaryError", "LatentStats",
-           "Splice", "SpliceMetrics", "TrainResult", "compute_dashboards", "evaluate", "export_saelens", "for_dictionary", "fvu", "l0",
-           "load_any", "load_saelens", "load_sparsify", "load_sparsify_run", "measure", "splice", "train",
+__all__ = ["ARCHITECTURES", "ActivationBuffer", "DashboardConfig", "Dashboards", "Dictionary", "DictionaryConfig", "DictionaryError", "LatentScores", "LatentStats",
+           "Splice", "SpliceMetrics", "TrainResult", "attribute_latents", "compute_dashboards", "evaluate", "export_saelens", "feature_curve", "for_dictionary", "fvu", "l0",
+           "load_any", "load_saelens", "load_sparsify", "load_sparsify_run", "measure", "splice", "top_features", "train",
            "training_tokens"]
