@@ -182,8 +182,9 @@ class ActivationBuffer:
     model: a loaded model (bridge or HookedRootModule). hook_point: the hook point read, or a list of
     them to stack (crosscoders). target: a second hook point for transcoders (pairs are yielded).
     tokens: [n, length] token ids (see `training_tokens`), with `attention_mask` (0 = padding) when padded.
-    batch_size: positions per batch. buffer_size: at most this many positions held (default 32 batches;
-    at least 2 x (batch_size + length)). model_batch_size: sequences per forward pass at most.
+    batch_size: positions per batch. buffer_size: at most this many positions held (default 32 batches or
+    the tokens' kept positions, whichever is fewer; at least 2 x (batch_size + length)).
+    model_batch_size: sequences per forward pass at most.
     positions: also yield the [batch, 2] (sequence, position) of each row. dtype: of the yielded rows."""
 
     def __init__(self, model, hook_point: str | Sequence[str], tokens: torch.Tensor, *, target: str | None = None,
@@ -218,7 +219,9 @@ class ActivationBuffer:
         self.batch_size = check_count("batch_size", batch_size)
         length = int(self.tokens.shape[1])
         least = 2 * (self.batch_size + length)
-        self.buffer_size = max(32 * self.batch_size, least) if buffer_size is None else \
+        # default: 32 batches, but never more than one pass over the tokens (with `loop`, a larger buffer
+        # would read sequences again before training has used them once)
+        self.buffer_size = max(min(32 * self.batch_size, self.total), least) if buffer_size is None else \
             check_count("buffer_size", buffer_size)
         if self.buffer_size < least:
             raise ParameterError(f"buffer_size must be at least 2 x (batch_size + sequence length) = {least}, "
