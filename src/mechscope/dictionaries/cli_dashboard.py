@@ -2,35 +2,23 @@
 (report.html with the dashboard section, plus dashboards.safetensors and dashboards.json, which
 `Dashboards.load` reads back).
 
-`register(app)` adds the command to the typer app given (the `sae` sub-app). The shared CLI helpers of
-mechscope.cli are looked up when the command runs (mechscope.cli may import this module while it loads)."""
+`register(app)` adds the command to the typer app given (the `sae` sub-app)."""
 
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from ..cli_common import _device_option, _model_option, _user_errors
+
 HELD_OUT_SEED = 1  # sampled held-out text: another seed than training's default (0)
 
 
-def _guarded(fn):
-    """mechscope.cli's `_user_errors` (one-line errors, warnings, interruptions) around `fn`."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from ..cli_common import _user_errors
-
-        return _user_errors(fn)(*args, **kwargs)
-
-    return wrapper
-
-
 def dashboard_command(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model alias, .gguf, directory or hub id."),
+    model: str = _model_option(),
     sae: Path = typer.Option(..., "--sae", help="Dictionary directory (mechscope's, SAELens' or sparsify's layout)."),
     text: Optional[Path] = typer.Option(None, "--text", help="Held-out text (.txt, .jsonl, `datasets` directory; "
                                         "default: text sampled from the model with --seed)."),
@@ -39,8 +27,7 @@ def dashboard_command(
     seed: int = typer.Option(HELD_OUT_SEED, "--seed", help="Seed of the sampled held-out text."),
     top: int = typer.Option(20, "--top", help="Top-activating contexts kept per latent."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per forward pass."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when "
-                                         "available, else cpu)."),
+    device: Optional[str] = _device_option(),
     out: Path = typer.Option(..., "--out", "-o", help="New report directory."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous report in --out."),
 ) -> None:
@@ -83,4 +70,4 @@ def dashboard_command(
 
 def register(app: typer.Typer) -> None:
     """Add `dashboard` to the typer app given (the `mechscope sae` sub-app)."""
-    app.command("dashboard")(_guarded(dashboard_command))
+    app.command("dashboard")(_user_errors(dashboard_command))

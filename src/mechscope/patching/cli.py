@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ..cli_common import _data_option, _device_option, _model_option, _task_option  # the options every verb shares
+from ..cli_common import _data_option, _device_option, _model_option, _task_option, _user_errors
 
 patch_app = typer.Typer(no_args_is_help=True, help="Patching: activation patching sweeps, path patching, direct logit attribution.")
 
@@ -46,8 +46,6 @@ def sweep_command(
 ) -> None:
     """Patch every instance of one component kind in every example and write DIR/result.safetensors
     (+ result.json), heatmap.png and report.html (and estimate.safetensors, estimate.png with --estimate)."""
-    from ..cli_common import _user_errors
-
     _user_errors(_sweep)(task, data_file, model, component, direction, reference, positions, layers, heads, n, seed,
                          estimate, batch_size, patch_batch, out, device)
 

@@ -1,32 +1,17 @@
 """`mechscope patch path` and `mechscope patch dla`: path patching and direct logit attribution from
 the command line, each writing a report directory (result file, PNG heatmap, report.html).
 
-`register(patch_app)` adds both commands to the `patch` sub-app. The shared CLI helpers of
-mechscope.cli are looked up when a command runs (mechscope.cli imports this module while it loads)."""
+`register(patch_app)` adds both commands to the `patch` sub-app."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ..cli_common import _data_option, _device_option, _model_option, _task_option  # the options every verb shares
-
+from ..cli_common import _data_option, _device_option, _model_option, _task_option, _user_errors
 from ..errors import ParameterError
-
-
-def _guarded(fn):
-    """mechscope.cli's `_user_errors` (one-line errors, warnings, interruptions) around `fn`."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from ..cli_common import _user_errors
-
-        return _user_errors(fn)(*args, **kwargs)
-
-    return wrapper
 
 
 def _common_checks(task, data_file, n: int, batch_size, out: Path, overwrite: bool) -> None:
@@ -141,5 +126,5 @@ def dla_command(
 
 def register(patch_app: typer.Typer) -> None:
     """Add `path` and `dla` to the `mechscope patch` sub-app."""
-    patch_app.command("path")(_guarded(path_command))
-    patch_app.command("dla")(_guarded(dla_command))
+    patch_app.command("path")(_user_errors(path_command))
+    patch_app.command("dla")(_user_errors(dla_command))
