@@ -123,7 +123,7 @@ def test_memory_stays_within_the_bound_and_the_model_stops_early(model, tokens, 
 
     monkeypatch.setattr(activations, "read_activations", spy)
     buffer = ActivationBuffer(model, "blocks.0.hook_resid_post", tokens, batch_size=4, buffer_size=32,
-                              model_batch_size=8, progress=False)
+                              model_batch_size=8, progress=False, plain=False)  # the plain pass: test_plain_pass
     for _ in buffer:
         held.append(buffer.max_held)
     assert max(held) <= 32 and len(depth) > 2  # refilled several times, never past the bound
