@@ -4,7 +4,7 @@ Setup, once (sparsify gets its own venv so mechscope's stays clean; the folder i
     python3 -m venv benchmarks/.venv-sparsify && benchmarks/.venv-sparsify/bin/pip install torch==2.13.0 && benchmarks/.venv-sparsify/bin/pip install eai-sparsify
 
 Run (from the repository root):
-    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/bench_sae.py [--tokens 65024] [--text FILE]
+    OMP_NUM_THREADS=2 PYTHONPATH=src .venv/bin/python benchmarks/bench_sae.py [--tokens 65024] [--lr 2e-3] [--text FILE]
         [--held-out 64] [--device cpu] [--workdir DIR] [--sparsify-python benchmarks/.venv-sparsify/bin/python]
 
 The token stream is built once (mechscope.dictionaries.training_tokens over --text; default: the Python
@@ -101,7 +101,7 @@ def main() -> int:
     ap.add_argument("--held-out", type=int, default=64, help="held-out sequences the metrics are measured on")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--lr", type=float, default=5e-4, help="mechscope's Adam learning rate (sparsify: its defaults)")
+    ap.add_argument("--lr", type=float, default=2e-3, help="mechscope's Adam learning rate (sparsify: its defaults)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None, help="where the token file and sparsify's SAE go "
                     "(default: a temporary directory, removed at the end)")

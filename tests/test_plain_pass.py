@@ -170,3 +170,18 @@ def test_plain_pass_on_cuda(tiny_model_dirs):
     for p in POINTS:
         assert fast[p].device.type == "cuda"
         assert torch.allclose(fast[p], ref[p], atol=1e-4, rtol=1e-3), p
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_packaged_models_take_the_plain_pass(name, request):
+    model = request.getfixturevalue(name)
+    tokens = training_tokens(model, DOCS, length=24)
+    points = ["blocks.5.hook_resid_post", "blocks.2.hook_resid_pre"]
+    ref = read_activations(model, tokens, points)
+    fast = read_residual(model, tokens, points)
+    for p in points:
+        assert agrees(ref[p], fast[p]), p
+    buffer = ActivationBuffer(model, points[0], tokens, batch_size=32, progress=False)
+    next(iter(buffer))
+    assert buffer.plain is True
