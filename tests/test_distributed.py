@@ -118,3 +118,20 @@ def test_two_rank_training_step_equals_one_process_on_the_whole_batch(tmp_path):
         assert any(not torch.allclose(changed[n], want[n], rtol=REL, atol=0) for n in want)
     assert "batch 0 has no tokens" in ranks[1]["failure"]
     assert ranks[0]["failure"].startswith("RankFailed: rank 1 of 2 failed: DictionaryError: batch 0 has no tokens")
+
+
+def test_torchrun_circuit_writes_once_on_rank_0(model_dir, tmp_path):
+    """`torchrun --nproc-per-node 2 -m mechscope circuit ...`: both ranks succeed, the report is written
+    once (rank 0), nothing else is left beside it, and rank 1 prints no results table."""
+    out = tmp_path / "run" / "report"
+    out.parent.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--tee", "3", "-m", "mechscope", "circuit", "--task", "ioi", "--model", str(model_dir),
+           "--examples", "8", "--method", "eap", "--out", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["report"]
+    assert {"report.html", "summary.json", "scores.safetensors", "circuit.json"} <= {p.name for p in out.iterdir()}
+    assert log.count("held-out faithfulness") == 1, log[-3000:]  # the table title, from rank 0 only

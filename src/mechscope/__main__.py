@@ -11,7 +11,14 @@ def run() -> None:
     from mechscope import distributed
     from mechscope.cli import main
 
-    distributed.setup()
+    if distributed.setup() and not distributed.is_main():
+        # Rank 0 alone shows progress and prints the results (errors still print on every rank).
+        import os
+
+        from mechscope.cli_common import console
+
+        os.environ["TQDM_DISABLE"] = "1"
+        console.quiet = True
     try:
         main()
     finally:

@@ -273,7 +273,7 @@ def circuit(
     model: str = _model_option(),
     device: Optional[str] = _device_option(),
     method: str = typer.Option("peap", help="peap (position-aware, with the EAP baseline) | eap | eap-ig"),
-    n: Optional[int] = typer.Option(None, "--n", help="Examples: generated with --task (default 120), the first N of --data."),
+    n: Optional[int] = typer.Option(None, "--n", "--examples", help="Examples (--examples under torchrun, whose parser takes --n for its own): generated with --task (default 120), the first N of --data."),
     seed: int = typer.Option(0, help="Seed of the task generator and of the discovery / evaluation split."),
     selection: str = typer.Option("greedy", help="Circuit selection: greedy (from the logits) | top_n."),
     batch_size: Optional[int] = _batch_option(),
