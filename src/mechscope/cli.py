@@ -273,7 +273,7 @@ def circuit(
     model: str = _model_option(),
     device: Optional[str] = _device_option(),
     method: str = typer.Option("peap", help="peap (position-aware, with the EAP baseline) | eap | eap-ig"),
-    n: Optional[int] = typer.Option(None, "--n", help="Examples: generated with --task (default 120), the first N of --data."),
+    n: Optional[int] = typer.Option(None, "--n", "--examples", help="Examples (--examples under torchrun, whose parser takes --n for its own): generated with --task (default 120), the first N of --data."),
     seed: int = typer.Option(0, help="Seed of the task generator and of the discovery / evaluation split."),
     selection: str = typer.Option("greedy", help="Circuit selection: greedy (from the logits) | top_n."),
     batch_size: Optional[int] = _batch_option(),
@@ -297,9 +297,17 @@ def circuit(
     check_query_edges(query_edges)
     _check_batch_size(batch_size)
     check_output_dir(out, overwrite)
+    from . import distributed
+
+    if device is None and distributed.active():  # torchrun: each rank on its own device
+        device = str(distributed.local_device())
     bridge, dataset = _task_or_data(task, data_file, model, n or 120, seed, n_data=n, device=device)
+    # Under torchrun every rank runs the discovery (attribution and evaluation shard the examples);
+    # rank 0 alone writes the report and prints, the others write nothing.
     run = discover_circuit(bridge, dataset, method, seed=seed, selection=selection, batch_size=batch_size,
                            query_edges=query_edges)
+    if not distributed.is_main():
+        return
     with err_console.status("writing the report"):
         write_report(out, bridge, run, overwrite=overwrite)
     s = run.summary

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..devices import HOST, model_device, batch_size_for
 from ..behaviour import check_compatible
 from ..errors import ParameterError, check_count, check_finite
@@ -85,27 +86,16 @@ def attribute(
         total = torch.zeros(n_spans, graph.n_upstream, graph.n_downstream, dtype=torch.float64, device=HOST)
         device = model_device(model)
         per_example = PerExample(aggregation, graph, n_spans) if aggregation in PER_EXAMPLE else None
-        bar = tqdm(total=len(dataset), desc=f"{method} attribution", unit="ex", disable=not progress)
-        for indices, batch in dataset.batches(batch_size):
-            batch = batch.to(device)
-            grad_method = "eap" if positional else method
-            out = batch_gradients_and_deltas(model, graph, batch, metric, grad_method, steps,
-                                             ablation, mean, crossing=positional, query_edges=query_edges)
-            delta, grad = out[:2]
-            span_of = batch_span_of(dataset, indices, batch.clean.shape[1], device) if positional else None
-            if per_example is not None:
-                per_example.add(delta, grad, out[2], span_of, batch.last)
-            elif aggregation == "signed_max":
-                total = signed_absmax(total, within_max(graph, delta, grad, span_of, n_spans))
-                part = crossing_max(out[2], span_of, n_spans)
-                crossing = {k: signed_absmax(crossing[k], v.cpu()) if k in crossing else v.cpu() for k, v in part.items()}
-            else:
-                total += contract(graph, delta, grad, span_of, n_spans).double().cpu()
-                if positional:
-                    part = aggregate_crossing(out[2], span_of, n_spans)
-                    crossing = {k: crossing.get(k, 0) + v.cpu() for k, v in part.items()}
-            bar.update(len(batch.last))
+        # Data-parallel runs (distributed.py): each rank sums its shard, the sums are all-reduced below.
+        bar = tqdm(total=distributed.shard_size(len(dataset)), desc=f"{method} attribution", unit="ex",
+                   disable=not distributed.progress_enabled(progress))
+        with distributed.together():
+            total, crossing = _attribute_shard(
+                model, graph, dataset, method, steps, ablation, mean, metric, query_edges, aggregation,
+                per_example, total, positional, n_spans, batch_size, device, bar)
         bar.close()
+        if distributed.active():
+            total, crossing = _reduce_shards(total, crossing, per_example, aggregation)
         scale = 1.0 if aggregation == "signed_max" else 1.0 / len(dataset)
         values = total[:, graph.edge_up, graph.edge_down] * scale
         if per_example is not None:
@@ -144,6 +134,51 @@ def attribute(
         crossing=crossing,
         concrete=concrete,
     )
+
+
+def _attribute_shard(model, graph, dataset, method, steps, ablation, mean, metric, query_edges, aggregation,
+                     per_example, total, positional, n_spans, batch_size, device, bar):
+    """Sum the token-level scores of `dataset` (this rank's shard of it) into `total` (and crossing-edge
+    scores, or `per_example`'s sums); returns (total, crossing)."""
+    crossing = {}
+    for indices, batch in distributed.batches(dataset, batch_size):
+        batch = batch.to(device)
+        grad_method = "eap" if positional else method
+        out = batch_gradients_and_deltas(model, graph, batch, metric, grad_method, steps,
+                                         ablation, mean, crossing=positional, query_edges=query_edges)
+        delta, grad = out[:2]
+        span_of = batch_span_of(dataset, indices, batch.clean.shape[1], device) if positional else None
+        if per_example is not None:
+            per_example.add(delta, grad, out[2], span_of, batch.last)
+        elif aggregation == "signed_max":
+            total = signed_absmax(total, within_max(graph, delta, grad, span_of, n_spans))
+            part = crossing_max(out[2], span_of, n_spans)
+            crossing = {k: signed_absmax(crossing[k], v.cpu()) if k in crossing else v.cpu() for k, v in part.items()}
+        else:
+            total += contract(graph, delta, grad, span_of, n_spans).double().cpu()
+            if positional:
+                part = aggregate_crossing(out[2], span_of, n_spans)
+                crossing = {k: crossing.get(k, 0) + v.cpu() for k, v in part.items()}
+        bar.update(len(batch.last))
+    return total, crossing
+
+
+def _reduce_shards(total, crossing, per_example, aggregation):
+    """Add up (signed_max: take the largest magnitude of) the ranks' partial sums."""
+    if per_example is not None:
+        per_example.within = distributed.all_reduce_sum(per_example.within)
+        per_example.crossing = {k: distributed.all_reduce_sum(v) for k, v in sorted(per_example.crossing.items())}
+        for name in ("n_tokens", "n_last", "n_pairs"):
+            setattr(per_example, name, distributed.all_reduce_sum(getattr(per_example, name)))
+        return total, crossing
+    if aggregation == "signed_max":
+        parts = distributed.gather_objects((total, crossing))
+        total, crossing = parts[0]
+        for t, c in parts[1:]:
+            total = signed_absmax(total, t)
+            crossing = {k: signed_absmax(crossing[k], c[k]) for k in crossing}
+        return total, crossing
+    return distributed.all_reduce_sum(total), {k: distributed.all_reduce_sum(v) for k, v in sorted(crossing.items())}
 
 
 def check_method(method: str, steps: int = 5, ablation: str = "counterfactual", query_edges: str = "per_key") -> None:

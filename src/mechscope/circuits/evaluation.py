@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..devices import model_device, batch_size_for
 from ..attribution.attention import attention_scale, check_supported, score_soft_cap
 from ..attribution.peap import batch_span_of
@@ -182,69 +183,75 @@ class _Evaluator:
         full = [is_full(c) for c in circuits]
         metric = self.metric
         gaps = []  # per-example M(model) - M(empty)
-        bar = tqdm(total=len(ds) * (len(circuits) + 1), desc="evaluating circuits", unit="run", disable=not progress)
-        for indices, batch in ds.batches(self.batch_size):
-            batch = batch.to(device)
-            # q, k, v are only needed to ablate crossing edges (span circuits).
-            # One clean pass gives the upstream outputs, q/k/v and the logits at the last positions only
-            # (with a large vocabulary, Gemma's 262k, unembedding every position dominates a pass).
-            clean_up, clean_attn, clean = clean_pass(model, graph, batch, attention=positional)
-            cf_logits = None
-            if self.ablation == "counterfactual" and self.shortcuts:
-                reference, cf_attn, cf_logits = counterfactual_pass(model, graph, batch, attention=positional)
-            elif self.ablation == "counterfactual" and positional:
-                reference, cf_attn = upstream_and_attention(model, graph, batch.counterfactual, batch.attention_mask)
-            else:
-                reference, cf_attn = reference_outputs(model, graph, batch, self.ablation, clean_up, mean), None
-            attn_ref = attention_references(model, graph, batch, self.ablation, clean_attn, mean, cf_attn) \
-                if positional else None
-            span_of = batch_span_of(ds, indices, batch.clean.shape[1], device) if positional else None
-            top = clean.argmax(-1)
-            layouts: dict = {}  # per span mapping: tokens' spans, the reference sorted by span (shared)
-
-            def score(ablation: Ablation | None, into: _Totals, run_name: str, logits=None):
-                if logits is None:
-                    with graph_hooks(model, graph, ablation=ablation, attention_mask=batch.attention_mask,
-                                     stop_at_final=True) as run:
-                        logits = run_to_final_logits(model, run, batch.clean, batch.attention_mask, batch.last)
-                values = compute_metric(metric, logits, batch, clean_logits=clean).double()
-                check_metric_values(values, metric, run_name, ds, indices)
-                into.metric += float(values.sum())
-                into.agree += float((logits.argmax(-1) == top).sum())
-                into.correct += float(accuracy(logits, batch).sum())
-                return values, logits
-
-            m_model = compute_metric(metric, clean, batch, clean_logits=clean).double()
-            check_metric_values(m_model, metric, "the clean run", ds, indices)
-            model_t.metric += float(m_model.sum())
-            model_t.agree += len(top)
-            model_t.correct += float(accuracy(clean, batch).sum())
-            empty = None if cf_logits is not None else \
-                Ablation(torch.zeros(graph.n_upstream, graph.n_downstream, device=device), reference, sparse=self.shortcuts)
-            m_empty, empty_logits = score(empty, empty_t, "the all-ablated run", cf_logits)
-            gaps.append((m_model - m_empty).cpu())
-            bar.update(len(top))
-            for k, (c, keep, mapping, into) in enumerate(zip(circuits, keeps, maps, totals)):
-                run_name = f"the run of circuit {k} ({c.n_edges} edges)"
-                if self.shortcuts and full[k]:
-                    score(None, into, run_name, clean)
-                elif self.shortcuts and c.n_edges == 0:  # keeps nothing: the all-ablated run
-                    score(None, into, run_name, empty_logits)
-                elif keep is not None:
-                    score(Ablation(keep, reference, sparse=self.shortcuts), into, run_name)
+        # Data-parallel runs (distributed.py): each rank evaluates its shard; the sums are all-reduced.
+        bar = tqdm(total=distributed.shard_size(len(ds)) * (len(circuits) + 1), desc="evaluating circuits", unit="run",
+                   disable=not distributed.progress_enabled(progress))
+        with distributed.together():
+            for indices, batch in distributed.batches(ds, self.batch_size):
+                batch = batch.to(device)
+                # q, k, v are only needed to ablate crossing edges (span circuits).
+                # One clean pass gives the upstream outputs, q/k/v and the logits at the last positions only
+                # (with a large vocabulary, Gemma's 262k, unembedding every position dominates a pass).
+                clean_up, clean_attn, clean = clean_pass(model, graph, batch, attention=positional)
+                cf_logits = None
+                if self.ablation == "counterfactual" and self.shortcuts:
+                    reference, cf_attn, cf_logits = counterfactual_pass(model, graph, batch, attention=positional)
+                elif self.ablation == "counterfactual" and positional:
+                    reference, cf_attn = upstream_and_attention(model, graph, batch.counterfactual, batch.attention_mask)
                 else:
-                    shared = layouts.setdefault(id(mapping), {"span_of": mapping[span_of]})
-                    within, (keep_k, keep_v, keep_q) = c.projection(shared["span_of"])
-                    attention = AttentionAblation(
-                        keep_k, keep_v, keep_q, attn_ref, attention_scale(model), score_soft_cap(model)
-                    ) if keep_k else None
-                    score(Ablation(within, reference, shared["span_of"], attention, sparse=self.shortcuts,
-                                  layout=shared), into, run_name)
+                    reference, cf_attn = reference_outputs(model, graph, batch, self.ablation, clean_up, mean), None
+                attn_ref = attention_references(model, graph, batch, self.ablation, clean_attn, mean, cf_attn) \
+                    if positional else None
+                span_of = batch_span_of(ds, indices, batch.clean.shape[1], device) if positional else None
+                top = clean.argmax(-1)
+                layouts: dict = {}  # per span mapping: tokens' spans, the reference sorted by span (shared)
+
+                def score(ablation: Ablation | None, into: _Totals, run_name: str, logits=None):
+                    if logits is None:
+                        with graph_hooks(model, graph, ablation=ablation, attention_mask=batch.attention_mask,
+                                         stop_at_final=True) as run:
+                            logits = run_to_final_logits(model, run, batch.clean, batch.attention_mask, batch.last)
+                    values = compute_metric(metric, logits, batch, clean_logits=clean).double()
+                    check_metric_values(values, metric, run_name, ds, indices)
+                    into.metric += float(values.sum())
+                    into.agree += float((logits.argmax(-1) == top).sum())
+                    into.correct += float(accuracy(logits, batch).sum())
+                    return values, logits
+
+                m_model = compute_metric(metric, clean, batch, clean_logits=clean).double()
+                check_metric_values(m_model, metric, "the clean run", ds, indices)
+                model_t.metric += float(m_model.sum())
+                model_t.agree += len(top)
+                model_t.correct += float(accuracy(clean, batch).sum())
+                empty = None if cf_logits is not None else \
+                    Ablation(torch.zeros(graph.n_upstream, graph.n_downstream, device=device), reference, sparse=self.shortcuts)
+                m_empty, empty_logits = score(empty, empty_t, "the all-ablated run", cf_logits)
+                gaps.append((m_model - m_empty).cpu())
                 bar.update(len(top))
+                for k, (c, keep, mapping, into) in enumerate(zip(circuits, keeps, maps, totals)):
+                    run_name = f"the run of circuit {k} ({c.n_edges} edges)"
+                    if self.shortcuts and full[k]:
+                        score(None, into, run_name, clean)
+                    elif self.shortcuts and c.n_edges == 0:  # keeps nothing: the all-ablated run
+                        score(None, into, run_name, empty_logits)
+                    elif keep is not None:
+                        score(Ablation(keep, reference, sparse=self.shortcuts), into, run_name)
+                    else:
+                        shared = layouts.setdefault(id(mapping), {"span_of": mapping[span_of]})
+                        within, (keep_k, keep_v, keep_q) = c.projection(shared["span_of"])
+                        attention = AttentionAblation(
+                            keep_k, keep_v, keep_q, attn_ref, attention_scale(model), score_soft_cap(model)
+                        ) if keep_k else None
+                        score(Ablation(within, reference, shared["span_of"], attention, sparse=self.shortcuts,
+                                      layout=shared), into, run_name)
+                    bar.update(len(top))
         bar.close()
+        gap = torch.cat(gaps)
+        if distributed.active():
+            _reduce_totals([model_t, empty_t, *totals])
+            gap = distributed.all_gather_cat(gap)
         n = len(ds)
         m_model, m_empty = model_t.metric / n, empty_t.metric / n
-        gap = torch.cat(gaps)
         gap_se = float(gap.std() / math.sqrt(n)) if n > 1 else float("nan")
         out = []
         for c, t in zip(circuits, totals):
@@ -270,6 +277,13 @@ class _Evaluator:
                 )
             )
         return out
+
+
+def _reduce_totals(totals: list[_Totals]) -> None:
+    """Replace each rank's sums by their sums over all ranks (one all-reduce)."""
+    flat = distributed.sum_numbers(*(x for t in totals for x in (t.metric, t.agree, t.correct)))
+    for k, t in enumerate(totals):
+        t.metric, t.agree, t.correct = flat[3 * k: 3 * k + 3]
 
 
 def _ratio(a: float, b: float) -> float:

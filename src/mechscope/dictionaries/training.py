@@ -35,6 +35,7 @@ from typing import Iterable
 
 import torch
 
+from .. import distributed
 from ..errors import MechscopeWarning, check_count
 from ..fileio import atomic_dir
 from .architectures import loss as architecture_loss
@@ -170,31 +171,48 @@ def train(sae: Dictionary, batches: Iterable, steps: int, lr: float = 2e-4, *,
                 raise DictionaryError(f"{ckpt}: the stream ended before the {result.steps} batches the "
                                       "checkpoint had consumed")
     feat = 2 if c.architecture == "crosscoder" else 1
+    # Data-parallel training (distributed.py): each rank's `batches` gives its own shard of every batch;
+    # the gradients are all-reduced, weighted by token counts, so each step equals one process's step on
+    # the concatenated batch. BatchTopK picks its latents over the whole batch: not separable by rank.
+    parallel = distributed.active() and distributed.world_size() > 1
+    if parallel and c.sparsity == "batchtopk":
+        raise DictionaryError("batchtopk selects latents over the whole batch, which data-parallel training "
+                              "splits across ranks; use topk (or one process) for batchtopk")
     running: dict[str, float] = {}
     sae.train()
     bar = tqdm(total=steps, initial=result.steps, desc=f"train {c.architecture}", unit="step",
-               disable=not progress)
+               disable=not distributed.progress_enabled(progress))
     seen_any = result.steps > 0
     try:
         while result.steps < steps:
-            batch = next(iterator, None)
-            if batch is None:
+            with distributed.together():  # a bad batch on one rank stops every rank
+                batch = next(iterator, None)
+                if batch is not None:
+                    x, y = split_batch(batch, sae)
+                    if x.shape[0] == 0:
+                        raise DictionaryError(f"batch {result.steps} has no tokens")
+            n_local = 0 if batch is None else x.shape[0]
+            n_tokens, ended = n_local, batch is None
+            if parallel:  # tokens in the whole batch; the stream ends for all when it ends for one
+                n_all, n_ended = distributed.sum_numbers(n_local, batch is None)
+                n_tokens, ended = int(n_all), n_ended > 0
+            if ended:
                 if not seen_any:
                     raise DictionaryError("the activation stream is empty: no batch to train on")
                 warnings.warn(f"the activation stream ended after {result.steps} of {steps} steps; "
                               "training stopped there", MechscopeWarning, stacklevel=2)
                 break
             seen_any = True
-            x, y = split_batch(batch, sae)
-            if x.shape[0] == 0:
-                raise DictionaryError(f"batch {result.steps} has no tokens")
             if result.steps == 0 and init_b_dec and not c.is_transcoder:
                 with torch.no_grad():
-                    sae.b_dec.copy_(x.mean(0))
+                    sae.b_dec.copy_(distributed.all_reduce_sum(x.sum(0)) / n_tokens if parallel else x.mean(0))
             dead = result.tokens_since_fired >= dead_after
-            parts = architecture_loss(sae, x, y, dead)
-            optimizer.zero_grad(set_to_none=True)
-            parts.loss.backward()
+            with distributed.together():
+                parts = architecture_loss(sae, x, y, dead)
+                optimizer.zero_grad(set_to_none=True)
+                parts.loss.backward()
+            if parallel:
+                average_gradients(sae, n_local, n_tokens)
             if unit:
                 remove_parallel_gradient(sae)
             if max_grad_norm:
@@ -207,10 +225,12 @@ def train(sae: Dictionary, batches: Iterable, steps: int, lr: float = 2e-4, *,
                 if c.sparsity == "jumprelu":
                     sae.threshold.clamp_(min=1e-6)
                 fired = (parts.latents != 0).reshape(-1, c.d_sae).any(0)
-                result.tokens_since_fired += x.shape[0]
+                if parallel:
+                    fired = distributed.all_reduce_max(fired.to(torch.int32)).bool()
+                result.tokens_since_fired += n_tokens
                 result.tokens_since_fired[fired] = 0
             result.steps += 1
-            result.tokens += x.shape[0]
+            result.tokens += n_tokens
             if result.steps % log_every == 0 or result.steps == steps:
                 row = _log_row(parts, x if y is None else y, feat, result, dead_after, optimizer)
                 result.history.append(row)
@@ -218,14 +238,30 @@ def train(sae: Dictionary, batches: Iterable, steps: int, lr: float = 2e-4, *,
                     running[key] = row[key] if key not in running else 0.9 * running[key] + 0.1 * row[key]
                 bar.set_postfix(l0=f"{running['l0']:.1f}", fvu=f"{running['fvu']:.3f}", dead=row["dead"])
             bar.update(1)
-            if ckpt is not None and (result.steps % checkpoint_every == 0 or result.steps == steps):
+            if ckpt is not None and (result.steps % checkpoint_every == 0 or result.steps == steps) \
+                    and distributed.is_main():
                 save_checkpoint(ckpt, sae, optimizer, scheduler, result, extra)
     finally:
         bar.close()
-    if ckpt is not None and result.steps % checkpoint_every and result.steps < steps:  # ended early
+    if ckpt is not None and result.steps % checkpoint_every and result.steps < steps and distributed.is_main():
         save_checkpoint(ckpt, sae, optimizer, scheduler, result, extra)
     sae.eval()
     return result
+
+
+@torch.no_grad()
+def average_gradients(sae: Dictionary, n_local: int, n_total: int) -> None:
+    """All-reduce the gradients of a data-parallel step: each rank's loss is a mean over its n_local
+    tokens, so the whole batch's gradient is sum over ranks of (n_local / n_total) * gradient."""
+    params = [p for p in sae.parameters() if p.grad is not None]
+    if not params:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params]) * (n_local / n_total)
+    flat = distributed.all_reduce_sum(flat)
+    start = 0
+    for p in params:
+        p.grad.copy_(flat[start:start + p.numel()].view_as(p.grad))
+        start += p.numel()
 
 
 @torch.no_grad()

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..attribution.runner import StopForward, unembed
 from ..behaviour import check_compatible
 from ..data.dataset import Batch, PromptPairDataset
@@ -492,10 +493,12 @@ def patch_sweep(model, dataset: PromptPairDataset, component: str = "z_pos", dir
     mean = mean_activations(model, spec, reference_data or dataset, batch_size) if reference == "mean" else None
     axes, labels = axes_of(model, dataset, spec)
     raw_parts, clean_parts, cf_parts = [], [], []
-    bar = tqdm(total=len(dataset) * len(spec.layers), desc=f"patching {component}", unit="ex-layer",
-               disable=not progress)
-    with torch.no_grad():
-        for idx, batch in dataset.batches(batch_size):
+    # Data-parallel runs (distributed.py): each rank patches its shard of the examples; the per-example
+    # results are gathered in dataset order.
+    bar = tqdm(total=distributed.shard_size(len(dataset)) * len(spec.layers), desc=f"patching {component}",
+               unit="ex-layer", disable=not distributed.progress_enabled(progress))
+    with torch.no_grad(), distributed.together():
+        for idx, batch in distributed.batches(dataset, batch_size):
             batch = batch.to(device)
             base = _prepare(model, spec, dataset, idx, batch, metric)
             src = sources(model, spec, dataset, idx, batch, base.clean_acts, base.groups, mean, partners,
@@ -518,6 +521,9 @@ def patch_sweep(model, dataset: PromptPairDataset, component: str = "z_pos", dir
             clean_parts.append(base.m_clean.cpu())
             cf_parts.append(base.m_cf.cpu())
     bar.close()
+    if distributed.active():
+        raw_parts, clean_parts, cf_parts = ([distributed.all_gather_cat(torch.cat(parts))]
+                                            for parts in (raw_parts, clean_parts, cf_parts))
     return _result(spec, raw_parts, clean_parts, cf_parts, axes, labels, model, dataset, metric, seed)
 
 
