@@ -223,3 +223,25 @@ def test_device_map_on_gpu(tmp_path, capitals_model, capitals_dir):
     b = attribute(mapped, data, "peap", batch_size=8, progress=False)
     assert b.values.device.type == "cpu"
     assert torch.allclose(b.values, a.values, rtol=1e-3, atol=1e-5)
+
+
+def test_training_text_jsonl_is_read_only_as_far_as_needed(tmp_path, capitals_model):
+    """Activation buffers' text (`training_tokens` -> lens.text.load_text): a .jsonl is read line by line
+    as it is tokenized; with a count, a broken line far into the file is never reached."""
+    from mechscope.dictionaries.activations import training_tokens
+    from mechscope.lens.text import TextError, read_text
+
+    docs = [f"The capital of {c} is {k}." for c, k in CAPITALS.items()] * 50
+    lines = [json.dumps({"text": d}) for d in docs] + ['{"text": broken']
+    path = tmp_path / "text.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    tokens = training_tokens(capitals_model, str(path), length=16, count=4, progress=False)
+    assert tokens.shape == (4, 16)
+    assert torch.equal(tokens, mechscope.lens.text.tokenize_text(docs, capitals_model.tokenizer, 16, 4))
+    with pytest.raises(TextError, match=rf"line {len(docs) + 1}: not valid JSON"):
+        training_tokens(capitals_model, str(path), length=16, progress=False)
+    with pytest.raises(TextError, match=rf"line {len(docs) + 1}"):
+        read_text(path)
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(TextError, match="holds no text"):
+        training_tokens(capitals_model, str(tmp_path / "blank.jsonl"), length=16, progress=False)
