@@ -16,11 +16,17 @@ from .cli_common import (_batch_option, _check_batch_size, _data_option, _device
                          _model_option, _stream_option, _task_option, _task_or_data, _user_errors, console)
 
 
-def _check_placement(device, device_map) -> None:
+def _load(task, data_file, model, n, seed, device, device_map, stream, batch_size, out):
+    """Check the options every verb here shares (before any model work), then (model, dataset)."""
     from .errors import ParameterError
+    from .fileio import check_writable_file
 
     if device is not None and device_map is not None:
         raise ParameterError("give either --device or --device-map, not both")
+    _check_batch_size(batch_size)
+    check_writable_file(out)
+    return _task_or_data(task, data_file, model, n or 64, seed, n_data=n, device=device, device_map=device_map,
+                         stream=stream)
 
 
 @_user_errors
@@ -42,15 +48,9 @@ def attribute_command(
     """Score every edge of the model's graph on a dataset and save the scores (safetensors)."""
     from .attribution import attribute, check_method
     from .attribution.aggregation import check_aggregation
-    from .fileio import check_writable_file
-
-    _check_placement(device, device_map)
     check_method(method, steps)
     check_aggregation(aggregation, method)
-    _check_batch_size(batch_size)
-    check_writable_file(out)
-    bridge, dataset = _task_or_data(task, data_file, model, n or 64, seed, n_data=n, device=device,
-                                    device_map=device_map, stream=stream)
+    bridge, dataset = _load(task, data_file, model, n, seed, device, device_map, stream, batch_size, out)
     scores = attribute(bridge, dataset, method, steps=steps, batch_size=batch_size, aggregation=aggregation)
     scores.save(out)
     console.print(f"{method} scores of {scores.graph.n_edges:,} edges on {scores.n_examples} examples"
@@ -76,15 +76,11 @@ def evaluate_command(
     from .attribution.references import check_ablation
     from .circuits.evaluation import evaluate
     from .circuits.span_circuit import load_any_circuit
-    from .fileio import check_writable_file, write_json
+    from .fileio import write_json
 
-    _check_placement(device, device_map)
     check_ablation(ablation)
-    _check_batch_size(batch_size)
-    check_writable_file(out)
     circuit = load_any_circuit(circuit_file)
-    bridge, dataset = _task_or_data(task, data_file, model, n or 64, seed, n_data=n, device=device,
-                                    device_map=device_map, stream=stream)
+    bridge, dataset = _load(task, data_file, model, n, seed, device, device_map, stream, batch_size, out)
     result = evaluate(bridge, circuit, dataset, ablation=ablation, batch_size=batch_size)
     write_json(out, {"circuit": str(circuit_file), "task": dataset.task, "model": dataset.model or model,
                      "ablation": ablation, "streamed": _streamed(dataset), **result.to_dict()})
