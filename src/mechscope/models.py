@@ -357,16 +357,16 @@ def load_model(
                 str(location), hf_model=hf_model, tokenizer=tokenizer,
                 **({"device": str(device)} if device_map is None else {}), dtype=dtype
             )
-        except ValueError as exc:
+            # center_unembed=False keeps the logits equal to the model's own (not shifted by a
+            # per-position constant), so metrics read from raw logits match transformers exactly.
+            # fold_value_biases=False leaves value biases in the heads: they add the same vector to a
+            # head's output on every prompt, so no patching difference or attribution score changes,
+            # and skipping the fold saves a copy of every attention weight at each load.
+            bridge.enable_compatibility_mode(disable_warnings=True, center_unembed=False, fold_value_biases=False)
+        except ValueError as exc:  # the bridge refuses some placements (CPU / disk offload next to GPUs)
             if device_map is None:
                 raise
             raise ModelLoadError(f"model '{spec}' cannot run with device_map {device_map!r}: {exc}") from None
-        # center_unembed=False keeps the logits equal to the model's own (not shifted by a
-        # per-position constant), so metrics read from raw logits match transformers exactly.
-        # fold_value_biases=False leaves value biases in the heads: they add the same vector to a
-        # head's output on every prompt, so no patching difference or attribution score changes,
-        # and skipping the fold saves a copy of every attention weight at each load.
-        bridge.enable_compatibility_mode(disable_warnings=True, center_unembed=False, fold_value_biases=False)
     bridge.eval()
     bridge.mechscope_device_map = {k: str(v) for k, v in placement.items()}
     if device_map is None and model_device(bridge) != device:
