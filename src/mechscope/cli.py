@@ -513,6 +513,11 @@ def figure(
     console.print(f"wrote {out}: {circuit.n_edges:,} span edges")
 
 
+from .cli_stream import attribute_command, evaluate_command  # noqa: E402
+
+app.command("attribute")(attribute_command)
+app.command("evaluate")(evaluate_command)
+
 benchmark_app = typer.Typer(no_args_is_help=True, help="Benchmarks of the circuit finders.")
 app.add_typer(benchmark_app, name="benchmark")
 

@@ -37,6 +37,16 @@ def _model_option(help: str = "Model alias, .gguf, directory or hub id."):
     return typer.Option("smollm2-135m", "--model", "-m", help=help)
 
 
+def _device_map_option():
+    return typer.Option(None, "--device-map", help="Spread the model's layers over the available devices "
+                        "through accelerate: auto | balanced | sequential (instead of --device).")
+
+
+def _stream_option():
+    return typer.Option(None, "--stream/--no-stream", help="Read --data from disk batch by batch instead of into "
+                        "memory (default: streamed above 256 MiB).")
+
+
 def _batch_option():
     return typer.Option(None, "--batch-size", help="Examples per forward pass (default: 64 on a GPU, 16 on the CPU).")
 
@@ -112,11 +122,22 @@ def _user_errors(fn):
 
 
 def _task_or_data(task, data_file, model: str, n_task: int, seed: int, n_data: int | None = None,
-                  device: str | None = None):
+                  device: str | None = None, device_map: str | None = None, stream: bool | None = False):
     """(loaded model, dataset) from --task (`n_task` generated pairs) or --data (its first `n_data`
     examples, or all): a tokenized dataset JSONL or a text JSONL (told apart by the dataset header, and
     tokenized with the model's tokenizer). A wrong choice, unknown task or unreadable or malformed file
-    fails before the model loads."""
+    fails before the model loads. `stream` (True, or None and the file is larger than
+    `streaming.STREAM_ABOVE`): --data becomes a `StreamingDataset`, read batch by batch, whose rows are
+    checked as the command's first pass reaches them."""
+    if data_file is not None and task is None and _streams(data_file, stream):
+        from .data.streaming import stream_jsonl
+        from .models import load_model
+
+        with err_console.status(f"loading {model}"):
+            bridge = load_model(model, device=device, device_map=device_map)
+        dataset = stream_jsonl(data_file, bridge.tokenizer, n_ctx=bridge.cfg.n_ctx, limit=n_data)
+        dataset.model = dataset.model or model
+        return bridge, dataset
     from .data.dataset import DatasetError, PromptPairDataset
     from .data.text_jsonl import is_dataset_jsonl, read_text_jsonl, text_dataset
     from .models import load_model
@@ -137,7 +158,7 @@ def _task_or_data(task, data_file, model: str, n_task: int, seed: int, n_data: i
         if n_data is not None and n_data > size:
             raise DatasetError(f"--n {n_data} is larger than the {size} examples in {data_file}")
     with err_console.status(f"loading {model}"):
-        bridge = load_model(model, device=device)
+        bridge = load_model(model, device=device, device_map=device_map)
     if rows is not None:
         dataset = text_dataset(rows[:n_data], bridge.tokenizer, data_file, n_ctx=bridge.cfg.n_ctx)
         dataset.model = model
@@ -148,3 +169,16 @@ def _task_or_data(task, data_file, model: str, n_task: int, seed: int, n_data: i
         dataset = make_task(task, bridge.tokenizer, n_task, seed=seed)
         dataset.model = model
     return bridge, dataset
+
+
+def _streams(data_file, stream: bool | None) -> bool:
+    """Whether --data is streamed: --stream / --no-stream, else whether the file is larger than
+    `streaming.STREAM_ABOVE` bytes."""
+    if stream is not None:
+        return bool(stream)
+    from .data.streaming import STREAM_ABOVE
+
+    try:
+        return data_file.stat().st_size > STREAM_ABOVE
+    except OSError:
+        return False  # the loader names the problem

@@ -45,10 +45,13 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def model_device(model) -> torch.device:
-    """The device the model's weights are on (its configuration may say otherwise after a move)."""
+    """The device the model's weights are on (its configuration may say otherwise after a move); for
+    a model spread over devices by a device_map, the input embedding's (where inputs go)."""
+    cfg = getattr(model, "cfg", None)
+    if (getattr(cfg, "n_devices", 1) or 1) > 1 and getattr(cfg, "device", None):
+        return torch.device(cfg.device)  # the bridge records the embedding's device under a device_map
     for p in model.parameters():
         return p.device
-    cfg = getattr(model, "cfg", None)
     return torch.device(getattr(cfg, "device", None) or "cpu")
 
 

@@ -281,14 +281,20 @@ def resolve_spec(spec: str) -> tuple[str, Path | str]:
     )
 
 
-def load_hf(location: Path | str, dtype: torch.dtype = torch.float32):
-    """Load the plain transformers model and tokenizer (eager attention) from a directory or hub id."""
+# The placements accelerate plans by name (a dict of module name -> device is taken too).
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def load_hf(location: Path | str, dtype: torch.dtype = torch.float32, device_map=None):
+    """Load the plain transformers model and tokenizer (eager attention) from a directory or hub id;
+    with `device_map` ("auto", "balanced", a dict, ...) accelerate places its layers across devices."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    placement = {} if device_map is None else {"device_map": device_map}
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(location))
         model = AutoModelForCausalLM.from_pretrained(
-            str(location), dtype=dtype, attn_implementation="eager"
+            str(location), dtype=dtype, attn_implementation="eager", **placement
         )
     except OSError as exc:
         raise ModelLoadError(f"cannot load model '{location}': {exc}") from exc
@@ -311,36 +317,59 @@ def load_model(
     spec: str = DEFAULT_MODEL,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
+    device_map: str | dict | None = None,
 ):
     """Load `spec` as a `TransformerBridge` in TransformerLens compatibility mode, with every weight
     on `device` (default: CUDA when available, else the CPU).
+
+    `device_map` ("auto", "balanced", "sequential" or a dict of module name -> device; instead of
+    `device`) spreads the layers over the available devices through accelerate, for a model larger
+    than one device. With one device (or none but the CPU) every layer lands on it and the model is
+    the one `device` gives. Activations follow the layers: inputs go to the first layer's device
+    (`devices.model_device`) and results come back to the host.
 
     >>> model = load_model("smollm2-135m")
     >>> model.to_str_tokens("When Mary and John went to the store")
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    device = resolve_device(device)
+    if device_map is not None and device is not None:
+        raise ModelLoadError("give either device or device_map, not both (device_map places every layer itself)")
+    if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+        raise ModelLoadError(f"unknown device_map '{device_map}'; choose one of {', '.join(DEVICE_MAPS)} or "
+                             "pass a dict of module name -> device")
+    device = resolve_device(device) if device_map is None else None
     kind, location = resolve_spec(spec)
-    hf_model, tokenizer = load_hf(location, dtype=dtype)
+    hf_model, tokenizer = load_hf(location, dtype=dtype, device_map=device_map)
     # Counted before compatibility mode, which unties the unembedding when it centres it.
     n_params = count_parameters(hf_model)
-    # The bridge does not move a model it is handed, so the weights go to the device first; the
-    # compatibility-mode folding below then happens there too.
-    hf_model.to(device)
+    placement = getattr(hf_model, "hf_device_map", None) or {}
+    if device_map is not None:
+        device = model_device(hf_model)  # the embedding's: where inputs go
+    else:
+        # The bridge does not move a model it is handed, so the weights go to the device first; the
+        # compatibility-mode folding below then happens there too.
+        hf_model.to(device)
     with warnings.catch_warnings(), _quiet_loggers():
         warnings.simplefilter("ignore")
-        bridge = TransformerBridge.boot_transformers(
-            str(location), hf_model=hf_model, tokenizer=tokenizer, device=str(device), dtype=dtype
-        )
-        # center_unembed=False keeps the logits equal to the model's own (not shifted by a
-        # per-position constant), so metrics read from raw logits match transformers exactly.
-        # fold_value_biases=False leaves value biases in the heads: they add the same vector to a
-        # head's output on every prompt, so no patching difference or attribution score changes,
-        # and skipping the fold saves a copy of every attention weight at each load.
-        bridge.enable_compatibility_mode(disable_warnings=True, center_unembed=False, fold_value_biases=False)
+        try:
+            bridge = TransformerBridge.boot_transformers(
+                str(location), hf_model=hf_model, tokenizer=tokenizer,
+                **({"device": str(device)} if device_map is None else {}), dtype=dtype
+            )
+            # center_unembed=False keeps the logits equal to the model's own (not shifted by a
+            # per-position constant), so metrics read from raw logits match transformers exactly.
+            # fold_value_biases=False leaves value biases in the heads: they add the same vector to a
+            # head's output on every prompt, so no patching difference or attribution score changes,
+            # and skipping the fold saves a copy of every attention weight at each load.
+            bridge.enable_compatibility_mode(disable_warnings=True, center_unembed=False, fold_value_biases=False)
+        except ValueError as exc:  # the bridge refuses some placements (CPU / disk offload next to GPUs)
+            if device_map is None:
+                raise
+            raise ModelLoadError(f"model '{spec}' cannot run with device_map {device_map!r}: {exc}") from None
     bridge.eval()
-    if model_device(bridge) != device:
+    bridge.mechscope_device_map = {k: str(v) for k, v in placement.items()}
+    if device_map is None and model_device(bridge) != device:
         raise ModelLoadError(f"model '{spec}' ended up on {model_device(bridge)}, not on {device}")
     bridge.mechscope_name = spec if kind in ("registry", "hub") else str(Path(spec).resolve())
     bridge.mechscope_n_params = n_params

@@ -620,6 +620,7 @@ def run_to_final_logits(model, run: GraphRun, tokens: torch.Tensor, attention_ma
 
 def last_token_logits(model, run: GraphRun, last: torch.Tensor) -> torch.Tensor:
     """Logits [b, vocab] at each example's last token, from the final residual a pass recorded."""
+    last = last.to(run.final_residual.device)  # under a device_map the last layer may sit elsewhere
     resid = run.final_residual[torch.arange(len(last), device=last.device), last]  # [b, d]
     return unembed(model, resid)
 

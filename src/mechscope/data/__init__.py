@@ -11,6 +11,7 @@ from .dataset import (
 )
 from .peap_csv import CsvReport, load_peap_csv
 from .spans import make_pair, schema_for, single_token, tokenize_segments
+from .streaming import StreamingDataset, load_jsonl, stream_jsonl
 from .text_jsonl import is_dataset_jsonl, load_text_jsonl, read_text_jsonl
 
 __all__ = [
@@ -21,13 +22,16 @@ __all__ = [
     "PromptPair",
     "PromptPairDataset",
     "Schema",
+    "StreamingDataset",
     "is_dataset_jsonl",
     "load_text_jsonl",
     "read_text_jsonl",
+    "load_jsonl",
     "load_peap_csv",
     "make_pair",
     "schema_for",
     "single_token",
+    "stream_jsonl",
     "tokenize_segments",
     "tokenizer_fingerprint",
 ]

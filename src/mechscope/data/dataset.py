@@ -203,6 +203,18 @@ def _pad(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
+def make_batch(examples: Sequence[PromptPair], pad_token_id: int) -> Batch:
+    """The padded `Batch` of `examples` (right padding with `pad_token_id`)."""
+    if not examples:
+        raise DatasetError("cannot make a batch of zero examples")
+    clean, attn = _pad([e.clean for e in examples], pad_token_id)
+    cf, _ = _pad([e.counterfactual for e in examples], pad_token_id)
+    correct, cmask = _pad([e.correct for e in examples], 0)
+    wrong, wmask = _pad([e.wrong for e in examples], 0)
+    last = torch.tensor([len(e.clean) - 1 for e in examples], dtype=torch.long, device=HOST)
+    return Batch(clean, cf, attn, last, correct, cmask, wrong, wmask)
+
+
 @dataclass
 class PromptPairDataset:
     """A list of `PromptPair`s with their schema, task, metric and tokenizer identity."""
@@ -273,14 +285,7 @@ class PromptPairDataset:
 
     def batch(self, indices: Sequence[int] | None = None) -> Batch:
         exs = self.examples if indices is None else [self.examples[i] for i in indices]
-        if not exs:
-            raise DatasetError("cannot make a batch of zero examples")
-        clean, attn = _pad([e.clean for e in exs], self.pad_token_id)
-        cf, _ = _pad([e.counterfactual for e in exs], self.pad_token_id)
-        correct, cmask = _pad([e.correct for e in exs], 0)
-        wrong, wmask = _pad([e.wrong for e in exs], 0)
-        last = torch.tensor([len(e.clean) - 1 for e in exs], dtype=torch.long, device=HOST)
-        return Batch(clean, cf, attn, last, correct, cmask, wrong, wmask)
+        return make_batch(exs, self.pad_token_id)
 
     def batches(self, batch_size: int) -> Iterable[tuple[list[int], Batch]]:
         """Yield (indices, Batch) over the dataset in order, `batch_size` examples at a time."""
@@ -408,6 +413,35 @@ def read_text_file(path: Path, what: str, error: type[MechscopeError] = DatasetE
             f"{path}, line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at column {column}); save the "
             f"{what} as UTF-8"
         ) from None
+
+
+def iter_text_lines(path: Path, what: str, error: type[MechscopeError] = DatasetError):
+    """Yield (line number, line) of a UTF-8 file one line at a time (never the whole file in memory),
+    with `read_text_file`'s checks and messages: a missing or unreadable file, UTF-16 or binary data,
+    and bytes that are not UTF-8 (named by line and column) raise `error`."""
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{path}: is a directory, not a {what}")
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    with f:
+        head = f.read(4096)
+        if head[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in head[:4096]:
+            raise error(f"{path}: UTF-16 or binary data, not UTF-8 text; save the {what} as UTF-8")
+        f.seek(0)
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise error(f"{path}, line {lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                            f"{exc.start + 1}); save the {what} as UTF-8") from None
+            yield lineno, line.rstrip("\r\n")
 
 
 def parse_json_line(path: Path, lineno: int, line: str) -> dict:

@@ -25,7 +25,9 @@ from typing import Any
 from .dataset import (
     BOS_SPAN,
     DatasetError,
+    PromptPair,
     PromptPairDataset,
+    iter_text_lines,
     parse_json_line,
     read_text_file,
     tokenizer_fingerprint,
@@ -54,16 +56,15 @@ def is_dataset_jsonl(path: str | os.PathLike) -> bool:
     header) rather than a text JSONL. A missing or unreadable file counts as a dataset, so that its
     loader reports the problem."""
     try:
-        text = read_text_file(Path(path), "data file")
+        for _, line in iter_text_lines(Path(path), "data file"):  # reads up to the first row only
+            if line.strip():
+                try:
+                    first = json.loads(line)
+                except json.JSONDecodeError:
+                    return True
+                return not isinstance(first, dict) or "mechscope_dataset" in first
     except DatasetError:
         return True
-    for line in text.splitlines():
-        if line.strip():
-            try:
-                first = json.loads(line)
-            except json.JSONDecodeError:
-                return True
-            return not isinstance(first, dict) or "mechscope_dataset" in first
     return True
 
 
@@ -76,35 +77,39 @@ def read_text_jsonl(path: str | os.PathLike) -> list[TextRow]:
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        where = f"{path}, line {lineno}"
-        obj = parse_json_line(path, lineno, line)
-        for key in REQUIRED:
-            if key not in obj:
-                raise DatasetError(f"{where}: missing field '{key}' (each row needs {', '.join(REQUIRED)})")
-        clean = _segments(obj["clean"], where, "clean")
-        counterfactual = _segments(obj["counterfactual"], where, "counterfactual")
-        row_names = [n for n, _ in clean]
-        if [n for n, _ in counterfactual] != row_names:
-            raise DatasetError(
-                f"{where}: field 'counterfactual': span names {[n for n, _ in counterfactual]} differ from "
-                f"field 'clean' {row_names}"
-            )
-        if names is None:
-            names = row_names
-        elif row_names != names:
-            raise DatasetError(
-                f"{where}: field 'clean': span names {row_names} differ from the first row's {names}; every "
-                "row needs the same spans in the same order"
-            )
-        meta = obj.get("meta", {})
-        if not isinstance(meta, dict):
-            raise DatasetError(f"{where}: field 'meta' must be a JSON object")
-        extra = {k: v for k, v in obj.items() if k not in REQUIRED and k != "meta"}
-        rows.append(TextRow(lineno, clean, counterfactual, _answers(obj["correct"], where, "correct", False),
-                            _answers(obj["wrong"], where, "wrong", True), {**extra, **meta}))
+        rows.append(parse_text_row(parse_json_line(path, lineno, line), path, lineno, names))
+        names = names or [n for n, _ in rows[0].clean]
     if not rows:
         raise DatasetError(f"{path}: no rows; expected one JSON object per line with fields {', '.join(REQUIRED)}")
     return rows
+
+
+def parse_text_row(obj: dict, path: Path, lineno: int, names: list[str] | None = None) -> TextRow:
+    """One parsed JSON row of a text JSONL, structurally checked; `names`, when given, are the span
+    names every row must have (the first row's)."""
+    where = f"{path}, line {lineno}"
+    for key in REQUIRED:
+        if key not in obj:
+            raise DatasetError(f"{where}: missing field '{key}' (each row needs {', '.join(REQUIRED)})")
+    clean = _segments(obj["clean"], where, "clean")
+    counterfactual = _segments(obj["counterfactual"], where, "counterfactual")
+    row_names = [n for n, _ in clean]
+    if [n for n, _ in counterfactual] != row_names:
+        raise DatasetError(
+            f"{where}: field 'counterfactual': span names {[n for n, _ in counterfactual]} differ from "
+            f"field 'clean' {row_names}"
+        )
+    if names is not None and row_names != names:
+        raise DatasetError(
+            f"{where}: field 'clean': span names {row_names} differ from the first row's {names}; every "
+            "row needs the same spans in the same order"
+        )
+    meta = obj.get("meta", {})
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{where}: field 'meta' must be a JSON object")
+    extra = {k: v for k, v in obj.items() if k not in REQUIRED and k != "meta"}
+    return TextRow(lineno, clean, counterfactual, _answers(obj["correct"], where, "correct", False),
+                   _answers(obj["wrong"], where, "wrong", True), {**extra, **meta})
 
 
 def _segments(value, where: str, name: str) -> list[tuple[str, str]]:
@@ -153,15 +158,7 @@ def text_dataset(
     schema = schema_for(rows[0].clean, prepend_bos)
     examples = []
     for row in rows:
-        where = f"{path}, line {row.lineno}"
-        try:
-            ex = make_pair(tokenizer, row.clean, row.counterfactual, row.correct, row.wrong, prepend_bos,
-                           meta={**row.meta, "line": row.lineno})
-        except DatasetError as exc:
-            raise DatasetError(f"{where}: {exc}") from None
-        ex.origin = where
-        validate_example(ex, schema, where, n_ctx)
-        examples.append(ex)
+        examples.append(tokenize_text_row(row, tokenizer, path, schema, n_ctx, prepend_bos))
     return PromptPairDataset(
         examples=examples,
         schema=schema,
@@ -174,10 +171,25 @@ def text_dataset(
     )
 
 
+def tokenize_text_row(row: TextRow, tokenizer, path: Path, schema, n_ctx: int | None,
+                      prepend_bos: bool) -> PromptPair:
+    """One checked row as a validated `PromptPair` (errors name the file and line)."""
+    where = f"{path}, line {row.lineno}"
+    try:
+        ex = make_pair(tokenizer, row.clean, row.counterfactual, row.correct, row.wrong, prepend_bos,
+                       meta={**row.meta, "line": row.lineno})
+    except DatasetError as exc:
+        raise DatasetError(f"{where}: {exc}") from None
+    ex.origin = where
+    validate_example(ex, schema, where, n_ctx)
+    return ex
+
+
 def load_text_jsonl(path: str | os.PathLike, tokenizer, *, n_ctx: int | None = None, task: str | None = None,
                     metric: str = "logit_diff") -> PromptPairDataset:
     """`read_text_jsonl` then `text_dataset`."""
     return text_dataset(read_text_jsonl(path), tokenizer, path, n_ctx=n_ctx, task=task, metric=metric)
 
 
-__all__ = ["PROMPT_SPAN", "TextRow", "is_dataset_jsonl", "load_text_jsonl", "read_text_jsonl", "text_dataset"]
+__all__ = ["PROMPT_SPAN", "TextRow", "is_dataset_jsonl", "load_text_jsonl", "parse_text_row", "read_text_jsonl",
+           "text_dataset", "tokenize_text_row"]

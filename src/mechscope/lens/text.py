@@ -20,8 +20,10 @@ needed).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 
@@ -51,32 +53,41 @@ def read_text(path: str | os.PathLike) -> list[str]:
     """The documents of a text source: a .txt file (one document), a .jsonl file (the "text" field of
     each line) or a `datasets` directory saved with `save_to_disk` (its "text" column; of a
     DatasetDict, every split in turn). Raises TextError naming the file when it holds no text."""
-    from ..data.dataset import parse_json_object, read_text_file
+    docs = list(iter_text(path))
+    if not docs:
+        raise TextError(f"{Path(path)}: holds no text")
+    return docs
+
+
+def iter_text(path: str | os.PathLike) -> Iterator[str]:
+    """The non-blank documents of a text source, as `read_text` gives them, one at a time: a .jsonl
+    file is read line by line as the documents are taken (so a reader that stops early, like
+    `load_text` with a count, never reads or holds the rest of the file)."""
+    from ..data.dataset import iter_text_lines, parse_json_object, read_text_file
 
     path = Path(path)
     if path.is_dir():
         if not _datasets_dir(path):
             raise TextError(f"{path}: is a directory but not a `datasets` directory saved with save_to_disk")
-        docs = _read_datasets_dir(path)
+        docs: Iterable[str] = _read_datasets_dir(path)
     elif path.suffix.lower() == ".jsonl":
-        text = read_text_file(path, "text file", TextError)
-        docs = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            row = parse_json_object(line, f"{path}, line {lineno}", TextError)
-            if "text" not in row:
-                raise TextError(f"{path}, line {lineno}: missing field 'text'")
-            if not isinstance(row["text"], str):
-                raise TextError(f"{path}, line {lineno}: field 'text' must be a string, "
-                                f"not {type(row['text']).__name__}")
-            docs.append(row["text"])
+        docs = _jsonl_documents(path, iter_text_lines(path, "text file", TextError), parse_json_object)
     else:
         docs = [read_text_file(path, "text file", TextError)]
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise TextError(f"{path}: holds no text")
-    return docs
+    return (d for d in docs if d.strip())
+
+
+def _jsonl_documents(path: Path, lines, parse) -> Iterator[str]:
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        row = parse(line, f"{path}, line {lineno}", TextError)
+        if "text" not in row:
+            raise TextError(f"{path}, line {lineno}: missing field 'text'")
+        if not isinstance(row["text"], str):
+            raise TextError(f"{path}, line {lineno}: field 'text' must be a string, "
+                            f"not {type(row['text']).__name__}")
+        yield row["text"]
 
 
 def _read_datasets_dir(path: Path) -> list[str]:
@@ -107,7 +118,7 @@ def _bos_id(tokenizer) -> int:
     return int(bos)
 
 
-def tokenize_text(docs: list[str], tokenizer, length: int, count: int | None = None, *,
+def tokenize_text(docs: Iterable[str], tokenizer, length: int, count: int | None = None, *,
                   source: str = "text") -> torch.Tensor:
     """[n, length] token ids (on the host) of `docs`: joined with EOS between documents, cut into
     pieces of `length - 1` tokens, BOS in front of each. At most `count` sequences (all when None).
@@ -136,8 +147,13 @@ def tokenize_text(docs: list[str], tokenizer, length: int, count: int | None = N
 
 
 def load_text(path: str | os.PathLike, tokenizer, length: int, count: int | None = None) -> torch.Tensor:
-    """`read_text` then `tokenize_text`: the user's text as [n, length] token ids."""
-    return tokenize_text(read_text(path), tokenizer, length, count, source=str(path))
+    """`read_text` then `tokenize_text`: the user's text as [n, length] token ids. The documents are
+    read as they are tokenized, so with `count` only the start of a large .jsonl is read."""
+    docs = iter_text(path)
+    first = next(docs, None)
+    if first is None:
+        raise TextError(f"{Path(path)}: holds no text")
+    return tokenize_text(itertools.chain([first], docs), tokenizer, length, count, source=str(path))
 
 
 # ------------------------------------------------------------------------------------------------
