@@ -4,21 +4,19 @@ Under torchrun the process group is set up first (gloo on the CPU, NCCL with CUD
 the commands that know data-parallel runs shard their examples, and rank 0 alone prints and writes.
 """
 
+import os
 import sys
 
 
 def run() -> None:
+    if os.environ.get("RANK", "0") != "0" and os.environ.get("WORLD_SIZE"):
+        # Progress bars on rank 0 only: tqdm reads TQDM_DISABLE when it is imported (torch imports it),
+        # so before any import. The commands quiet the other ranks' console themselves (cli_common._ranks).
+        os.environ["TQDM_DISABLE"] = "1"
     from mechscope import distributed
     from mechscope.cli import main
 
-    if distributed.setup() and not distributed.is_main():
-        # Rank 0 alone shows progress and prints the results (errors still print on every rank).
-        import os
-
-        from mechscope.cli_common import console
-
-        os.environ["TQDM_DISABLE"] = "1"
-        console.quiet = True
+    distributed.setup()
     try:
         main()
     finally:
