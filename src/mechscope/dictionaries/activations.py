@@ -226,8 +226,9 @@ class ActivationBuffer:
         self.sequences = self._shard(shard)  # the sequences this process reads
         self.total = int(self.kept_per_sequence[self.sequences].sum())
         if self.total == 0:
-            raise TextError(f"training text: every one of the {self.tokens[self.sequences].numel()} positions "
-                            "read here is BOS or padding")
+            mine = "" if len(self.sequences) == len(self.tokens) else " in this rank's share"
+            raise TextError(f"training text: every one of its {self.tokens[self.sequences].numel()} positions"
+                            f"{mine} is BOS or padding")
         length = int(self.tokens.shape[1])
         least = 2 * (self.batch_size + length)
         # default: 32 batches, but never more than one pass over the tokens (with `loop`, a larger buffer
