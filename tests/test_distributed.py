@@ -74,6 +74,19 @@ def test_single_process_path_has_no_group():
     assert distributed.all_reduce_sum(t) is t  # no copy, no collective
 
 
+def test_alone_runs_one_rank_as_the_only_process(monkeypatch):
+    """Under torchrun (its variables set), `alone()` is how rank 0 runs a command that is not data-parallel:
+    no group is set up, rank 0 of 1, no sharding; after the block the process is one rank again."""
+    for name, value in zip(distributed.TORCHRUN_VARS, ("0", "2", "0", "127.0.0.1", "1")):
+        monkeypatch.setenv(name, value)
+    assert distributed.active()
+    with distributed.alone():
+        assert not distributed.active() and not distributed.initialised()
+        assert (distributed.rank(), distributed.world_size(), distributed.shard(5)) == (0, 1, [0, 1, 2, 3, 4])
+        assert distributed.progress_enabled(True)
+    assert distributed.active() and not distributed.initialised()
+
+
 def test_shards_cover_every_example_once():
     for n in (1, 2, 7, 64):
         for world in (1, 2, 3, 5):

@@ -1,7 +1,9 @@
 """`python -m mechscope ...`: the command line, also under `torchrun --nproc-per-node N -m mechscope ...`.
 
-Under torchrun the process group is set up first (gloo on the CPU, NCCL with CUDA; see distributed.py);
-the commands that know data-parallel runs shard their examples, and rank 0 alone prints and writes.
+Under torchrun the process group is set up first (gloo on the CPU, NCCL with CUDA; see distributed.py).
+The data-parallel commands (circuit, curves, patch sweep, sae train) run on every rank, each rank on
+its shard of the examples or sequences, and rank 0 alone prints and writes; every other command runs on
+rank 0 by itself while the other ranks exit at once (cli_common._ranks).
 """
 
 import os

@@ -8,7 +8,8 @@ or call the library from Python after `torch.distributed.init_process_group`.
 `active()` is True when a process group is initialised, or when torchrun's variables (RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) are set: then `setup()` initialises one (gloo on
 the CPU, NCCL with CUDA, each rank on cuda:LOCAL_RANK). Without either, every helper here is a no-op
-(rank 0 of 1) and the library runs exactly as in one process.
+(rank 0 of 1) and the library runs exactly as in one process; so they are inside `alone()`, where one
+rank works by itself (a command that is not data-parallel, run on rank 0 under torchrun).
 
 A failure on one rank must not leave the others waiting in a collective: the work between two
 collectives runs inside `together(...)`, which catches an exception, then all-reduces a failure flag;
