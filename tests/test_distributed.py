@@ -184,15 +184,13 @@ def torchrun(args: list[str]) -> str:
 
 
 def test_torchrun_sae_train_writes_once_on_rank_0(model_dir, tmp_path):
-    """`torchrun -m mechscope sae train`: each rank trains on its share of the sequences, rank 0 alone
-    writes the dictionary directory (no checkpoint or temporary left) and prints its summary line."""
-    text = tmp_path / "text.txt"
-    text.write_text("\n".join(f"line {i} of the training text, with some words in it: {i * 7}" for i in range(40)))
+    """`torchrun -m mechscope sae train`: rank 0 samples the text and hands it over, each rank trains on
+    its share of the sequences, rank 0 alone writes the dictionary directory (no checkpoint or temporary
+    left) and prints its summary line."""
     out = tmp_path / "run" / "sae"
     out.parent.mkdir()
     log = torchrun(["sae", "train", "--model", str(model_dir), "--hook", "blocks.0.hook_resid_post",
-                    "--architecture", "topk", "--k", "4", "--expansion", "2", "--text", str(text),
-                    "--tokens", "120", "--held-out", "2", "--length", "8", "--batch-size", "20", "--out", str(out)])
+                    "--architecture", "topk", "--k", "4", "--expansion", "2", "--tokens", "120", "--held-out", "2", "--length", "8", "--batch-size", "20", "--out", str(out)])
     assert sorted(p.name for p in out.parent.iterdir()) == ["sae"]
     assert {"config.json", "dictionary.safetensors", "metrics.json", "training.json", "report"} <= \
         {p.name for p in out.iterdir()}

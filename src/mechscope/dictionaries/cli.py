@@ -169,9 +169,15 @@ def train(
                               model_fingerprint=model_fingerprint(bridge), prefixes=prefixes, extra=extra)
     if given is not None:
         train_tokens, held = given[:-held_out][:n_train], given[-held_out:]
-    else:
-        train_tokens = _sampled(bridge, n_train, length, seed)
-        held = _sampled(bridge, held_out, length, seed + HELD_OUT_SEED)
+    else:  # under torchrun rank 0 samples (and caches) the text and hands it to the other ranks
+        from .. import distributed
+
+        sampled = None
+        with distributed.together():
+            if writes_results():
+                sampled = _sampled(bridge, n_train, length, seed), _sampled(bridge, held_out, length,
+                                                                            seed + HELD_OUT_SEED)
+        train_tokens, held = distributed.gather_objects(sampled)[0]
     sae = Dictionary(config, device=model_device(bridge)).init_weights(seed)
     buffer = for_dictionary(bridge, config, train_tokens, batch_size=batch_size, seed=seed, loop=True,
                             drop_last=True, progress=False)
