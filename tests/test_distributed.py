@@ -183,6 +183,12 @@ def torchrun(args: list[str]) -> str:
     return log
 
 
+def said_by(log: str, rank: int) -> list[str]:
+    """The lines with content that rank `rank` printed (torchrun's --tee tags them [default{rank}]:)."""
+    tag = f"[default{rank}]:"
+    return [line for line in log.splitlines() if line.startswith(tag) and line[len(tag):].strip()]
+
+
 def test_torchrun_sae_train_writes_once_on_rank_0(model_dir, tmp_path):
     """`torchrun -m mechscope sae train`: rank 0 samples the text and hands it over, each rank trains on
     its share of the sequences, rank 0 alone writes the dictionary directory (no checkpoint or temporary
@@ -195,6 +201,7 @@ def test_torchrun_sae_train_writes_once_on_rank_0(model_dir, tmp_path):
     assert {"config.json", "dictionary.safetensors", "metrics.json", "training.json", "report"} <= \
         {p.name for p in out.iterdir()}
     assert log.count(f"wrote {out}") == 1, log[-3000:]
+    assert said_by(log, 0) and not said_by(log, 1), log[-3000:]  # no results, notes or progress from rank 1
 
 
 def test_torchrun_command_that_is_not_data_parallel_runs_on_rank_0_alone(model_dir, tmp_path):
@@ -205,3 +212,4 @@ def test_torchrun_command_that_is_not_data_parallel_runs_on_rank_0_alone(model_d
     log = torchrun(["data", "ioi", "--model", str(model_dir), "--out", str(out)])
     assert [p.name for p in out.parent.iterdir()] == ["ioi.jsonl"]
     assert log.count("examples to") == 1, log[-3000:]
+    assert said_by(log, 0) and not said_by(log, 1), log[-3000:]

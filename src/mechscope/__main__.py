@@ -6,15 +6,11 @@ its shard of the examples or sequences, and rank 0 alone prints and writes; ever
 rank 0 by itself while the other ranks exit at once (cli_common._ranks).
 """
 
-import os
 import sys
 
 
 def run() -> None:
-    if os.environ.get("RANK", "0") != "0" and os.environ.get("WORLD_SIZE"):
-        # Progress bars on rank 0 only: tqdm reads TQDM_DISABLE when it is imported (torch imports it),
-        # so before any import. The commands quiet the other ranks' console themselves (cli_common._ranks).
-        os.environ["TQDM_DISABLE"] = "1"
+    # Rank 0 alone prints and shows progress: each command sees to it (cli_common._ranks).
     from mechscope import distributed
     from mechscope.cli import main
 

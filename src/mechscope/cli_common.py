@@ -112,13 +112,18 @@ def _ranks(fn):
         yield True
         return
     if getattr(fn, "mechscope_data_parallel", False):
-        quiet = console.quiet, err_console.quiet
-        if not distributed.is_main():
+        from transformers.utils import logging as hf_logging
+
+        quiet = console.quiet, err_console.quiet, hf_logging.is_progress_bar_enabled()
+        if not distributed.is_main():  # mechscope's own bars check distributed.progress_enabled
             console.quiet = err_console.quiet = True
+            hf_logging.disable_progress_bar()  # transformers' and the hub's (loading weights, downloads)
         try:  # _user_errors prints an error after this block, on every rank
             yield True
         finally:
-            console.quiet, err_console.quiet = quiet
+            console.quiet, err_console.quiet = quiet[:2]
+            if quiet[2]:
+                hf_logging.enable_progress_bar()
         return
     if not distributed.is_main():
         yield False
