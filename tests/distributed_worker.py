@@ -4,7 +4,8 @@
 
 `scenarios` computes attribution scores (EAP, EAP-IG, PEAP with two aggregations), faithfulness and one
 patching sweep in the process group that torchrun's variables describe (set by the test), then a run
-whose metric fails on rank 1 only. `train` joins a group initialised here from Python and takes a few
+whose metric fails on rank 1 only. `buffer` reads activations with the ActivationBuffer (each rank its
+share of the sequences) and trains a dictionary from it. `train` joins a group initialised here from Python and takes a few
 dictionary training steps on its half of each batch. Each rank saves what it got to OUT_DIR/rank{r}.pt.
 """
 
@@ -76,6 +77,41 @@ def train_dictionary(batches, architecture: str = "relu"):
     return {k: v.detach().clone() for k, v in sae.state_dict().items()}
 
 
+BUFFER_SEQUENCES, BUFFER_LENGTH, BUFFER_BATCH = 7, 6, 9
+
+
+def buffer_tokens(model) -> torch.Tensor:
+    """[7, 6] token ids, BOS first, the same on every rank."""
+    from mechscope.lens.text import _bos_id
+
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(3, model.cfg.d_vocab, (BUFFER_SEQUENCES, BUFFER_LENGTH), generator=g)
+    tokens[:, 0] = _bos_id(model.tokenizer)
+    return tokens
+
+
+def buffer_results(model) -> dict:
+    """Which (sequence, position) rows this rank's buffer read, the sizes of its batches, and a
+    dictionary trained for a few steps on its share of each batch (the buffer shards by itself)."""
+    from mechscope.dictionaries import ActivationBuffer, Dictionary, DictionaryConfig
+    from mechscope.dictionaries.training import train
+
+    tokens = buffer_tokens(model)
+    hook = "blocks.0.hook_resid_post"
+    read = ActivationBuffer(model, hook, tokens, batch_size=BUFFER_BATCH, positions=True, progress=False)
+    rows, sizes = [], []
+    for x, where in read:
+        rows.append(where)
+        sizes.append(x.shape[0])
+    config = DictionaryConfig(architecture="topk", d_in=model.cfg.d_model, d_sae=16, hook_point=hook, k=4)
+    sae = Dictionary(config).init_weights(seed=1)
+    initial = sae.W_enc.detach().clone()
+    stream = ActivationBuffer(model, hook, tokens, batch_size=BUFFER_BATCH, loop=True, drop_last=True, progress=False)
+    train(sae, stream, TRAIN_STEPS, lr=1e-2, warmup_steps=0, progress=False)
+    return {"rows": torch.cat(rows), "sizes": sizes, "sequences": stream.sequences, "initial": initial,
+            "params": {k: v.detach().clone() for k, v in sae.state_dict().items()}}
+
+
 def main() -> None:
     scenario, model_dir, out_dir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     import torch.distributed as dist
@@ -87,6 +123,10 @@ def main() -> None:
 
         model = mechscope.load_model(model_dir, device="cpu")
         result = scenario_results(model, failing_on=1)
+    elif scenario == "buffer":  # torchrun-style group; the activation buffer shards the sequences
+        import mechscope
+
+        result = buffer_results(mechscope.load_model(model_dir, device="cpu"))
     elif scenario == "train":  # a group the caller initialised itself (no torchrun variables)
         import os
 

@@ -74,6 +74,19 @@ def test_single_process_path_has_no_group():
     assert distributed.all_reduce_sum(t) is t  # no copy, no collective
 
 
+def test_alone_runs_one_rank_as_the_only_process(monkeypatch):
+    """Under torchrun (its variables set), `alone()` is how rank 0 runs a command that is not data-parallel:
+    no group is set up, rank 0 of 1, no sharding; after the block the process is one rank again."""
+    for name, value in zip(distributed.TORCHRUN_VARS, ("0", "2", "0", "127.0.0.1", "1")):
+        monkeypatch.setenv(name, value)
+    assert distributed.active()
+    with distributed.alone():
+        assert not distributed.active() and not distributed.initialised()
+        assert (distributed.rank(), distributed.world_size(), distributed.shard(5)) == (0, 1, [0, 1, 2, 3, 4])
+        assert distributed.progress_enabled(True)
+    assert distributed.active() and not distributed.initialised()
+
+
 def test_shards_cover_every_example_once():
     for n in (1, 2, 7, 64):
         for world in (1, 2, 3, 5):
@@ -135,3 +148,68 @@ def test_torchrun_circuit_writes_once_on_rank_0(model_dir, tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["report"]
     assert {"report.html", "summary.json", "scores.safetensors", "circuit.json"} <= {p.name for p in out.iterdir()}
     assert log.count("held-out faithfulness") == 1, log[-3000:]  # the table title, from rank 0 only
+
+
+def test_two_rank_activation_buffer_reads_each_sequence_once_and_ranks_agree(model_dir, tmp_path):
+    """The ActivationBuffer shards by itself in a process group: each rank reads the sequences i with
+    i % 2 == rank, every kept position once across the ranks, batches of its part of batch_size; a
+    dictionary trained from it holds bit-identical parameters on both ranks, and not the initial ones."""
+    import mechscope
+    from distributed_worker import BUFFER_BATCH, buffer_tokens
+    from mechscope.dictionaries.activations import _keep_mask
+
+    ranks = launch("buffer", model_dir, tmp_path)
+    model = mechscope.load_model(str(model_dir), device="cpu")
+    keep, _, _ = _keep_mask(buffer_tokens(model), None, model.tokenizer)
+    rows = [tuple(r) for rank in ranks for r in rank["rows"].tolist()]
+    assert sorted(rows) == sorted(map(tuple, keep.nonzero().tolist()))  # each kept position exactly once
+    for rank, got in enumerate(ranks):
+        assert {s for s, _ in got["rows"].tolist()} == set(range(rank, len(keep), 2))
+        assert got["sequences"].tolist() == list(range(rank, len(keep), 2))
+        assert set(got["sizes"][:-1]) == {len(distributed.shard(BUFFER_BATCH, rank_=rank, world=2))}
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(ranks[1]["params"][name], value), name
+    assert not torch.equal(ranks[0]["params"]["W_enc"], ranks[0]["initial"])  # it trained
+
+
+def torchrun(args: list[str]) -> str:
+    """`torchrun --standalone --nproc-per-node 2 -m mechscope ARGS` on the CPU; its log (both ranks, tagged)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--tee", "3",
+           "-m", "mechscope", *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    return log
+
+
+def said_by(log: str, rank: int) -> list[str]:
+    """The lines with content that rank `rank` printed (torchrun's --tee tags them [default{rank}]:)."""
+    tag = f"[default{rank}]:"
+    return [line for line in log.splitlines() if line.startswith(tag) and line[len(tag):].strip()]
+
+
+def test_torchrun_sae_train_writes_once_on_rank_0(model_dir, tmp_path):
+    """`torchrun -m mechscope sae train`: rank 0 samples the text and hands it over, each rank trains on
+    its share of the sequences, rank 0 alone writes the dictionary directory (no checkpoint or temporary
+    left) and prints its summary line."""
+    out = tmp_path / "run" / "sae"
+    out.parent.mkdir()
+    log = torchrun(["sae", "train", "--model", str(model_dir), "--hook", "blocks.0.hook_resid_post",
+                    "--architecture", "topk", "--k", "4", "--expansion", "2", "--tokens", "120", "--held-out", "2", "--length", "8", "--batch-size", "20", "--out", str(out)])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["sae"]
+    assert {"config.json", "dictionary.safetensors", "metrics.json", "training.json", "report"} <= \
+        {p.name for p in out.iterdir()}
+    assert log.count(f"wrote {out}") == 1, log[-3000:]
+    assert said_by(log, 0) and not said_by(log, 1), log[-3000:]  # no results, notes or progress from rank 1
+
+
+def test_torchrun_command_that_is_not_data_parallel_runs_on_rank_0_alone(model_dir, tmp_path):
+    """`mechscope data` has nothing to shard: rank 0 builds and writes the dataset by itself (with its
+    own progress, no collectives), rank 1 does nothing; the file is written and announced once."""
+    out = tmp_path / "run" / "ioi.jsonl"
+    out.parent.mkdir()
+    log = torchrun(["data", "ioi", "--model", str(model_dir), "--out", str(out)])
+    assert [p.name for p in out.parent.iterdir()] == ["ioi.jsonl"]
+    assert log.count("examples to") == 1, log[-3000:]
+    assert said_by(log, 0) and not said_by(log, 1), log[-3000:]

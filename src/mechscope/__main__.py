@@ -1,24 +1,20 @@
 """`python -m mechscope ...`: the command line, also under `torchrun --nproc-per-node N -m mechscope ...`.
 
-Under torchrun the process group is set up first (gloo on the CPU, NCCL with CUDA; see distributed.py);
-the commands that know data-parallel runs shard their examples, and rank 0 alone prints and writes.
+Under torchrun the process group is set up first (gloo on the CPU, NCCL with CUDA; see distributed.py).
+The data-parallel commands (circuit, curves, patch sweep, sae train) run on every rank, each rank on
+its shard of the examples or sequences, and rank 0 alone prints and writes; every other command runs on
+rank 0 by itself while the other ranks exit at once (cli_common._ranks).
 """
 
 import sys
 
 
 def run() -> None:
+    # Rank 0 alone prints and shows progress: each command sees to it (cli_common._ranks).
     from mechscope import distributed
     from mechscope.cli import main
 
-    if distributed.setup() and not distributed.is_main():
-        # Rank 0 alone shows progress and prints the results (errors still print on every rank).
-        import os
-
-        from mechscope.cli_common import console
-
-        os.environ["TQDM_DISABLE"] = "1"
-        console.quiet = True
+    distributed.setup()
     try:
         main()
     finally:

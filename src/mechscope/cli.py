@@ -23,7 +23,8 @@ import typer
 from rich.table import Table
 
 from .cli_common import (Terminated, _batch_option, _check_batch_size, _data_option, _device_option,
-                         _model_option, _task_option, _task_or_data, _user_errors, console, err_console)
+                         _model_option, _task_option, _task_or_data, _user_errors, console, data_parallel,
+                         err_console, writes_results)
 
 __all__ = ["Terminated", "app", "main"]  # Terminated: SIGTERM as an exception, for callers of main()
 
@@ -184,6 +185,7 @@ def data(
 
 @app.command()
 @_user_errors
+@data_parallel
 def curves(
     task: Optional[str] = _task_option(),
     data_file: Optional[Path] = _data_option(),
@@ -238,6 +240,8 @@ def curves(
     bridge, dataset = _task_or_data(task, data_file, model, n, seed, device=device)
     summary, _ = compare_methods(bridge, dataset, chosen, seed=seed, ablation=ablation, steps=steps,
                                  batch_size=batch_size, selection=selection, fractions=sizes, query_edges=query_edges)
+    if not writes_results():
+        return
     write_json(out, summary)
     _print_summary("behaviour", summary["behaviour"])
     table = Table(title=f"normalized faithfulness on {summary['n_evaluation']} held-out examples")
@@ -267,6 +271,7 @@ def curves(
 
 @app.command()
 @_user_errors
+@data_parallel
 def circuit(
     task: Optional[str] = _task_option(),
     data_file: Optional[Path] = _data_option(),
@@ -297,16 +302,12 @@ def circuit(
     check_query_edges(query_edges)
     _check_batch_size(batch_size)
     check_output_dir(out, overwrite)
-    from . import distributed
-
-    if device is None and distributed.active():  # torchrun: each rank on its own device
-        device = str(distributed.local_device())
     bridge, dataset = _task_or_data(task, data_file, model, n or 120, seed, n_data=n, device=device)
     # Under torchrun every rank runs the discovery (attribution and evaluation shard the examples);
     # rank 0 alone writes the report and prints, the others write nothing.
     run = discover_circuit(bridge, dataset, method, seed=seed, selection=selection, batch_size=batch_size,
                            query_edges=query_edges)
-    if not distributed.is_main():
+    if not writes_results():
         return
     with err_console.status("writing the report"):
         write_report(out, bridge, run, overwrite=overwrite)

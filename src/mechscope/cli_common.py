@@ -84,6 +84,64 @@ def _check_batch_size(batch_size: int | None) -> None:
         check_count("batch_size", batch_size)
 
 
+def data_parallel(fn):
+    """Mark a command (under `_user_errors`) that every rank of a data-parallel run executes: its library
+    calls shard the examples and all-reduce the sums, and it writes and prints its results only where
+    `writes_results()` is True (rank 0). Commands without the mark run on rank 0 alone (see `_ranks`)."""
+    fn.mechscope_data_parallel = True
+    return fn
+
+
+def writes_results() -> bool:
+    """Whether this process writes and prints a command's results: rank 0 of a data-parallel run (or
+    the only process). Data-parallel commands return before their writes where it is False."""
+    from . import distributed
+
+    return distributed.is_main()
+
+
+def rank_device(device: str | None) -> str | None:
+    """--device as given, or under torchrun (when not given) this rank's own device (cuda:LOCAL_RANK)."""
+    from . import distributed
+
+    if device is None and distributed.active():
+        return str(distributed.local_device())
+    return device
+
+
+@contextlib.contextmanager
+def _ranks(fn):
+    """How a command runs under torchrun (or in a process group the caller set up); yields whether to
+    run it here. No group: run it. A `data_parallel` command: run it on every rank, rank 0 alone
+    printing (the other ranks' console is quiet; errors still print on every rank). Any other command:
+    rank 0 runs it by itself (`distributed.alone()`: no sharding, no collectives) and the other ranks
+    do nothing, so they print and write nothing."""
+    from . import distributed
+
+    if not distributed.active():
+        yield True
+        return
+    if getattr(fn, "mechscope_data_parallel", False):
+        from transformers.utils import logging as hf_logging
+
+        quiet = console.quiet, err_console.quiet, hf_logging.is_progress_bar_enabled()
+        if not distributed.is_main():  # mechscope's own bars check distributed.progress_enabled
+            console.quiet = err_console.quiet = True
+            hf_logging.disable_progress_bar()  # transformers' and the hub's (loading weights, downloads)
+        try:  # _user_errors prints an error after this block, on every rank
+            yield True
+        finally:
+            console.quiet, err_console.quiet = quiet[:2]
+            if quiet[2]:
+                hf_logging.enable_progress_bar()
+        return
+    if not distributed.is_main():
+        yield False
+        return
+    with distributed.alone():
+        yield True
+
+
 def _user_errors(fn):
     """Turn a MechscopeError into a one-line message and exit status 2, and an interruption (Ctrl-C,
     SIGTERM) into a one-line message and status 130 or 143; print each distinct MechscopeWarning once,
@@ -105,7 +163,8 @@ def _user_errors(fn):
 
             warnings.showwarning = collect
             try:
-                return fn(*args, **kwargs)
+                with _ranks(fn) as here:
+                    return fn(*args, **kwargs) if here else None
             except MechscopeError as exc:
                 err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
                 raise typer.Exit(code=2)
@@ -115,7 +174,7 @@ def _user_errors(fn):
                                   highlight=False, soft_wrap=True)
                 raise typer.Exit(code=128 + signum)
             finally:
-                for message in seen:
+                for message in seen if writes_results() else ():  # the other ranks' are rank 0's too
                     err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
     return wrapper
@@ -158,7 +217,9 @@ def _task_or_data(task, data_file, model: str, n_task: int, seed: int, n_data: i
         if n_data is not None and n_data > size:
             raise DatasetError(f"--n {n_data} is larger than the {size} examples in {data_file}")
     with err_console.status(f"loading {model}"):
-        bridge = load_model(model, device=device, device_map=device_map)
+        # under torchrun each rank takes its own device, unless a device map places the layers
+        bridge = load_model(model, device=device if device_map is not None else rank_device(device),
+                            device_map=device_map)
     if rows is not None:
         dataset = text_dataset(rows[:n_data], bridge.tokenizer, data_file, n_ctx=bridge.cfg.n_ctx)
         dataset.model = model

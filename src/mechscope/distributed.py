@@ -8,7 +8,8 @@ or call the library from Python after `torch.distributed.init_process_group`.
 `active()` is True when a process group is initialised, or when torchrun's variables (RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) are set: then `setup()` initialises one (gloo on
 the CPU, NCCL with CUDA, each rank on cuda:LOCAL_RANK). Without either, every helper here is a no-op
-(rank 0 of 1) and the library runs exactly as in one process.
+(rank 0 of 1) and the library runs exactly as in one process; so they are inside `alone()`, where one
+rank works by itself (a command that is not data-parallel, run on rank 0 under torchrun).
 
 A failure on one rank must not leave the others waiting in a collective: the work between two
 collectives runs inside `together(...)`, which catches an exception, then all-reduces a failure flag;
@@ -29,6 +30,7 @@ from .errors import MechscopeError
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 SHARDING = ("contiguous", "strided")
+_alone = False  # inside `alone()`: this process works as if it were the only one
 
 
 class RankFailed(MechscopeError):
@@ -53,13 +55,28 @@ def initialised() -> bool:
 
 def active() -> bool:
     """Whether this process is one rank of a data-parallel run (a process group exists or torchrun
-    launched it). The single-process path checks only this."""
-    return initialised() or launched()
+    launched it, and no `alone()` block is running). The single-process path checks only this."""
+    return not _alone and (initialised() or launched())
+
+
+@contextmanager
+def alone():
+    """Run a block as the only process, with no collectives: rank 0 of 1, no sharding, progress shown.
+    For the work that one rank does by itself under torchrun (a command that is not data-parallel, run
+    on rank 0 while the other ranks do nothing)."""
+    global _alone
+    before, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = before
 
 
 def setup(timeout_s: float = 1800.0) -> bool:
     """Initialise the default process group from torchrun's environment when there is none: NCCL when
     CUDA is available (this rank on cuda:LOCAL_RANK), gloo otherwise. Returns whether a group exists."""
+    if _alone:
+        return False
     if initialised():
         return True
     if not launched():
@@ -233,7 +250,7 @@ def progress_enabled(progress: bool) -> bool:
 
 
 __all__ = [
-    "RankFailed", "SHARDING", "active", "all_gather_cat", "all_reduce_max", "all_reduce_sum", "barrier",
+    "RankFailed", "SHARDING", "active", "alone", "all_gather_cat", "all_reduce_max", "all_reduce_sum", "barrier",
     "check_together", "gather_objects", "is_main", "launched", "local_device", "progress_enabled", "rank",
     "setup", "shard", "shard_size", "batches", "sum_numbers", "together", "world_size",
 ]

@@ -42,6 +42,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .. import distributed
 from ..devices import HOST, batch_size_for, model_device
 from ..errors import MechscopeError, ParameterError, check_count
 from ..plain_pass import agrees, read_residual, residual_points
@@ -190,13 +191,16 @@ class ActivationBuffer:
     batch_size: positions per batch. buffer_size: at most this many positions held (default 32 batches or
     the tokens' kept positions, whichever is fewer; at least 2 x (batch_size + length)).
     model_batch_size: sequences per forward pass at most.
-    positions: also yield the [batch, 2] (sequence, position) of each row. dtype: of the yielded rows."""
+    positions: also yield the [batch, 2] (sequence, position) of each row. dtype: of the yielded rows.
+    shard: read only this rank's share of the sequences (those i with i % world == rank) and yield this
+    rank's part of every batch (batch_size split among the ranks, so one step over all ranks still holds
+    batch_size positions); None (default): shard when a data-parallel run is active (distributed.py)."""
 
     def __init__(self, model, hook_point: str | Sequence[str], tokens: torch.Tensor, *, target: str | None = None,
                  attention_mask: torch.Tensor | None = None, batch_size: int = 1024, buffer_size: int | None = None,
                  model_batch_size: int | None = None, seed: int = 0, shuffle: bool = True, drop_last: bool = False,
                  loop: bool = False, positions: bool = False, dtype: torch.dtype = torch.float32,
-                 progress: bool = True, plain: bool = True):
+                 progress: bool = True, plain: bool = True, shard: bool | None = None):
         self.model = model
         self.stacked = not isinstance(hook_point, str)
         if self.stacked and target is not None:
@@ -218,10 +222,13 @@ class ActivationBuffer:
         self.keep, self.skipped_bos, self.skipped_padding = _keep_mask(self.tokens, self.attention_mask,
                                                                         model.tokenizer)
         self.kept_per_sequence = self.keep.sum(1)
-        self.total = int(self.kept_per_sequence.sum())
-        if self.total == 0:
-            raise TextError(f"training text: every one of its {self.tokens.numel()} positions is BOS or padding")
         self.batch_size = check_count("batch_size", batch_size)
+        self.sequences = self._shard(shard)  # the sequences this process reads
+        self.total = int(self.kept_per_sequence[self.sequences].sum())
+        if self.total == 0:
+            mine = "" if len(self.sequences) == len(self.tokens) else " in this rank's share"
+            raise TextError(f"training text: every one of its {self.tokens[self.sequences].numel()} positions"
+                            f"{mine} is BOS or padding")
         length = int(self.tokens.shape[1])
         least = 2 * (self.batch_size + length)
         # default: 32 batches, but never more than one pass over the tokens (with `loop`, a larger buffer
@@ -244,16 +251,30 @@ class ActivationBuffer:
         if progress:
             print(self.note, file=sys.stderr)
 
+    def _shard(self, shard: bool | None) -> torch.Tensor:
+        """All sequence indices, or this rank's (i % world == rank) with this rank's part of batch_size."""
+        n = int(self.tokens.shape[0])
+        if shard is None:
+            shard = distributed.active() and distributed.world_size() > 1
+        if not shard:
+            return torch.arange(n, device=HOST)
+        world = distributed.world_size()
+        if n < world or self.batch_size < world:
+            raise ActivationError(f"{n} sequences and batch_size {self.batch_size} cannot be shared among {world} "
+                                  "ranks: give each rank at least one sequence and one position per batch")
+        self.batch_size = len(distributed.shard(self.batch_size))
+        return torch.tensor(distributed.shard(n, "strided"), dtype=torch.long, device=HOST)
+
     def __len__(self) -> int:
         """Batches in one pass over the tokens."""
         full, rest = divmod(self.total, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
     def _sequences(self, gen: torch.Generator) -> Iterator[int]:
-        n = int(self.tokens.shape[0])
+        n = int(self.sequences.shape[0])
         while True:
             order = torch.randperm(n, generator=gen, device=HOST) if self.shuffle else torch.arange(n, device=HOST)
-            yield from (int(i) for i in order)
+            yield from (int(i) for i in self.sequences[order])
             if not self.loop:
                 return
 

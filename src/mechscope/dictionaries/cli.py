@@ -13,7 +13,8 @@ from typing import Optional
 
 import typer
 
-from ..cli_common import _device_option, _model_option, _user_errors, console, err_console
+from ..cli_common import (_device_option, _model_option, _user_errors, console, data_parallel, err_console,
+                          rank_device, writes_results)
 
 sae_app = typer.Typer(no_args_is_help=True, help="Sparse dictionaries (SAEs, transcoders): train, measure, export.")
 
@@ -79,6 +80,7 @@ def _print_metrics(metrics) -> None:
 
 @sae_app.command("train")
 @_user_errors
+@data_parallel
 def train(
     model: str = _model_option(),
     hook: str = typer.Option(..., "--hook", help="The hook point read, e.g. blocks.15.hook_resid_post "
@@ -148,7 +150,7 @@ def train(
         raise TextError(f"{text}: {given.shape[0]} sequences of {length} tokens, not enough for {held_out} held-out "
                         "sequences and one to train on (give more text, or lower --held-out or --length)")
     with err_console.status(f"loading {model}"):
-        bridge = load_model(model, device=device)
+        bridge = load_model(model, device=rank_device(device))
     from .activations import check_points, hook_widths
 
     points = check_points(bridge, [hook] + ([target] if target else []))
@@ -167,9 +169,15 @@ def train(
                               model_fingerprint=model_fingerprint(bridge), prefixes=prefixes, extra=extra)
     if given is not None:
         train_tokens, held = given[:-held_out][:n_train], given[-held_out:]
-    else:
-        train_tokens = _sampled(bridge, n_train, length, seed)
-        held = _sampled(bridge, held_out, length, seed + HELD_OUT_SEED)
+    else:  # under torchrun rank 0 samples (and caches) the text and hands it to the other ranks
+        from .. import distributed
+
+        sampled = None
+        with distributed.together():
+            if writes_results():
+                sampled = _sampled(bridge, n_train, length, seed), _sampled(bridge, held_out, length,
+                                                                            seed + HELD_OUT_SEED)
+        train_tokens, held = distributed.gather_objects(sampled)[0]
     sae = Dictionary(config, device=model_device(bridge)).init_weights(seed)
     buffer = for_dictionary(bridge, config, train_tokens, batch_size=batch_size, seed=seed, loop=True,
                             drop_last=True, progress=False)
@@ -178,6 +186,10 @@ def train(
     result = train_dictionary(sae, buffer, steps, lr=lr, checkpoint=checkpoint, checkpoint_every=max(1, steps // 10),
                               resume=resume, progress=True)
     seconds = time.perf_counter() - start
+    # Under torchrun each rank read its own share of the sequences (the buffer shards them) and the
+    # gradients were all-reduced, so every rank holds the same dictionary: rank 0 measures and writes it.
+    if not writes_results():
+        return
     metrics = measure(bridge, sae, held)
     rate = result.tokens / seconds if seconds > 0 else float("nan")
     summary = {"steps": result.steps, "tokens": result.tokens, "seconds": seconds, "tokens_per_second": rate,

@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from ..cli_common import _data_option, _device_option, _model_option, _task_option, _user_errors
+from ..cli_common import (_data_option, _device_option, _model_option, _task_option, _user_errors, data_parallel,
+                          writes_results)
 
 patch_app = typer.Typer(no_args_is_help=True, help="Patching: activation patching sweeps, path patching, direct logit attribution.")
 
@@ -50,6 +51,7 @@ def sweep_command(
                          estimate, batch_size, patch_batch, out, device)
 
 
+@data_parallel
 def _sweep(task, data_file, model, component, direction, reference, positions, layers, heads, n, seed, estimate,
            batch_size, patch_batch, out, device) -> None:
     from ..cli_common import _task_or_data, console
@@ -86,6 +88,8 @@ def _sweep(task, data_file, model, component, direction, reference, positions, l
         summary["spearman_exact_estimate"] = spearman(result.values, est.values)
         summary["spearman_exact_estimate_mean"] = spearman(result.mean, est.mean)
         files.update({"estimate.safetensors": est.save, "estimate.png": lambda p: heatmap_png(est, p)})
+    if not writes_results():  # under torchrun: every rank patched its shard; rank 0 writes
+        return
     files["result.json"] = lambda p: write_json(p, summary)
     title = f"Activation patching: {component} ({direction})"
     write_sections(out, title, [section(result)], files, subtitle=f"{model} · {dataset.task} · {len(dataset)} examples")
