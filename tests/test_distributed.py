@@ -213,3 +213,27 @@ def test_torchrun_command_that_is_not_data_parallel_runs_on_rank_0_alone(model_d
     assert [p.name for p in out.parent.iterdir()] == ["ioi.jsonl"]
     assert log.count("examples to") == 1, log[-3000:]
     assert said_by(log, 0) and not said_by(log, 1), log[-3000:]
+
+
+def test_torchrun_attribute_equals_one_process(model_dir, tmp_path):
+    """`torchrun -m mechscope attribute`: two ranks each score half the examples; rank 0 writes the
+    all-reduced scores, equal to one process's, and nothing else is left beside them."""
+    from mechscope.attribution.scores import EdgeScores
+
+    one, two = tmp_path / "one" / "scores.safetensors", tmp_path / "two" / "scores.safetensors"
+    one.parent.mkdir()
+    two.parent.mkdir()
+    args = ["attribute", "--task", "ioi", "--model", str(model_dir), "--examples", "6", "--method", "peap"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "mechscope", *args, "--out", str(one)], env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    log = torchrun([*args, "--out", str(two)])
+    assert [p.name for p in two.parent.iterdir()] == ["scores.safetensors"]
+    assert log.count("wrote") == 1, log[-3000:]
+    a, b = EdgeScores.load(one), EdgeScores.load(two)
+    assert a.n_examples == b.n_examples == 6 and a.spans == b.spans
+    assert torch.allclose(a.values, b.values, rtol=1e-5, atol=1e-7)
+    assert a.crossing.keys() == b.crossing.keys()
+    for name, value in a.crossing.items():
+        assert torch.allclose(value, b.crossing[name], rtol=1e-5, atol=1e-7), name

@@ -192,7 +192,7 @@ def curves(
     model: str = _model_option(),
     device: Optional[str] = _device_option(),
     methods: str = typer.Option("eap,eap-ig", help="Comma-separated attribution methods."),
-    n: int = typer.Option(200, "--n", help="Examples to generate (with --task)."),
+    n: int = typer.Option(200, "--n", "--examples", help="Examples to generate (with --task)."),
     seed: int = typer.Option(0),
     ablation: str = typer.Option("counterfactual", help="counterfactual | mean | zero"),
     steps: int = typer.Option(5, help="Interpolation steps of eap-ig."),

@@ -13,7 +13,8 @@ from typing import Optional
 import typer
 
 from .cli_common import (_batch_option, _check_batch_size, _data_option, _device_map_option, _device_option,
-                         _model_option, _stream_option, _task_option, _task_or_data, _user_errors, console)
+                         _model_option, _stream_option, _task_option, _task_or_data, _user_errors, console,
+                         data_parallel, writes_results)
 
 
 def _load(task, data_file, model, n, seed, device, device_map, stream, batch_size, out):
@@ -30,6 +31,7 @@ def _load(task, data_file, model, n, seed, device, device_map, stream, batch_siz
 
 
 @_user_errors
+@data_parallel
 def attribute_command(
     task: Optional[str] = _task_option(),
     data_file: Optional[Path] = _data_option(),
@@ -38,7 +40,8 @@ def attribute_command(
     device_map: Optional[str] = _device_map_option(),
     stream: Optional[bool] = _stream_option(),
     method: str = typer.Option("eap", help="eap | eap-ig | peap | exact"),
-    n: Optional[int] = typer.Option(None, "--n", help="Examples: generated with --task (default 64), the first N of --data."),
+    n: Optional[int] = typer.Option(None, "--n", "--examples",
+                                    help="Examples: generated with --task (default 64), the first N of --data."),
     seed: int = typer.Option(0, help="Seed of the task generator."),
     steps: int = typer.Option(5, help="Interpolation steps of eap-ig."),
     aggregation: str = typer.Option("sum", help="peap: sum | avg | max_abs | pooled_mean | signed_max"),
@@ -52,12 +55,15 @@ def attribute_command(
     check_aggregation(aggregation, method)
     bridge, dataset = _load(task, data_file, model, n, seed, device, device_map, stream, batch_size, out)
     scores = attribute(bridge, dataset, method, steps=steps, batch_size=batch_size, aggregation=aggregation)
+    if not writes_results():  # torchrun: rank 0 writes the all-reduced scores
+        return
     scores.save(out)
     console.print(f"{method} scores of {scores.graph.n_edges:,} edges on {scores.n_examples} examples"
                   f"{' (streamed)' if _streamed(dataset) else ''}; wrote {out}")
 
 
 @_user_errors
+@data_parallel
 def evaluate_command(
     circuit_file: Path = typer.Argument(..., help="A circuit JSON (circuit.json of a report, or a saved circuit)."),
     task: Optional[str] = _task_option(),
@@ -66,7 +72,8 @@ def evaluate_command(
     device: Optional[str] = _device_option(),
     device_map: Optional[str] = _device_map_option(),
     stream: Optional[bool] = _stream_option(),
-    n: Optional[int] = typer.Option(None, "--n", help="Examples: generated with --task (default 64), the first N of --data."),
+    n: Optional[int] = typer.Option(None, "--n", "--examples",
+                                    help="Examples: generated with --task (default 64), the first N of --data."),
     seed: int = typer.Option(0, help="Seed of the task generator."),
     ablation: str = typer.Option("counterfactual", help="counterfactual | mean | zero"),
     batch_size: Optional[int] = _batch_option(),
@@ -82,6 +89,8 @@ def evaluate_command(
     circuit = load_any_circuit(circuit_file)
     bridge, dataset = _load(task, data_file, model, n, seed, device, device_map, stream, batch_size, out)
     result = evaluate(bridge, circuit, dataset, ablation=ablation, batch_size=batch_size)
+    if not writes_results():
+        return
     write_json(out, {"circuit": str(circuit_file), "task": dataset.task, "model": dataset.model or model,
                      "ablation": ablation, "streamed": _streamed(dataset), **result.to_dict()})
     console.print(f"normalized faithfulness {result.normalized:.3f} (soft {result.soft:.3f}, hard {result.hard:.3f}) "

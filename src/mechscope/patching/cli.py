@@ -36,7 +36,7 @@ def sweep_command(
     positions: str = typer.Option("span", help="span (the schema's spans) or token (examples of one length)."),
     layers: Optional[str] = typer.Option(None, help="Comma-separated layers (default: all)."),
     heads: Optional[str] = typer.Option(None, help="Comma-separated heads (default: all)."),
-    n: Optional[int] = typer.Option(None, "--n", help="Examples (generated for --task, default 16; the first N of "
+    n: Optional[int] = typer.Option(None, "--n", "--examples", help="Examples (generated for --task, default 16; the first N of "
                                     "--data, default all)."),
     seed: int = typer.Option(0, help="Seed of the task generator and of the resample permutation."),
     estimate: bool = typer.Option(False, "--estimate", help="Also compute the attribution-patching estimate."),
