@@ -125,3 +125,33 @@ def test_faithfulness_ends_at_clean_and_reference(tiny_model, data):
     assert scores.latents[POINT].abs()[top].min() >= scores.latents[POINT].abs()[~top].max()
     with pytest.raises(ParameterError, match="bool tensor"):
         faithfulness(tiny_model, sae, data, {POINT: none[:, :3]})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("ablation", ["counterfactual", "mean", "zero"])
+def test_latent_attribution_and_curve_on_cuda_equal_the_cpu(arch, ablation, tiny_model_dirs, data):
+    import copy
+
+    import mechscope
+    from mechscope.devices import model_device
+    from mechscope.dictionaries.features import feature_curve
+
+    cpu = mechscope.load_model(str(tiny_model_dirs[arch]), device="cpu")
+    gpu = mechscope.load_model(str(tiny_model_dirs[arch]), device="cuda")
+    sae = sae_at(cpu, POINT, "topk", d_sae=48, seed=1)
+    sae_gpu = copy.deepcopy(sae).to("cuda")
+    assert model_device(gpu).type == "cuda" and sae_gpu.device.type == "cuda"
+    want = attribute_latents(cpu, sae, data, ablation, progress=False)
+    got = attribute_latents(gpu, sae_gpu, data, ablation, progress=False)
+    assert want.latents[POINT].abs().sum() > 0  # the comparison compares something
+    torch.testing.assert_close(got.latents[POINT], want.latents[POINT], atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(got.error[POINT], want.error[POINT], atol=1e-4, rtol=1e-3)
+    # The same nodes on both devices (the CPU ranking), so the curves compare the same circuits.
+    ns = [0, 3, 10, want.latents[POINT].numel()]
+    for keep_error in (True, False):
+        a = feature_curve(cpu, sae, data, want, ns, keep_error=keep_error)
+        b = feature_curve(gpu, sae_gpu, data, want, ns, keep_error=keep_error)
+        assert [n for n, _ in b] == ns
+        for (_, m_cpu), (_, m_gpu) in zip(a, b):
+            assert m_gpu == pytest.approx(m_cpu, abs=1e-4, rel=1e-3)
