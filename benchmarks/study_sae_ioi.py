@@ -58,32 +58,6 @@ def _ioi_sentences(examples, completions: bool = True) -> list[str]:
     return out
 
 
-def _figure(path: Path, curves: dict[str, list[tuple[int, float]]], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.2, 3.8))
-    for (label, points), marker in zip(curves.items(), "os^"):
-        xs = [max(n, 0.5) for n, _ in points]  # n = 0 drawn at 0.5 on the log axis
-        ax.plot(xs, [f for _, f in points], marker=marker, label=label)
-    ax.set_xscale("log")
-    ticks = sorted({max(n, 0.5) for pts in curves.values() for n, _ in pts})
-    ax.set_xticks(ticks)
-    ax.set_xticklabels(["0" if t == 0.5 else str(int(t)) for t in ticks], fontsize=8)
-    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax.axhline(0.0, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("(span, latent) nodes kept (top n by |EAP score|)")
-    ax.set_ylabel("normalised faithfulness")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
 def _firing(model, sae, ds, latents: list[int], hook: str, top: int = 5, which: str = "clean"):
     """For each latent: its `top` largest activations over the `which` (clean/counterfactual) test prompts, as (value, token, span,
     example index), and the fraction of prompts in which it fires at all."""
@@ -150,6 +124,7 @@ def main() -> int:
     from mechscope.dictionaries.features import attribute_latents, faithfulness, feature_curve
     from mechscope.lens.text import model_fingerprint, tokenize_text
     from mechscope.models import load_model
+    from mechscope.report.figures import feature_curve_png
     from mechscope.tasks import make_task
 
     t_all = time.perf_counter()
@@ -258,7 +233,7 @@ def main() -> int:
     curves = {"error kept": [(n, norm(m)) for n, m in curve]}
     title = (f"IOI feature circuit, {args.model} {h}, TopK k={K} {sae.config.d_sae} latents, "
              f"{len(test)} pairs, counterfactual ablation")
-    _figure(args.figure, curves, title)  # drawn now and again with the second curve
+    feature_curve_png(curves, title, args.figure)  # drawn now and again with the second curve
     curve_err = []
     if ns_err:
         curve_err = feature_curve(model, sae, test, scores, ns_err, keep_error=False)
@@ -267,7 +242,7 @@ def main() -> int:
         curves["error ablated"] = [(n, norm(m)) for n, m in curve_err]
     print(f"curve_seconds={time.perf_counter() - start:.1f}")
 
-    _figure(args.figure, curves, title)
+    feature_curve_png(curves, title, args.figure)
     args.out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
