@@ -44,7 +44,9 @@ def feature_curve_png(curves: dict[str, list[tuple[int, float]]], title: str, pa
     ax.axhline(0.0, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("(span, latent) nodes kept (top n by |EAP score|)")
     ax.set_ylabel("normalised faithfulness")
-    ax.set_title(title, fontsize=9)
+    import textwrap
+
+    ax.set_title(textwrap.fill(title, 80), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
