@@ -8,7 +8,7 @@ import pytest
 
 GROUPS = ["mechscope.lens.cli", "mechscope.patching.cli", "mechscope.patching.cli_path", "mechscope.toys.cli",
           "mechscope.probes.cli", "mechscope.steering.cli", "mechscope.dictionaries.cli",
-          "mechscope.dictionaries.cli_dashboard"]
+          "mechscope.dictionaries.cli_dashboard", "mechscope.dictionaries.cli_attribute"]
 
 
 @pytest.mark.parametrize("module", GROUPS)

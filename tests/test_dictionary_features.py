@@ -125,3 +125,73 @@ def test_faithfulness_ends_at_clean_and_reference(tiny_model, data):
     assert scores.latents[POINT].abs()[top].min() >= scores.latents[POINT].abs()[~top].max()
     with pytest.raises(ParameterError, match="bool tensor"):
         faithfulness(tiny_model, sae, data, {POINT: none[:, :3]})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("ablation", ["counterfactual", "mean", "zero"])
+def test_latent_attribution_and_curve_on_cuda_equal_the_cpu(arch, ablation, tiny_model_dirs, data):
+    import copy
+
+    import mechscope
+    from mechscope.devices import model_device
+    from mechscope.dictionaries.features import feature_curve
+
+    cpu = mechscope.load_model(str(tiny_model_dirs[arch]), device="cpu")
+    gpu = mechscope.load_model(str(tiny_model_dirs[arch]), device="cuda")
+    sae = sae_at(cpu, POINT, "topk", d_sae=48, seed=1)
+    sae_gpu = copy.deepcopy(sae).to("cuda")
+    assert model_device(gpu).type == "cuda" and sae_gpu.device.type == "cuda"
+    want = attribute_latents(cpu, sae, data, ablation, progress=False)
+    got = attribute_latents(gpu, sae_gpu, data, ablation, progress=False)
+    assert want.latents[POINT].abs().sum() > 0  # the comparison compares something
+    torch.testing.assert_close(got.latents[POINT], want.latents[POINT], atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(got.error[POINT], want.error[POINT], atol=1e-4, rtol=1e-3)
+    # The same nodes on both devices (the CPU ranking), so the curves compare the same circuits.
+    ns = [0, 3, 10, want.latents[POINT].numel()]
+    for keep_error in (True, False):
+        a = feature_curve(cpu, sae, data, want, ns, keep_error=keep_error)
+        b = feature_curve(gpu, sae_gpu, data, want, ns, keep_error=keep_error)
+        assert [n for n, _ in b] == ns
+        for (_, m_cpu), (_, m_gpu) in zip(a, b):
+            assert m_gpu == pytest.approx(m_cpu, abs=1e-4, rel=1e-3)
+
+
+def test_cli_sae_attribute_writes_scores_curve_and_report(tiny_model_dirs, data, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    import mechscope
+    from mechscope.cli import app
+
+    model = mechscope.load_model(str(tiny_model_dirs["llama"]), device="cpu")
+    sae = sae_at(model, POINT, "topk", d_sae=48, seed=1)
+    sae.save(tmp_path / "sae")
+    data.save(tmp_path / "data.jsonl")
+    out = tmp_path / "out"
+    n_all = len(data.schema) * 48
+    args = ["sae", "attribute", "--model", str(tiny_model_dirs["llama"]), "--sae", str(tmp_path / "sae"),
+            "--data", str(tmp_path / "data.jsonl"), "--ns", f"0,3,{n_all}", "--error-ablated", "--top", "4",
+            "--device", "cpu", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} >= {"report.html", "scores.safetensors", "scores.json", "curve.json",
+                                               "curve.png"}
+    want = attribute_latents(model, sae, data, "counterfactual", progress=False)
+    saved = load_file(str(out / "scores.safetensors"))
+    torch.testing.assert_close(saved["latents"], want.latents[POINT])
+    torch.testing.assert_close(saved["error"], want.error[POINT])
+    curves = json.loads((out / "curve.json").read_text())
+    kept, ablated = curves["error kept"]["points"], curves["error ablated"]["points"]
+    assert [p["n"] for p in kept] == [0, 3, n_all]
+    assert kept[-1]["faithfulness"] == pytest.approx(1.0, abs=1e-4)  # every node and the error: the model
+    assert ablated[0]["faithfulness"] == pytest.approx(0.0, abs=1e-4)  # nothing kept: the reference
+    summary = json.loads((out / "scores.json").read_text())
+    assert len(summary["top"]) == 4 and summary["hook_point"] == POINT
+    assert abs(summary["top"][0]["score"]) == pytest.approx(float(want.latents[POINT].abs().max()), rel=1e-6)
+    assert "Feature circuit" in (out / "report.html").read_text()
+    # The same directory again is refused without --overwrite.
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "exists" in again.output

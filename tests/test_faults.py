@@ -907,7 +907,18 @@ CLI_FAULTS += [
              "unknown layout 'onnx' for --to; choose saelens", setup=sae_dir),
     CliFault("sae export: a crosscoder", lambda e: ["sae", "export", "--sae", str(e.root / "sae"), "--out", str(e.out)],
              "a crosscoder has no SAELens layout", setup=lambda e: sae_dir(e, architecture="crosscoder")),
+    CliFault("sae attribute: unknown SAE path", lambda e: sae_attribute(e, e.root / "nowhere"),
+             "nowhere: no such dictionary directory", inject=no_model),
+    CliFault("sae attribute: an SAE of another model", lambda e: sae_attribute(e, e.root / "sae"),
+             "expects width 65 at blocks.1.hook_resid_post, but", setup=lambda e: sae_dir(e, 65)),
+    CliFault("sae attribute: bad --ns", lambda e: sae_attribute(e, e.root / "sae", "--ns", "1,two"),
+             "--ns must be comma-separated whole numbers", setup=sae_dir, inject=no_model),
 ]
+
+
+def sae_attribute(env: Env, sae: Path, *more: str) -> list[str]:
+    return ["sae", "attribute", "--model", env.llama, "--sae", str(sae), "--data", str(env.dataset),
+            "--ns", "0,1", "--device", "cpu", "--out", str(env.out), *more]
 
 
 @pytest.fixture(scope="session")

@@ -289,3 +289,7 @@ def export(
 from .cli_dashboard import register as _register_dashboard  # noqa: E402  (`mechscope sae dashboard`)
 
 _register_dashboard(sae_app)
+
+from .cli_attribute import register as _register_attribute  # noqa: E402  (`mechscope sae attribute`)
+
+_register_attribute(sae_app)

@@ -28,3 +28,27 @@ def curves_png(curves: dict[str, list[dict]], title: str, path: Path) -> None:
     fig.suptitle(title)
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def feature_curve_png(curves: dict[str, list[tuple[int, float]]], title: str, path: Path) -> None:
+    """Normalised faithfulness against the number of (span, latent) nodes kept (log axis; n = 0 drawn at
+    0.5), a line per curve. `curves`: label -> [(n, faithfulness)]."""
+    fig, ax = plt.subplots(figsize=(6.2, 3.8))
+    for (label, points), marker in zip(curves.items(), "os^v"):
+        ax.plot([max(n, 0.5) for n, _ in points], [f for _, f in points], marker=marker, label=label)
+    ax.set_xscale("log")
+    ticks = sorted({max(n, 0.5) for points in curves.values() for n, _ in points})
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(["0" if t == 0.5 else str(int(t)) for t in ticks], fontsize=8)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.axhline(0.0, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("(span, latent) nodes kept (top n by |EAP score|)")
+    ax.set_ylabel("normalised faithfulness")
+    import textwrap
+
+    ax.set_title(textwrap.fill(title, 80), fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
