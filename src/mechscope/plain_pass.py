@@ -133,27 +133,26 @@ def read_residual(bridge, tokens: torch.Tensor, points: Sequence[str],
         raise LookupError("the bridge computes with parameters the plain view does not hold")
     got: dict[str, torch.Tensor] = {}
     handles = []
+    needed = len(set(points))
 
-    def grab(point: str, stop: bool, pre: bool):
-        def hook(module, args, kwargs, output=None):
-            if pre:
-                value = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            else:
-                value = output[0] if isinstance(output, tuple) else output
-            got[point] = value.detach()
-            if stop and len(got) == len(set(points)):
-                raise _Stop
-        return hook
+    def keep(point: str, value: torch.Tensor) -> None:
+        got[point] = value.detach()
+        if len(got) == needed:  # the last point read: the rest of the pass is not needed
+            raise _Stop
+
+    def before(point: str):
+        return lambda module, args, kwargs: keep(point, kwargs.get("hidden_states", args[0] if args else None))
+
+    def after(point: str):
+        return lambda module, args, kwargs, output: keep(point, output[0] if isinstance(output, tuple) else output)
 
     try:
         for point, (layer, where) in zip(points, wanted):
             block = view.blocks[layer]
             if where == "pre":
-                handles.append(block.register_forward_pre_hook(
-                    lambda m, a, k, _h=grab(point, True, True): _h(m, a, k), with_kwargs=True))
+                handles.append(block.register_forward_pre_hook(before(point), with_kwargs=True))
             else:
-                handles.append(block.register_forward_hook(
-                    lambda m, a, k, o, _h=grab(point, True, False): _h(m, a, k, o), with_kwargs=True))
+                handles.append(block.register_forward_hook(after(point), with_kwargs=True))
         kwargs = {"use_cache": False}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask.long()
