@@ -163,10 +163,12 @@ def batches(dataset, batch_size: int, how: str = "contiguous"):
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The sum of `tensor` over all ranks, on `tensor`'s device and dtype (the tensor itself in one
-    process). The input is not modified."""
+    process). The input is not modified. The buffer sent is contiguous: a collective adds up the
+    ranks' storage element by element, so ranks holding the same shape with different strides (a
+    transposed tensor on one, a padded copy on another) would otherwise add mismatched elements."""
     if not active() or world_size() == 1:
         return tensor
-    buf = tensor.detach().to(_comm_device(), copy=True)
+    buf = tensor.detach().to(_comm_device(), copy=True, memory_format=torch.contiguous_format)
     _dist().all_reduce(buf)
     return buf.to(tensor.device)
 
@@ -176,7 +178,7 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if not active() or world_size() == 1:
         return tensor
     dist = _dist()
-    buf = tensor.detach().to(_comm_device(), copy=True)
+    buf = tensor.detach().to(_comm_device(), copy=True, memory_format=torch.contiguous_format)
     dist.all_reduce(buf, op=dist.ReduceOp.MAX)
     return buf.to(tensor.device)
 
