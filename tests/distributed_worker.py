@@ -4,7 +4,9 @@
 
 `scenarios` computes attribution scores (EAP, EAP-IG, PEAP with two aggregations), faithfulness and one
 patching sweep in the process group that torchrun's variables describe (set by the test), then a run
-whose metric fails on rank 1 only. `buffer` reads activations with the ActivationBuffer (each rank its
+whose metric fails on rank 1 only. `sharded` computes the mean reference, exact scores on a subset of
+edges (counterfactual and mean ablation), EAP and evaluate with mean ablation, and counts the example rows
+each rank's model ran for the mean and for exact patching. `buffer` reads activations with the ActivationBuffer (each rank its
 share of the sequences) and trains a dictionary from it. `train` joins a group initialised here from Python and takes a few
 dictionary training steps on its half of each batch. Each rank saves what it got to OUT_DIR/rank{r}.pt.
 """
@@ -59,6 +61,55 @@ def scenario_results(model, failing_on: int | None = None) -> dict:
         except Exception as e:  # noqa: BLE001 - recorded for the test
             out["failure"] = f"{type(e).__name__}: {e}"
     return out
+
+
+MEAN_EXAMPLES = 5  # the reference set of the mean: shards of 2 and 3 examples
+
+
+def sharded_results(model) -> tuple[dict, dict]:
+    """(values compared between one process and two, {part: example rows this rank's model ran}): the
+    mean reference over a 5-example reference set (uneven shards), exact scores on every 7th edge, EAP and
+    evaluate with mean ablation; and the mean over a one-example set, which each rank reads whole."""
+    from mechscope import attribute
+    from mechscope.attribution.references import mean_reference
+    from mechscope.circuits.circuit import top_n
+    from mechscope.circuits.evaluation import evaluate
+    from mechscope.graph import Graph
+    from mechscope.tasks import make_task
+
+    ds = make_task("ioi", model.tokenizer, SCENARIO_EXAMPLES, 0)
+    ref = make_task("ioi", model.tokenizer, MEAN_EXAMPLES, 1)
+    graph = Graph.from_model(model)
+    rows = {"now": 0}
+
+    def count(module, args, kwargs):
+        rows["now"] += int(args[0].shape[0])
+
+    handle = model.register_forward_pre_hook(count, with_kwargs=True)
+    out = {}
+    mean = mean_reference(model, graph, ref, batch_size=2, attention=True)
+    rows["mean"], rows["now"] = rows["now"], 0
+    out["mean/per_position"], out["mean/overall"] = mean.per_position, mean.overall
+    for (layer, slot), m in sorted(mean.attention.items()):
+        out[f"mean/attention/{layer}/{slot}"] = m.per_position
+    out["mean/tokens"] = torch.tensor([float(ref.batch().attention_mask.sum())])  # the same on every rank
+    one = mean_reference(model, graph, make_task("ioi", model.tokenizer, 1, 2), batch_size=2)  # fewer than ranks: whole
+    out["mean-one/per_position"], out["mean-one/overall"] = one.per_position, one.overall
+    edges = torch.arange(0, graph.n_edges, 7)
+    for ablation in ("counterfactual", "mean"):
+        rows["now"] = 0
+        s = attribute(model, ds, "exact", edges=edges, ablation=ablation, reference=ref, batch_size=2, progress=False)
+        rows[f"exact-{ablation}"] = rows["now"]
+        out[f"exact-{ablation}"] = s.values[edges]
+        out[f"exact-{ablation}/nan"] = s.values.isnan().double()
+    handle.remove()
+    scores = attribute(model, ds, "eap", ablation="mean", reference=ref, batch_size=2, progress=False)
+    out["eap-mean"] = scores.values
+    f = evaluate(model, top_n(scores, 20), ds, ablation="mean", reference=ref, batch_size=2, progress=False)
+    out["evaluate-mean"] = torch.tensor([f.soft, f.hard, f.normalized, f.metric_circuit, f.metric_model,
+                                         f.metric_empty], dtype=torch.float64)
+    del rows["now"]
+    return out, rows
 
 
 def train_batches(seed: int = 0, rows: int = 10, d_in: int = 8) -> list[torch.Tensor]:
@@ -123,6 +174,11 @@ def main() -> None:
 
         model = mechscope.load_model(model_dir, device="cpu")
         result = scenario_results(model, failing_on=1)
+    elif scenario == "sharded":  # torchrun-style group: the mean reference and exact patching
+        import mechscope
+
+        values, rows = sharded_results(mechscope.load_model(model_dir, device="cpu"))
+        result = {"values": values, "rows": rows}
     elif scenario == "buffer":  # torchrun-style group; the activation buffer shards the sequences
         import mechscope
 

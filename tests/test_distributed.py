@@ -115,6 +115,27 @@ def test_two_ranks_equal_one_process(model_dir, tmp_path):
     assert ranks[0]["failure"] == "RankFailed: rank 1 of 2 failed: MechscopeError: metric failed on rank 1 on purpose"
 
 
+def test_two_ranks_shard_exact_and_mean_reference(model_dir, tmp_path):
+    """The mean reference (uneven shards of a 5-example reference set, with q/k/v means; a one-example
+    set read whole on each rank), exact scores on a subset of edges (NaN elsewhere) with the
+    counterfactual and the mean reference, EAP and evaluate with mean ablation: both ranks hold the
+    one-process values, and each rank's model ran only its shard of the examples (the ranks' rows add
+    up to one process's)."""
+    import mechscope
+    from distributed_worker import sharded_results
+
+    ranks = launch("sharded", model_dir, tmp_path)
+    want, rows = sharded_results(mechscope.load_model(str(model_dir), device="cpu"))
+    for rank, got in enumerate(ranks):
+        assert set(got["values"]) == set(want)
+        for key, value in want.items():
+            assert_close(f"rank {rank} {key}", got["values"][key], value)
+    assert ranks[0]["rows"].keys() == rows.keys()
+    for part, total in rows.items():
+        assert sum(r["rows"][part] for r in ranks) == total, part
+        assert all(0 < r["rows"][part] < total for r in ranks), part
+
+
 def test_two_rank_training_step_equals_one_process_on_the_whole_batch(tmp_path):
     """Each rank trains on its half of every batch (a process group initialised by the caller): the
     parameters after three steps equal one process's on the whole batches (relu and topk with AuxK off)."""

@@ -2,7 +2,9 @@
 
 One forward pass per edge and batch, so it is for validating the estimators on small models (or a
 subset of edges on a real one) and as a slow baseline. Scores are means over examples of
-M(edge ablated) - M(clean), the quantity EAP estimates to first order.
+M(edge ablated) - M(clean), the quantity EAP estimates to first order. In a data-parallel run
+(distributed.py) each rank patches every edge on its shard of the examples and the per-edge sums are
+all-reduced.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..devices import HOST, model_device, batch_size_for
 from ..data.dataset import PromptPairDataset
 from ..graph import Graph
@@ -36,10 +39,22 @@ def exact_scores(
     batch_size = batch_size_for(model, batch_size)
     metric = dataset.metric if metric is None else metric
     edges = torch.arange(graph.n_edges, device=HOST) if edges is None else torch.as_tensor(edges, device=HOST).flatten()
-    device = model_device(model)
     total = torch.zeros(len(edges), dtype=torch.float64, device=HOST)
-    bar = tqdm(total=len(edges) * len(dataset), desc="exact patching", unit="edge-ex", disable=not progress)
-    for _, batch in dataset.batches(batch_size):
+    bar = tqdm(total=len(edges) * distributed.shard_size(len(dataset)), desc="exact patching", unit="edge-ex",
+               disable=not distributed.progress_enabled(progress))
+    with distributed.together():
+        _patch_shard(model, graph, dataset, edges, ablation, mean, batch_size, absolute, metric, total, bar)
+    bar.close()
+    total = distributed.all_reduce_sum(total)
+    out = torch.full((graph.n_edges,), float("nan"), device=HOST)
+    out[edges] = (total / len(dataset)).float()
+    return out
+
+
+def _patch_shard(model, graph, dataset, edges, ablation, mean, batch_size, absolute, metric, total, bar) -> None:
+    """Add each edge's metric change, summed over this rank's shard of `dataset`, into `total`."""
+    device = model_device(model)
+    for _, batch in distributed.batches(dataset, batch_size):
         batch = batch.to(device)
         clean_up = upstream_outputs(model, graph, batch.clean, batch.attention_mask)
         clean_final = final_logits(model(batch.clean, attention_mask=batch.attention_mask), batch.last)
@@ -56,7 +71,3 @@ def exact_scores(
             change = (m - base).double()
             total[i] += (change.abs() if absolute else change).sum().cpu()
             bar.update(len(batch.last))
-    bar.close()
-    out = torch.full((graph.n_edges,), float("nan"), device=HOST)
-    out[edges] = (total / len(dataset)).float()
-    return out

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..devices import model_device, batch_size_for
+from .. import distributed
+from ..devices import HOST, model_device, batch_size_for
 from ..data.dataset import Batch, PromptPairDataset
 from ..errors import ParameterError
 from ..graph import Graph
@@ -133,23 +134,44 @@ class _PositionMean:
         per_position = torch.where(self.count[:, None, None] > 0, mean, overall).transpose(0, 1).contiguous()
         return MeanReference(per_position, overall)
 
+    def add_ranks(self) -> None:
+        """Collective: replace this rank's sums and counts with those of all ranks, padded to the longest
+        position any rank saw, so that the mean weighs every token once however the shards differ in size
+        or length. The sums travel in float64 and come back in their own dtype."""
+        width = int(distributed.all_reduce_max(torch.tensor([self.total.shape[0]], device=HOST)))
+        self.total = _rank_sum(_pad_rows(self.total, width))
+        self.count = _rank_sum(_pad_rows(self.count, width))
+
+
+def _rank_sum(x: torch.Tensor) -> torch.Tensor:
+    return distributed.all_reduce_sum(x.double()).to(x.dtype)
+
 
 @torch.no_grad()
 def mean_reference(model, graph: Graph, dataset: PromptPairDataset, batch_size: int | None = None,
                    attention: bool = False) -> MeanReference:
     """Mean upstream outputs over the clean prompts of `dataset`, per position and overall (and, with
-    `attention`, the means of every layer's queries, keys and values)."""
+    `attention`, the means of every layer's queries, keys and values).
+
+    In a data-parallel run (distributed.py) every rank must call it: each reads its shard of `dataset`
+    and the per-position sums and token counts are all-reduced, so every rank gets the whole set's
+    means. A set with fewer examples than ranks is read whole on every rank."""
     batch_size = batch_size_for(model, batch_size)
     device = model_device(model)
     up_mean = _PositionMean()
     attn_means: dict[tuple[int, int], _PositionMean] = {}
-    for _, batch in dataset.batches(batch_size):
-        batch = batch.to(device)
-        up, attn = upstream_and_attention(model, graph, batch.clean, batch.attention_mask, attention)
-        up_mean.add(up, batch.attention_mask)
-        for layer, tensors in attn.items():
-            for slot, x in enumerate(tensors):
-                attn_means.setdefault((layer, slot), _PositionMean()).add(x.flatten(2)[None], batch.attention_mask)
+    sharded = distributed.active() and len(dataset) >= distributed.world_size()
+    with distributed.together():
+        for _, batch in distributed.batches(dataset, batch_size) if sharded else dataset.batches(batch_size):
+            batch = batch.to(device)
+            up, attn = upstream_and_attention(model, graph, batch.clean, batch.attention_mask, attention)
+            up_mean.add(up, batch.attention_mask)
+            for layer, tensors in attn.items():
+                for slot, x in enumerate(tensors):
+                    attn_means.setdefault((layer, slot), _PositionMean()).add(x.flatten(2)[None], batch.attention_mask)
+    if sharded:
+        for m in [up_mean, *(attn_means[key] for key in sorted(attn_means))]:
+            m.add_ranks()
     out = up_mean.result()
     out.attention = {key: m.result() for key, m in attn_means.items()} if attention else None
     return out
