@@ -88,7 +88,8 @@ def train(
     target: Optional[str] = typer.Option(None, "--target", help="Transcoders: the hook point written "
                                          "(e.g. blocks.3.hook_mlp_out)."),
     architecture: str = typer.Option("topk", "--architecture", help=f"One of {', '.join(TRAINABLE)}."),
-    k: int = typer.Option(32, "--k", help="Active latents per token (topk, batchtopk, matryoshka)."),
+    k: int = typer.Option(32, "--k", help="Active latents per token: exactly k for topk, batchtopk and matryoshka; "
+                          "the L0 trained to for relu, gated and jumprelu (their sparsity coefficient adapts)."),
     expansion: int = typer.Option(8, "--expansion", help="Latents per activation dimension (d_sae = expansion x d)."),
     d_sae: Optional[int] = typer.Option(None, "--d-sae", help="Number of latents (instead of --expansion)."),
     text: Optional[Path] = typer.Option(None, "--text", help="Training text: .txt, .jsonl with a \"text\" field, or a "
@@ -157,8 +158,9 @@ def train(
     widths = hook_widths(bridge, points)
     d_in = widths[hook]
     width = d_sae if d_sae is not None else expansion * d_in
-    if architecture in ("topk", "batchtopk", "matryoshka") and k > width:
-        raise ParameterError(f"--k {k} is more than the {width} latents")
+    if k > width or (k == width and architecture not in ("topk", "batchtopk", "matryoshka")):
+        raise ParameterError(f"--k {k} is more than the {width} latents" if k > width else
+                             f"--k {k}, the L0 a {architecture} trains to, must be below the {width} latents")
     from ..lens.text import model_fingerprint
 
     extra = {"training": {"tokens": tokens, "batch_size": batch_size, "lr": lr, "seed": seed, "length": length,
@@ -183,8 +185,13 @@ def train(
                             drop_last=True, progress=False)
     err_console.print(buffer.note, highlight=False)
     start = time.perf_counter()
+    from .target_l0 import COEFFICIENT
+
+    # a latent silent for the last tenth of the run counts as dead (and feeds AuxK in topk-style training)
+    dead_after = min(1_000_000, max(batch_size, steps * batch_size // 10))
     result = train_dictionary(sae, buffer, steps, lr=lr, checkpoint=checkpoint, checkpoint_every=max(1, steps // 10),
-                              resume=resume, progress=True)
+                              resume=resume, progress=True, dead_after=dead_after,
+                              target_l0=float(k) if config.sparsity in COEFFICIENT else None)
     seconds = time.perf_counter() - start
     # Under torchrun each rank read its own share of the sequences (the buffer shards them) and the
     # gradients were all-reduced, so every rank holds the same dictionary: rank 0 measures and writes it.

@@ -21,6 +21,11 @@ for transcoders), one optimizer step (Adam) per batch, and handles what every ar
 
 The first batch sets b_dec (autoencoders) to the batch's mean activation when `init_b_dec` is on and
 training starts fresh.
+
+`target_l0` (relu, gated, jumprelu) trains to a chosen L0 instead of a chosen coefficient: the sparsity
+coefficient follows the batches' L0 (target_l0.py's L0Controller, `l0_rate`), and a fresh JumpReLU takes
+its firing points (encoder or gate biases, thresholds) from the first batch. A BatchTopK dictionary's inference threshold
+ends as the mean smallest kept activation over the last tenth of the steps (target_l0.py).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import json
 import math
 import os
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -41,6 +47,7 @@ from ..fileio import atomic_dir
 from .architectures import loss as architecture_loss
 from .dictionary import CONFIG, WEIGHTS, Dictionary, DictionaryConfig, DictionaryError
 from .metrics import split_batch
+from .target_l0 import ADAPTED_FIELDS, L0Controller, check_target, final_batch_threshold, init_density
 
 STATE = "training.json"
 OPTIMIZER = "optimizer.pt"
@@ -94,7 +101,7 @@ def normalize_decoder(sae: Dictionary) -> None:
     w /= w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def _check_checkpoint(path: Path, config: DictionaryConfig) -> dict:
+def _check_checkpoint(path: Path, config: DictionaryConfig, adapted: bool = False) -> dict:
     for name in (CONFIG, WEIGHTS, STATE, OPTIMIZER):
         if not (path / name).is_file():
             raise DictionaryError(f"{path}: not a dictionary training checkpoint (no {name})")
@@ -103,8 +110,10 @@ def _check_checkpoint(path: Path, config: DictionaryConfig) -> dict:
     except (OSError, ValueError) as exc:
         raise DictionaryError(f"{path / STATE}: not readable JSON ({exc})") from None
     saved = Dictionary.load(path).config
-    if saved.to_json() != config.to_json():
-        diff = [k for k, v in config.to_json().items() if saved.to_json().get(k) != v]
+    # with target_l0 the coefficient (and a JumpReLU's bandwidth) move in training: the checkpoint's hold
+    ignore = set(ADAPTED_FIELDS) if adapted and state.get("target_l0") is not None else set()
+    diff = [k for k, v in config.to_json().items() if k not in ignore and saved.to_json().get(k) != v]
+    if diff:
         raise DictionaryError(f"{path}: the checkpoint is of another dictionary (differs in {', '.join(diff)})")
     return state
 
@@ -123,10 +132,12 @@ def train(sae: Dictionary, batches: Iterable, steps: int, lr: float = 2e-4, *,
           warmup_steps: int | None = None, decay_fraction: float = 0.2, betas=(0.9, 0.999),
           max_grad_norm: float | None = 1.0, dead_after: int = 1_000_000, init_b_dec: bool = True,
           checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1000, resume: bool = False,
-          skip_consumed: bool = True, log_every: int = 10, progress: bool = True) -> TrainResult:
+          skip_consumed: bool = True, log_every: int = 10, progress: bool = True,
+          target_l0: float | None = None, l0_rate: float = 0.05) -> TrainResult:
     """Train `sae` in place for `steps` optimizer steps, one per batch of `batches`; see the module's
     docstring. Returns the TrainResult. An empty stream raises DictionaryError; a stream that ends
-    early stops training there with a MechscopeWarning."""
+    early stops training there with a MechscopeWarning. `target_l0`: train a relu, gated or jumprelu
+    dictionary to this L0 by adapting its coefficient at rate `l0_rate` (see the module's docstring)."""
     from tqdm.auto import tqdm
 
     steps = check_count("steps", steps)
@@ -138,6 +149,7 @@ def train(sae: Dictionary, batches: Iterable, steps: int, lr: float = 2e-4, *,
     if not 0 <= decay_fraction <= 1:
         raise DictionaryError(f"decay_fraction must be in [0, 1], got {decay_fraction}")
     warmup = min(1000, steps // 20) if warmup_steps is None else check_count("warmup_steps", warmup_steps, 0)
+    target_l0 = check_target(sae, target_l0)
     c = sae.config
     unit = c.decoder_norm == "unit"
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=betas)
@@ -149,11 +161,17 @@ def train(sae: Dictionary, batches: Iterable, steps: int, lr: float = 2e-4, *,
             raise DictionaryError("resume=True needs a checkpoint directory")
         if not ckpt.exists():
             raise DictionaryError(f"{ckpt}: no checkpoint to resume from")
-        state = _check_checkpoint(ckpt, c)
+        state = _check_checkpoint(ckpt, c, adapted=target_l0 is not None)
         if state.get("total_steps") != steps:
             raise DictionaryError(f"{ckpt}: the checkpoint was of a {state.get('total_steps')}-step run, "
                                   f"not {steps} steps (the learning-rate schedule depends on it)")
-        sae.load_state_dict(Dictionary.load(ckpt, device=sae.device).state_dict())
+        if state.get("target_l0") != target_l0:
+            raise DictionaryError(f"{ckpt}: the checkpoint was trained with target_l0={state.get('target_l0')}, "
+                                  f"not {target_l0}")
+        saved_dictionary = Dictionary.load(ckpt, device=sae.device)
+        for name in ADAPTED_FIELDS:  # where target_l0 moved them; otherwise equal already
+            setattr(c, name, getattr(saved_dictionary.config, name))
+        sae.load_state_dict(saved_dictionary.state_dict())
         saved = torch.load(ckpt / OPTIMIZER, map_location=sae.device, weights_only=True)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -163,7 +181,7 @@ def train(sae: Dictionary, batches: Iterable, steps: int, lr: float = 2e-4, *,
         raise DictionaryError(f"{ckpt}: a checkpoint is already there; pass resume=True to continue it, "
                               "or choose another directory")
     extra = {"total_steps": steps, "lr": lr, "warmup_steps": warmup, "decay_fraction": decay_fraction,
-             "dead_after": dead_after}
+             "dead_after": dead_after, "target_l0": target_l0, "l0_rate": l0_rate}
     iterator = iter(batches)
     if resume and skip_consumed:
         for _ in range(result.steps):
@@ -178,6 +196,8 @@ def train(sae: Dictionary, batches: Iterable, steps: int, lr: float = 2e-4, *,
     if parallel and c.sparsity == "batchtopk":
         raise DictionaryError("batchtopk selects latents over the whole batch, which data-parallel training "
                               "splits across ranks; use topk (or one process) for batchtopk")
+    controller = L0Controller(sae, target_l0, l0_rate) if target_l0 is not None else None
+    minima = deque(maxlen=max(1, steps // 10)) if c.sparsity == "batchtopk" else None
     running: dict[str, float] = {}
     sae.train()
     bar = tqdm(total=steps, initial=result.steps, desc=f"train {c.architecture}", unit="step",
@@ -206,6 +226,16 @@ def train(sae: Dictionary, batches: Iterable, steps: int, lr: float = 2e-4, *,
             if result.steps == 0 and init_b_dec and not c.is_transcoder:
                 with torch.no_grad():
                     sae.b_dec.copy_(distributed.all_reduce_sum(x.sum(0)) / n_tokens if parallel else x.mean(0))
+            if result.steps == 0 and controller is not None:
+                init_density(sae, x, target_l0)
+                if parallel:  # one starting point on every rank: the ranks' estimates averaged
+                    with torch.no_grad():
+                        for name in ("threshold", "b_enc", "b_gate"):
+                            p = getattr(sae, name, None)
+                            if isinstance(p, torch.Tensor):
+                                p.copy_(distributed.all_reduce_sum(p.detach().clone()) / distributed.world_size())
+                    if c.sparsity == "jumprelu":
+                        c.jumprelu_bandwidth = max(0.1 * float(sae.threshold.median()), 1e-6)
             dead = result.tokens_since_fired >= dead_after
             with distributed.together():
                 parts = architecture_loss(sae, x, y, dead)
@@ -229,10 +259,21 @@ def train(sae: Dictionary, batches: Iterable, steps: int, lr: float = 2e-4, *,
                     fired = distributed.all_reduce_max(fired.to(torch.int32)).bool()
                 result.tokens_since_fired += n_tokens
                 result.tokens_since_fired[fired] = 0
+                if controller is not None:
+                    active = float((parts.latents != 0).reshape(-1, c.d_sae).sum())
+                    if parallel:
+                        active, _ = distributed.sum_numbers(active, 0)
+                    controller.update(active / n_tokens)
+                if minima is not None:
+                    kept = parts.latents[parts.latents > 0]
+                    if kept.numel():
+                        minima.append(float(kept.min()))
             result.steps += 1
             result.tokens += n_tokens
             if result.steps % log_every == 0 or result.steps == steps:
                 row = _log_row(parts, x if y is None else y, feat, result, dead_after, optimizer)
+                if controller is not None:
+                    row[controller.field] = controller.coefficient
                 result.history.append(row)
                 for key in ("l0", "fvu"):
                     running[key] = row[key] if key not in running else 0.9 * running[key] + 0.1 * row[key]
@@ -243,6 +284,13 @@ def train(sae: Dictionary, batches: Iterable, steps: int, lr: float = 2e-4, *,
                 save_checkpoint(ckpt, sae, optimizer, scheduler, result, extra)
     finally:
         bar.close()
+    if minima and result.steps == steps:
+        value = final_batch_threshold(list(minima))
+        if value is not None:
+            with torch.no_grad():
+                sae.threshold.fill_(value)
+            if ckpt is not None and distributed.is_main():
+                save_checkpoint(ckpt, sae, optimizer, scheduler, result, extra)
     if ckpt is not None and result.steps % checkpoint_every and result.steps < steps and distributed.is_main():
         save_checkpoint(ckpt, sae, optimizer, scheduler, result, extra)
     sae.eval()
