@@ -269,6 +269,44 @@ def test_a_perfect_dictionary_recovers_everything_a_zero_one_nothing(tiny_model,
     assert SpliceMetrics(**json.loads(path.read_text())) == good
 
 
+def test_a_crosscoder_is_measured_from_the_clean_activations_of_all_its_hook_points(tiny_model):
+    points = ("blocks.0.hook_resid_post", RESID)
+    d = tiny_model.cfg.d_model
+    cross = Dictionary(DictionaryConfig("crosscoder", d, 40, "", hook_points=points, activation="topk", k=4))
+    cross.init_weights(2)
+    toks = tokens_for(tiny_model, n=5, length=10, seed=4)
+    got = measure(tiny_model, cross, toks, batch_size=2)
+    bos = toks == tiny_model.tokenizer.bos_token_id
+    keep = ~bos[:, :-1]
+    clean, a0 = read(tiny_model, toks, points[0])
+    _, a1 = read(tiny_model, toks, points[1])
+    stacked = torch.stack([a0, a1], -2)
+    with torch.no_grad():
+        recons = cross(stacked)  # [n, pos, 2, d], from the clean activations of both points
+
+    def run(values):
+        hooks = [(p, (lambda v: lambda act, hook: torch.where(bos[..., None], act, v))(v)) for p, v in zip(points, values)]
+        with torch.no_grad(), tiny_model.hooks(fwd_hooks=hooks):
+            return tiny_model(toks)
+
+    def ce(logits):
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), toks[:, 1:], reduction="none")
+        return float(nll[keep].mean())
+
+    spliced = run([recons[..., 0, :], recons[..., 1, :]])
+    means = [a[~bos].mean(0).expand_as(a) for a in (a0, a1)]
+    assert got.ce_clean == pytest.approx(ce(clean), rel=1e-5)
+    assert got.ce_spliced == pytest.approx(ce(spliced), rel=1e-4)
+    assert got.ce_zero_ablated == pytest.approx(ce(run([torch.zeros_like(a0)] * 2)), rel=1e-4)
+    assert got.ce_mean_ablated == pytest.approx(ce(run(means)), rel=1e-4)
+    target = stacked[~bos].double()
+    fvu = ((target - recons[~bos].double()) ** 2).sum() / ((target - target.mean(0)) ** 2).sum()
+    assert got.fvu == pytest.approx(float(fvu), rel=1e-4) and got.l0 == pytest.approx(4)
+    assert got.hook_point == ",".join(points) and got.kl > 0
+    kept = measure(tiny_model, cross, toks, keep_error=True)
+    assert kept.kl == pytest.approx(0, abs=1e-6) and kept.ce_spliced == pytest.approx(kept.ce_clean, abs=1e-5)
+
+
 def test_measure_refuses_bad_tokens(tiny_model):
     sae = sae_at(tiny_model)
     with pytest.raises(DictionaryError, match="at least one sequence of two tokens"):

@@ -41,10 +41,10 @@ def test_jumprelu_thresholds_from_the_first_batch():
     pre = sae.pre_activations(x)
     m = round(400 * 8 / 64)
     for i in range(0, 64, 7):  # each threshold is its latent's m-th largest pre-activation on the batch
-        assert float(sae.threshold[i]) == pytest.approx(max(float(pre[:, i].detach().topk(m).values[-1]), 1e-3))
+        assert float(sae.threshold[i].detach()) == pytest.approx(max(float(pre[:, i].detach().topk(m).values[-1]), 1e-3))
     l0 = float((sae.encode(x) > 0).float().sum(-1).mean())
     assert 6 <= l0 <= 8  # strictly above the m-th largest: m - 1 of the 400 tokens per latent (or fewer)
-    assert sae.config.jumprelu_bandwidth == pytest.approx(0.1 * float(sae.threshold.median()))
+    assert sae.config.jumprelu_bandwidth == pytest.approx(0.1 * float(sae.threshold.detach().median()))
     with pytest.raises(DictionaryError, match="for relu, gated and jumprelu dictionaries, not topk"):
         init_density(Dictionary(make_config("topk")).init_weights(0), x, 8)
 
@@ -62,7 +62,7 @@ def test_relu_and_gated_biases_from_the_first_batch(architecture):
     assert ((after > 0).sum(0) <= m - 1).all() and ((after > 0).sum(0) >= m - 2).all()
     assert 6 <= float((sae.encode(x) > 0).float().sum(-1).mean()) <= 8
 
-def test_the_controller_moves_the_coefficient_towards_the_target():
+def test_the_controller_moves_the_coefficient_towards_the_target(tmp_path):
     sae = Dictionary(make_config("relu", l1_coefficient=1.0)).init_weights(0)
     control = L0Controller(sae, target=4, rate=0.5)
     assert control.update(16) == pytest.approx(2.0)       # 4x too dense: x 4^0.5
@@ -72,6 +72,16 @@ def test_the_controller_moves_the_coefficient_towards_the_target():
     assert sae.config.l1_coefficient == pytest.approx(2.0)
     with pytest.raises(DictionaryError, match="rate must be positive"):
         L0Controller(sae, 4, rate=0)
+    # jumprelu's coefficient is a multiplier free in sign: too sparse for long enough turns it negative
+    jump = Dictionary(make_config("jumprelu", l0_coefficient=0.01)).init_weights(0)
+    control = L0Controller(jump, target=4, rate=0.5)
+    values = [control.update(1) for _ in range(6)]
+    assert values[0] < 0.01 and min(values) < 0 and values == sorted(values, reverse=True)
+    assert control.update(4) == pytest.approx(values[-1])
+    back = [control.update(16) for _ in range(12)]
+    assert back[-1] > 0.01  # and back up past where it started when too dense
+    jump.config.l0_coefficient = -0.5  # a negative multiplier is a valid saved config
+    assert Dictionary.load(jump.save(tmp_path / "negative")).config.l0_coefficient == -0.5
 
 
 def test_batchtopk_ends_with_the_mean_threshold_of_the_last_steps(activations):
@@ -102,6 +112,19 @@ def test_resuming_a_target_l0_run_gives_the_uninterrupted_result(tmp_path):
     with pytest.raises(DictionaryError, match="trained with target_l0=6.0, not 5.0"):
         train(Dictionary(config).init_weights(0), Interrupt(config), checkpoint=ckpt, resume=True,
               **{**kw, "target_l0": 5})
+
+
+def test_resuming_batchtopk_keeps_the_window_of_batch_minima(tmp_path):
+    config = make_config("batchtopk")
+    kw = dict(steps=30, lr=1e-2, checkpoint_every=4, progress=False, dead_after=64)
+    full = Dictionary(config).init_weights(0)
+    train(full, Interrupt(config), **kw)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):  # the checkpoint at step 28 is inside the 3-step window
+        train(Dictionary(config).init_weights(0), Interrupt(config, at=29), checkpoint=ckpt, **kw)
+    again = Dictionary(config).init_weights(0)
+    train(again, Interrupt(config), checkpoint=ckpt, resume=True, **kw)
+    assert float(again.threshold) == float(full.threshold) > 0
 
 
 def test_target_l0_bad_input():

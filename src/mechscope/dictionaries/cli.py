@@ -254,11 +254,6 @@ def evaluate(
     resolve_device(device)
     check_output_dir(out, overwrite)
     sae = load_any(sae_dir)  # a missing, corrupt or foreign directory fails before the model loads
-    if sae.config.architecture == "crosscoder":
-        from .dictionary import DictionaryError
-
-        raise DictionaryError(f"{sae_dir}: a crosscoder cannot be spliced into one forward pass (its reconstruction "
-                              "of an early layer needs later layers); measure it with evaluate() on activations")
     given = _user_text(text, model, length)
     with err_console.status(f"loading {model}"):
         bridge = load_model(model, device=device)

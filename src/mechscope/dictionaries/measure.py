@@ -17,6 +17,13 @@ every number is over the same next-token predictions. From the mean next-token c
 (1 when splicing costs nothing, 0 when it is as bad as the ablation; reported for both baselines and
 named), and the mean KL(clean ‖ spliced) of the next-token distributions. The same spliced run gives
 L0, FVU, dead latents and the density histogram (`LatentStats`, as `evaluate`) over the non-BOS positions.
+
+A crosscoder reads all its hook points at once, and an acausal one reconstructs an early layer from
+later ones, which one forward pass has not computed when it reaches the early layer. It is measured
+the way acausal crosscoders are: its reconstruction is computed from the clean run's activations at
+every hook point, and the spliced run replaces each hook point by its part of that reconstruction
+(the ablated runs replace every hook point, by zeros or by each one's mean). Where the hook points
+are residual-stream states, the last one replaced is all the rest of the model reads.
 """
 
 from __future__ import annotations
@@ -114,10 +121,10 @@ def measure(model, sae: Dictionary, tokens: Tensor, batch_size: int | None = Non
     tokens = _check_tokens(tokens)
     sae.check_model(model)
     c = sae.config
-    if c.architecture == "crosscoder":
-        raise DictionaryError("measure: a crosscoder cannot be spliced into one forward pass; use evaluate()")
+    cross = c.architecture == "crosscoder"
     written = c.out_hook_point if c.is_transcoder else c.hook_point
-    _enable(model, [c.hook_point, written])
+    points = list(c.hook_points) if cross else [written]  # the hook points replaced
+    _enable(model, [c.hook_point, written] if not cross else points)
     device = model_device(model)
     step = batch_size_for(model, batch_size)
     bos = _bos_token(model)
@@ -146,6 +153,9 @@ def measure(model, sae: Dictionary, tokens: Tensor, batch_size: int | None = Non
             return torch.where(keep, flat, fill).reshape(act.shape)
         return hook
 
+    def replace_all(values):  # one value per replaced hook point (None: zeros)
+        return [(p, replace_with(v)) for p, v in zip(points, values)]
+
     try:
         for i, chunk in enumerate(chunks):
             batch = chunk.to(device)
@@ -160,21 +170,30 @@ def measure(model, sae: Dictionary, tokens: Tensor, batch_size: int | None = Non
                     return act
                 return hook
 
-            with model.hooks(fwd_hooks=[(written, grab("y"))]):
+            with model.hooks(fwd_hooks=[(p, grab(p)) for p in points]):
                 ce, _, clean_logp = _next_token_terms(model(batch), batch, keep, None)
             sums["clean"] += float(ce)
-            y = got["y"][~untouched].to(torch.float64)
-            act_sum = y.sum(0) if act_sum is None else act_sum + y.sum(0)
-            n_act += y.shape[0]
-            with splice(model, sae, keep_error=keep_error, check=False) as spliced:
-                spliced.set_tokens(batch)
-                names = [f"{written}.sae.hook_latents", f"{written}.sae.hook_recons"]
-                with model.hooks(fwd_hooks=[(names[0], grab("f")), (names[1], grab("recons"))]):
+            y = torch.stack([got[p] for p in points], -2)  # [b, pos, n_points, d]
+            y_kept = y[~untouched].to(torch.float64)
+            act_sum = y_kept.sum(0) if act_sum is None else act_sum + y_kept.sum(0)
+            n_act += y_kept.shape[0]
+            if cross:
+                f = sae.encode(y.to(sae.dtype))
+                recons = sae.decode(f)
+                put = recons + (y - recons) if keep_error else recons
+                with model.hooks(fwd_hooks=replace_all(put.unbind(-2))):
                     ce, kl, _ = _next_token_terms(model(batch), batch, keep, clean_logp)
+                stats.update(y[~untouched], recons[~untouched], f[~untouched], 2)
+            else:
+                with splice(model, sae, keep_error=keep_error, check=False) as spliced:
+                    spliced.set_tokens(batch)
+                    names = [f"{written}.sae.hook_latents", f"{written}.sae.hook_recons"]
+                    with model.hooks(fwd_hooks=[(names[0], grab("f")), (names[1], grab("recons"))]):
+                        ce, kl, _ = _next_token_terms(model(batch), batch, keep, clean_logp)
+                stats.update(y[..., 0, :][~untouched], got["recons"][~untouched], got["f"][~untouched])
             sums["spliced"] += float(ce)
             sums["kl"] += float(kl)
-            stats.update(got["y"][~untouched], got["recons"][~untouched], got["f"][~untouched])
-            with model.hooks(fwd_hooks=[(written, replace_with(None))]):
+            with model.hooks(fwd_hooks=replace_all([None] * len(points))):
                 sums["zero"] += float(_next_token_terms(model(batch), batch, keep, None)[0])
             if progress:
                 print(f"measure: batch {i + 1}/{len(chunks)} (clean, spliced, zero-ablated)", file=sys.stderr)
@@ -185,14 +204,14 @@ def measure(model, sae: Dictionary, tokens: Tensor, batch_size: int | None = Non
             batch = chunk.to(device)
             untouched = bos_mask(batch)
             keep = ~untouched[:, :-1]
-            with model.hooks(fwd_hooks=[(written, replace_with(mean))]):
+            with model.hooks(fwd_hooks=replace_all(mean.unbind(0))):
                 sums["mean"] += float(_next_token_terms(model(batch), batch, keep, None)[0])
     finally:
         sae.train(was_training)
     ce = {k: v / n_pred for k, v in sums.items()}
     summary = stats.summary()
     return SpliceMetrics(
-        model=str(getattr(model, "mechscope_name", None) or model.cfg.model_name), hook_point=written,
+        model=str(getattr(model, "mechscope_name", None) or model.cfg.model_name), hook_point=",".join(points),
         architecture=c.architecture, d_sae=c.d_sae, sequences=int(tokens.shape[0]), predictions=n_pred,
         ce_clean=ce["clean"], ce_spliced=ce["spliced"], ce_zero_ablated=ce["zero"], ce_mean_ablated=ce["mean"],
         ce_recovered_zero=ce_recovered(ce["zero"], ce["spliced"], ce["clean"]),

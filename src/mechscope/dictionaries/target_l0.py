@@ -8,6 +8,11 @@ a sweep of full runs. `train(..., target_l0=L)` avoids it with two things this m
 - `L0Controller`: after each step, the coefficient is multiplied by (L0_batch / L)^rate, an integral
   controller on log λ: too dense raises the penalty, too sparse lowers it. The final coefficient stays
   in the dictionary's config, so the saved dictionary records what it was trained with.
+  JumpReLU needs more: its reconstruction gradient alone raises the thresholds (a latent that fires
+  adds at least θ·W_dec,i, which often overshoots), so its L0 falls below the target even with no
+  penalty at all. Its coefficient is therefore a Lagrange multiplier of the constraint L0 = L, free in
+  sign: the controller moves u = asinh(λ / 0.01) by rate·ln(L0_batch / L), which is the multiplicative
+  rule away from zero and lets λ cross it, so a negative λ rewards firing until the L0 is back.
 - `init_density`: with a fixed starting point a short run never reaches the target. Adam moves each
   parameter by about the learning rate per step whatever the coefficient, and activations of norm
   ~100 (a residual stream) put the pre-activations far from where the target density lies: a ReLU
@@ -53,13 +58,17 @@ def check_target(sae: Dictionary, target_l0: float | None) -> float | None:
 
 class L0Controller:
     """Multiplies the sparsity coefficient of `sae` by (l0 / target)^rate after each step (clamped to
-    a factor of 2 per step, the coefficient to [1e-8, 1e8])."""
+    a factor of 2 per step, the coefficient to [1e-8, 1e8]); a jumprelu's moves asinh(λ/0.01) by
+    rate·ln(l0 / target) instead, so it may turn negative (see the module's docstring)."""
+
+    SIGNED_SCALE = 0.01  # jumprelu: λ = 0.01·sinh(u)
 
     def __init__(self, sae: Dictionary, target: float, rate: float = 0.05):
         if not rate > 0:
             raise DictionaryError(f"the L0 controller's rate must be positive, got {rate}")
         self.sae, self.target, self.rate = sae, float(target), float(rate)
         self.field = COEFFICIENT[sae.config.sparsity]
+        self.signed = sae.config.sparsity == "jumprelu"
 
     @property
     def coefficient(self) -> float:
@@ -68,8 +77,12 @@ class L0Controller:
     def update(self, l0: float) -> float:
         """Adjust the coefficient for a batch whose mean L0 was `l0`; returns the new coefficient."""
         ratio = max(float(l0), 1e-3) / self.target
-        factor = math.exp(max(-math.log(2), min(math.log(2), self.rate * math.log(ratio))))
-        value = min(max(self.coefficient * factor, 1e-8), 1e8)
+        move = max(-math.log(2), min(math.log(2), self.rate * math.log(ratio)))
+        if self.signed:
+            u = math.asinh(self.coefficient / self.SIGNED_SCALE) + move
+            value = self.SIGNED_SCALE * math.sinh(max(-40.0, min(40.0, u)))
+        else:
+            value = min(max(self.coefficient * math.exp(move), 1e-8), 1e8)
         setattr(self.sae.config, self.field, value)
         return value
 

@@ -156,6 +156,7 @@ def train(sae: Dictionary, batches: Iterable, steps: int, lr: float = 2e-4, *,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, decay_fraction))
     result = TrainResult(tokens_since_fired=torch.zeros(c.d_sae, dtype=torch.int64, device=sae.device))
     ckpt = Path(checkpoint) if checkpoint is not None else None
+    resumed_minima: list[float] = []
     if resume:
         if ckpt is None:
             raise DictionaryError("resume=True needs a checkpoint directory")
@@ -177,6 +178,7 @@ def train(sae: Dictionary, batches: Iterable, steps: int, lr: float = 2e-4, *,
         scheduler.load_state_dict(saved["scheduler"])
         result.steps, result.tokens, result.history = state["step"], state["tokens"], state["history"]
         result.tokens_since_fired = saved["tokens_since_fired"].to(sae.device)
+        resumed_minima = state.get("batch_minima", [])
     elif ckpt is not None and ckpt.exists() and (not ckpt.is_dir() or any(ckpt.iterdir())):
         raise DictionaryError(f"{ckpt}: a checkpoint is already there; pass resume=True to continue it, "
                               "or choose another directory")
@@ -198,6 +200,8 @@ def train(sae: Dictionary, batches: Iterable, steps: int, lr: float = 2e-4, *,
                               "splits across ranks; use topk (or one process) for batchtopk")
     controller = L0Controller(sae, target_l0, l0_rate) if target_l0 is not None else None
     minima = deque(maxlen=max(1, steps // 10)) if c.sparsity == "batchtopk" else None
+    if minima is not None and resume:
+        minima.extend(resumed_minima)
     running: dict[str, float] = {}
     sae.train()
     bar = tqdm(total=steps, initial=result.steps, desc=f"train {c.architecture}", unit="step",
@@ -281,7 +285,7 @@ def train(sae: Dictionary, batches: Iterable, steps: int, lr: float = 2e-4, *,
             bar.update(1)
             if ckpt is not None and (result.steps % checkpoint_every == 0 or result.steps == steps) \
                     and distributed.is_main():
-                save_checkpoint(ckpt, sae, optimizer, scheduler, result, extra)
+                save_checkpoint(ckpt, sae, optimizer, scheduler, result, _with_minima(extra, minima))
     finally:
         bar.close()
     if minima and result.steps == steps:
@@ -290,11 +294,16 @@ def train(sae: Dictionary, batches: Iterable, steps: int, lr: float = 2e-4, *,
             with torch.no_grad():
                 sae.threshold.fill_(value)
             if ckpt is not None and distributed.is_main():
-                save_checkpoint(ckpt, sae, optimizer, scheduler, result, extra)
+                save_checkpoint(ckpt, sae, optimizer, scheduler, result, _with_minima(extra, minima))
     if ckpt is not None and result.steps % checkpoint_every and result.steps < steps and distributed.is_main():
-        save_checkpoint(ckpt, sae, optimizer, scheduler, result, extra)
+        save_checkpoint(ckpt, sae, optimizer, scheduler, result, _with_minima(extra, minima))
     sae.eval()
     return result
+
+
+def _with_minima(extra: dict, minima) -> dict:
+    """The checkpoint's state with BatchTopK's window of batch minima, which a resumed run continues."""
+    return extra if minima is None else {**extra, "batch_minima": list(minima)}
 
 
 @torch.no_grad()
