@@ -24,9 +24,12 @@ def test_training_to_a_target_l0_lands_near_it(architecture, coefficient, activa
         result = train(sae, batches, steps=200, lr=3e-3, progress=False, target_l0=target)
         held_l0[target] = evaluate(sae, [held]).l0()
         if target is not None:
-            moved = getattr(sae.config, field)
-            assert moved != coefficient and result.history[-1][field] == pytest.approx(moved)
             assert evaluate(sae, [held]).fvu() < 0.6
+            moved = getattr(sae.config, field)
+            if architecture == "jumprelu":  # steered through its thresholds: the coefficient stays as given
+                assert moved == coefficient and field not in result.history[-1]
+            else:
+                assert moved != coefficient and result.history[-1][field] == pytest.approx(moved)
     # the fixed coefficient lands elsewhere; the controlled run within 25% of the target
     assert abs(held_l0[TARGET] - TARGET) <= 0.25 * TARGET, held_l0
     assert abs(held_l0[None] - TARGET) > 0.25 * TARGET, held_l0
@@ -62,26 +65,27 @@ def test_relu_and_gated_biases_from_the_first_batch(architecture):
     assert ((after > 0).sum(0) <= m - 1).all() and ((after > 0).sum(0) >= m - 2).all()
     assert 6 <= float((sae.encode(x) > 0).float().sum(-1).mean()) <= 8
 
-def test_the_controller_moves_the_coefficient_towards_the_target(tmp_path):
+def test_the_controller_moves_the_coefficient_towards_the_target():
     sae = Dictionary(make_config("relu", l1_coefficient=1.0)).init_weights(0)
     control = L0Controller(sae, target=4, rate=0.5)
-    assert control.update(16) == pytest.approx(2.0)       # 4x too dense: x 4^0.5
-    assert control.update(4) == pytest.approx(2.0)        # on target: unchanged
-    assert control.update(1) == pytest.approx(1.0)        # 4x too sparse: / 2
-    assert control.update(1e6) == pytest.approx(2.0)      # at most a factor of 2 per step
+    steps = [(16, 2.0), (4, 2.0), (1, 1.0), (1e6, 2.0)]  # 4x too dense: x 4^0.5; on target; 4x too sparse: / 2;
+    for l0, coefficient in steps:                        # at most a factor of 2 per step
+        control.update(l0)
+        assert control.coefficient == pytest.approx(coefficient)
     assert sae.config.l1_coefficient == pytest.approx(2.0)
     with pytest.raises(DictionaryError, match="rate must be positive"):
         L0Controller(sae, 4, rate=0)
-    # jumprelu's coefficient is a multiplier free in sign: too sparse for long enough turns it negative
+    # a jumprelu's thresholds take the factor, all alike; its coefficient stays
     jump = Dictionary(make_config("jumprelu", l0_coefficient=0.01)).init_weights(0)
+    with torch.no_grad():
+        jump.threshold.copy_(torch.linspace(0.5, 2.0, jump.config.d_sae))
+    before = jump.threshold.detach().clone()
     control = L0Controller(jump, target=4, rate=0.5)
-    values = [control.update(1) for _ in range(6)]
-    assert values[0] < 0.01 and min(values) < 0 and values == sorted(values, reverse=True)
-    assert control.update(4) == pytest.approx(values[-1])
-    back = [control.update(16) for _ in range(12)]
-    assert back[-1] > 0.01  # and back up past where it started when too dense
-    jump.config.l0_coefficient = -0.5  # a negative multiplier is a valid saved config
-    assert Dictionary.load(jump.save(tmp_path / "negative")).config.l0_coefficient == -0.5
+    assert control.update(16) == pytest.approx(2.0)  # too dense: every threshold doubled
+    torch.testing.assert_close(jump.threshold.detach(), 2 * before)
+    assert control.update(1) == pytest.approx(0.5)
+    torch.testing.assert_close(jump.threshold.detach(), before)
+    assert jump.config.l0_coefficient == 0.01
 
 
 def test_batchtopk_ends_with_the_mean_threshold_of_the_last_steps(activations):
@@ -96,7 +100,7 @@ def test_batchtopk_ends_with_the_mean_threshold_of_the_last_steps(activations):
 
 
 def test_resuming_a_target_l0_run_gives_the_uninterrupted_result(tmp_path):
-    config = make_config("jumprelu", l0_coefficient=0.05)
+    config = make_config("jumprelu", l0_coefficient=0.05)  # bandwidth and thresholds set from the first batch
     kw = dict(steps=10, lr=1e-2, checkpoint_every=3, progress=False, target_l0=6)
     full = Dictionary(config).init_weights(0)
     train(full, Interrupt(config), **kw)
@@ -106,7 +110,7 @@ def test_resuming_a_target_l0_run_gives_the_uninterrupted_result(tmp_path):
         train(sae, Interrupt(config, at=7), checkpoint=ckpt, **kw)
     again = Dictionary(make_config("jumprelu", l0_coefficient=0.05)).init_weights(0)
     train(again, Interrupt(config), checkpoint=ckpt, resume=True, **kw)
-    assert again.config == full.config and full.config.l0_coefficient != 0.05
+    assert again.config == full.config and full.config.jumprelu_bandwidth != config.jumprelu_bandwidth
     for name, value in full.state_dict().items():
         torch.testing.assert_close(again.state_dict()[name], value, rtol=0, atol=0, msg=name)
     with pytest.raises(DictionaryError, match="trained with target_l0=6.0, not 5.0"):

@@ -72,7 +72,7 @@ class DictionaryConfig:
     # (topk, batchtopk); "" = the default (relu; batchtopk for matryoshka). Ignored by the others.
     activation: str = ""
     l1_coefficient: float = 5.0  # relu, gated and relu-activated transcoders/crosscoders: the L1 weight
-    l0_coefficient: float = 1.0  # jumprelu: the weight of the L0 penalty (negative: rewards firing)
+    l0_coefficient: float = 1.0  # jumprelu: the weight of the L0 penalty
     jumprelu_bandwidth: float = 0.001   # jumprelu: width ε of the rectangle kernel of the STEs
     threshold_init: float = 0.001       # jumprelu: the thresholds' starting value
     aux_k: int = 0               # topk-style: latents AuxK reconstructs the residual with (0: d_in // 2)
@@ -162,8 +162,7 @@ class DictionaryConfig:
             bad("jumprelu_bandwidth and threshold_init must be positive")
         if not 0 <= self.threshold_momentum < 1:
             bad(f"threshold_momentum must be in [0, 1), got {self.threshold_momentum}")
-        # l0_coefficient may be negative: train(target_l0=...) treats it as a Lagrange multiplier
-        for name in ("l1_coefficient", "aux_coefficient"):
+        for name in ("l1_coefficient", "l0_coefficient", "aux_coefficient"):
             if getattr(self, name) < 0:
                 bad(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -270,7 +269,7 @@ class Dictionary(nn.Module):
         if not isinstance(config, DictionaryConfig):
             raise DictionaryError(f"expected a DictionaryConfig, got {type(config).__name__}")
         config.validate()
-        self.config = config
+        self.config = dataclasses.replace(config)  # its own copy: training may adapt fields (target_l0)
         c = config
         kw = dict(device=torch.device(device) if device is not None else HOST, dtype=c.torch_dtype)
         h, d_in, d_sae, d_out = c.n_hooks, c.d_in, c.d_sae, c.out_width

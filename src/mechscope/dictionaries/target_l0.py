@@ -8,11 +8,14 @@ a sweep of full runs. `train(..., target_l0=L)` avoids it with two things this m
 - `L0Controller`: after each step, the coefficient is multiplied by (L0_batch / L)^rate, an integral
   controller on log λ: too dense raises the penalty, too sparse lowers it. The final coefficient stays
   in the dictionary's config, so the saved dictionary records what it was trained with.
-  JumpReLU needs more: its reconstruction gradient alone raises the thresholds (a latent that fires
-  adds at least θ·W_dec,i, which often overshoots), so its L0 falls below the target even with no
-  penalty at all. Its coefficient is therefore a Lagrange multiplier of the constraint L0 = L, free in
-  sign: the controller moves u = asinh(λ / 0.01) by rate·ln(L0_batch / L), which is the multiplicative
-  rule away from zero and lets λ cross it, so a negative λ rewards firing until the L0 is back.
+  JumpReLU is steered through its thresholds instead: its L0 penalty reaches them only through the
+  straight-through estimator's narrow kernel, and Adam moves each threshold by about the learning rate
+  per step, far less than thresholds of the size raw activations give (units, for a residual stream of
+  norm ~100) would need. Its reconstruction gradient meanwhile raises them (a latent that fires adds
+  at least θ·W_dec,i, which often overshoots), so its L0 falls below the target whatever the
+  coefficient. After each step the controller therefore multiplies every threshold by the same
+  (L0_batch / L)^rate; the STE still learns the thresholds' relative sizes, and l0_coefficient is left
+  as given.
 - `init_density`: with a fixed starting point a short run never reaches the target. Adam moves each
   parameter by about the learning rate per step whatever the coefficient, and activations of norm
   ~100 (a residual stream) put the pre-activations far from where the target density lies: a ReLU
@@ -40,7 +43,7 @@ from torch import Tensor
 from .dictionary import Dictionary, DictionaryError
 
 COEFFICIENT = {"relu": "l1_coefficient", "gated": "l1_coefficient", "jumprelu": "l0_coefficient"}
-ADAPTED_FIELDS = ("l1_coefficient", "l0_coefficient", "jumprelu_bandwidth")  # what target_l0 may change
+ADAPTED_FIELDS = ("l1_coefficient", "jumprelu_bandwidth")  # the config fields target_l0 may change
 
 
 def check_target(sae: Dictionary, target_l0: float | None) -> float | None:
@@ -57,34 +60,31 @@ def check_target(sae: Dictionary, target_l0: float | None) -> float | None:
 
 
 class L0Controller:
-    """Multiplies the sparsity coefficient of `sae` by (l0 / target)^rate after each step (clamped to
-    a factor of 2 per step, the coefficient to [1e-8, 1e8]); a jumprelu's moves asinh(λ/0.01) by
-    rate·ln(l0 / target) instead, so it may turn negative (see the module's docstring)."""
-
-    SIGNED_SCALE = 0.01  # jumprelu: λ = 0.01·sinh(u)
+    """Multiplies the sparsity coefficient of `sae` (a jumprelu: its thresholds) by (l0 / target)^rate
+    after each step, clamped to a factor of 2 per step (the coefficient to [1e-8, 1e8])."""
 
     def __init__(self, sae: Dictionary, target: float, rate: float = 0.05):
         if not rate > 0:
             raise DictionaryError(f"the L0 controller's rate must be positive, got {rate}")
         self.sae, self.target, self.rate = sae, float(target), float(rate)
         self.field = COEFFICIENT[sae.config.sparsity]
-        self.signed = sae.config.sparsity == "jumprelu"
+        self.thresholds = sae.config.sparsity == "jumprelu"
 
     @property
     def coefficient(self) -> float:
         return float(getattr(self.sae.config, self.field))
 
+    @torch.no_grad()
     def update(self, l0: float) -> float:
-        """Adjust the coefficient for a batch whose mean L0 was `l0`; returns the new coefficient."""
+        """Adjust for a batch whose mean L0 was `l0`; returns the factor applied (to the coefficient,
+        or to a jumprelu's thresholds)."""
         ratio = max(float(l0), 1e-3) / self.target
-        move = max(-math.log(2), min(math.log(2), self.rate * math.log(ratio)))
-        if self.signed:
-            u = math.asinh(self.coefficient / self.SIGNED_SCALE) + move
-            value = self.SIGNED_SCALE * math.sinh(max(-40.0, min(40.0, u)))
+        factor = math.exp(max(-math.log(2), min(math.log(2), self.rate * math.log(ratio))))
+        if self.thresholds:
+            self.sae.threshold.mul_(factor).clamp_(min=1e-6)
         else:
-            value = min(max(self.coefficient * math.exp(move), 1e-8), 1e8)
-        setattr(self.sae.config, self.field, value)
-        return value
+            setattr(self.sae.config, self.field, min(max(self.coefficient * factor, 1e-8), 1e8))
+        return factor
 
 
 @torch.no_grad()

@@ -23,8 +23,9 @@ The first batch sets b_dec (autoencoders) to the batch's mean activation when `i
 training starts fresh.
 
 `target_l0` (relu, gated, jumprelu) trains to a chosen L0 instead of a chosen coefficient: the sparsity
-coefficient follows the batches' L0 (target_l0.py's L0Controller, `l0_rate`), and a fresh JumpReLU takes
-its firing points (encoder or gate biases, thresholds) from the first batch. A BatchTopK dictionary's inference threshold
+coefficient (JumpReLU: the thresholds, by a common factor) follows the batches' L0 (target_l0.py's
+L0Controller, `l0_rate`), and a fresh run takes the firing points (encoder or gate biases, thresholds)
+from the first batch. A BatchTopK dictionary's inference threshold
 ends as the mean smallest kept activation over the last tenth of the steps (target_l0.py).
 """
 
@@ -276,7 +277,7 @@ def train(sae: Dictionary, batches: Iterable, steps: int, lr: float = 2e-4, *,
             result.tokens += n_tokens
             if result.steps % log_every == 0 or result.steps == steps:
                 row = _log_row(parts, x if y is None else y, feat, result, dead_after, optimizer)
-                if controller is not None:
+                if controller is not None and not controller.thresholds:
                     row[controller.field] = controller.coefficient
                 result.history.append(row)
                 for key in ("l0", "fvu"):
