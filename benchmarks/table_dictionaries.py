@@ -1,7 +1,7 @@
 """Every dictionary architecture on SmolLM2 at a matched L0, on the same tokens: the README's table.
 
-Run (from the repository root; ~45 minutes on 2 CPU cores):
-    OMP_NUM_THREADS=2 PYTHONPATH=src .venv/bin/python benchmarks/table_dictionaries.py [--tokens 195072]
+Run (from the repository root; about 75 minutes at one thread on this 2-core CPU):
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/table_dictionaries.py [--tokens 195072]
         [--l0 32] [--text FILE] [--held-out 64] [--device cpu] [--out runs/dictionary-table]
 
 What it does:

@@ -89,7 +89,7 @@ def train(
                                          "(e.g. blocks.3.hook_mlp_out)."),
     architecture: str = typer.Option("topk", "--architecture", help=f"One of {', '.join(TRAINABLE)}."),
     k: int = typer.Option(32, "--k", help="Active latents per token: exactly k for topk, batchtopk and matryoshka; "
-                          "the L0 trained to for relu, gated and jumprelu (their sparsity coefficient adapts)."),
+                          "the L0 trained to for relu, gated and jumprelu (train(..., target_l0=k))."),
     expansion: int = typer.Option(8, "--expansion", help="Latents per activation dimension (d_sae = expansion x d)."),
     d_sae: Optional[int] = typer.Option(None, "--d-sae", help="Number of latents (instead of --expansion)."),
     text: Optional[Path] = typer.Option(None, "--text", help="Training text: .txt, .jsonl with a \"text\" field, or a "
