@@ -118,6 +118,7 @@ def train(
     from .activations import for_dictionary
     from .dictionary import Dictionary, DictionaryConfig, DictionaryError
     from .measure import measure
+    from .target_l0 import COEFFICIENT
     from .training import train as train_dictionary
 
     if architecture not in TRAINABLE:
@@ -185,8 +186,6 @@ def train(
                             drop_last=True, progress=False)
     err_console.print(buffer.note, highlight=False)
     start = time.perf_counter()
-    from .target_l0 import COEFFICIENT
-
     # a latent silent for the last tenth of the run counts as dead (and feeds AuxK in topk-style training)
     dead_after = min(1_000_000, max(batch_size, steps * batch_size // 10))
     result = train_dictionary(sae, buffer, steps, lr=lr, checkpoint=checkpoint, checkpoint_every=max(1, steps // 10),

@@ -40,6 +40,7 @@ import math
 import torch
 from torch import Tensor
 
+from .. import distributed
 from .dictionary import Dictionary, DictionaryError
 
 COEFFICIENT = {"relu": "l1_coefficient", "gated": "l1_coefficient", "jumprelu": "l0_coefficient"}
@@ -90,13 +91,16 @@ class L0Controller:
 @torch.no_grad()
 def init_density(sae: Dictionary, x: Tensor, target_l0: float, bandwidth_fraction: float = 0.1) -> None:
     """Move each latent's firing point (a relu encoder bias, a gated gate bias, a jumprelu threshold) so
-    that on the batch `x` it fires on about target_l0 / d_sae of the tokens; see the module's docstring."""
+    that on the batch `x` it fires on about target_l0 / d_sae of the tokens; see the module's docstring.
+    Collective in a data-parallel run: the ranks' quantiles are averaged, so every rank starts alike."""
     c = sae.config
     if c.sparsity not in COEFFICIENT:
         raise DictionaryError(f"init_density is for relu, gated and jumprelu dictionaries, not {c.sparsity}")
     pre = sae.pre_activations(x.to(sae.dtype)).reshape(-1, c.d_sae)
     m = min(max(1, round(pre.shape[0] * target_l0 / c.d_sae)), pre.shape[0])
     quantile = pre.topk(m, dim=0).values[-1]
+    if distributed.active() and distributed.world_size() > 1:  # one starting point: the ranks' estimates averaged
+        quantile = distributed.all_reduce_sum(quantile) / distributed.world_size()
     if c.sparsity == "jumprelu":
         sae.threshold.copy_(quantile.clamp_min(c.threshold_init))
         c.jumprelu_bandwidth = max(bandwidth_fraction * float(sae.threshold.median()), 1e-6)

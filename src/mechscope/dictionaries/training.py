@@ -232,15 +232,7 @@ def train(sae: Dictionary, batches: Iterable, steps: int, lr: float = 2e-4, *,
                 with torch.no_grad():
                     sae.b_dec.copy_(distributed.all_reduce_sum(x.sum(0)) / n_tokens if parallel else x.mean(0))
             if result.steps == 0 and controller is not None:
-                init_density(sae, x, target_l0)
-                if parallel:  # one starting point on every rank: the ranks' estimates averaged
-                    with torch.no_grad():
-                        for name in ("threshold", "b_enc", "b_gate"):
-                            p = getattr(sae, name, None)
-                            if isinstance(p, torch.Tensor):
-                                p.copy_(distributed.all_reduce_sum(p.detach().clone()) / distributed.world_size())
-                    if c.sparsity == "jumprelu":
-                        c.jumprelu_bandwidth = max(0.1 * float(sae.threshold.median()), 1e-6)
+                init_density(sae, x, target_l0)  # (averaged over the ranks in a data-parallel run)
             dead = result.tokens_since_fired >= dead_after
             with distributed.together():
                 parts = architecture_loss(sae, x, y, dead)
@@ -284,18 +276,16 @@ def train(sae: Dictionary, batches: Iterable, steps: int, lr: float = 2e-4, *,
                     running[key] = row[key] if key not in running else 0.9 * running[key] + 0.1 * row[key]
                 bar.set_postfix(l0=f"{running['l0']:.1f}", fvu=f"{running['fvu']:.3f}", dead=row["dead"])
             bar.update(1)
+            if minima and result.steps == steps:  # BatchTopK's inference threshold, before the last checkpoint
+                value = final_batch_threshold(list(minima))
+                if value is not None:
+                    with torch.no_grad():
+                        sae.threshold.fill_(value)
             if ckpt is not None and (result.steps % checkpoint_every == 0 or result.steps == steps) \
                     and distributed.is_main():
                 save_checkpoint(ckpt, sae, optimizer, scheduler, result, _with_minima(extra, minima))
     finally:
         bar.close()
-    if minima and result.steps == steps:
-        value = final_batch_threshold(list(minima))
-        if value is not None:
-            with torch.no_grad():
-                sae.threshold.fill_(value)
-            if ckpt is not None and distributed.is_main():
-                save_checkpoint(ckpt, sae, optimizer, scheduler, result, _with_minima(extra, minima))
     if ckpt is not None and result.steps % checkpoint_every and result.steps < steps and distributed.is_main():
         save_checkpoint(ckpt, sae, optimizer, scheduler, result, _with_minima(extra, minima))
     sae.eval()
